@@ -1,0 +1,482 @@
+"""The supernet IR: a ``networkx.DiGraph`` of typed nodes, with ``lift`` and ``lower``.
+
+``lift`` turns the tracer's fx graph into a :class:`SupernetIR`: one :class:`IRNode` per fx
+node, carrying a canonical :class:`~topo_compiler.descriptors.OpDesc`, its ordered arguments
+(with :class:`~topo_compiler.descriptors.Ref` for other nodes) and its meta value (shape and
+dtype on the example inputs).  Passes edit the IR only through :class:`SupernetIR`'s methods,
+which keep the networkx edges, names and meta values consistent.  ``lower`` regenerates a
+:class:`CompiledSupernet` (an fx ``GraphModule``) in a stable topological order.
+
+The graph is wrapped, not subclassed: ``ir.graph`` is a plain ``nx.DiGraph`` whose node key is
+the node's name and whose ``"node"`` attribute is the :class:`IRNode`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import keyword
+import re
+from typing import Any, Callable, Iterable, Iterator
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .descriptors import Kind, OpDesc, Ref, describe_call, describe_module
+from .meta import UNKNOWN, run_on_meta, to_meta
+from .tracer import TracedSupernet
+
+__all__ = ["IRNode", "SupernetIR", "IRVerificationError", "CompiledSupernet", "lift", "lower",
+           "map_refs"]
+
+
+class IRVerificationError(AssertionError):
+    """The IR broke an invariant (names the pass and the node)."""
+
+
+def map_refs(value: Any, fn: Callable[[Ref], Any]) -> Any:
+    """Apply ``fn`` to every :class:`Ref` inside an argument structure."""
+    if isinstance(value, Ref):
+        return fn(value)
+    if isinstance(value, tuple):
+        mapped = tuple(map_refs(v, fn) for v in value)
+        return type(value)(*mapped) if hasattr(value, "_fields") else mapped
+    if isinstance(value, list):
+        return [map_refs(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: map_refs(v, fn) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(map_refs(value.start, fn), map_refs(value.stop, fn),
+                     map_refs(value.step, fn))
+    return value
+
+
+def _refs_in(value: Any) -> list[str]:
+    found: list[str] = []
+
+    def visit(ref: Ref) -> Ref:
+        found.append(ref.name)
+        return ref
+
+    map_refs(value, visit)
+    return found
+
+
+@dataclasses.dataclass
+class IRNode:
+    """One value of the supernet: what computes it, from what, and its meta value."""
+
+    name: str
+    opcode: str
+    """fx opcode: placeholder, get_attr, call_module, call_function, call_method, output."""
+    target: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    desc: OpDesc
+    val: Any = UNKNOWN
+    """Meta value on the example inputs: a meta tensor, a Python value, a tuple, or UNKNOWN."""
+    module_path: str = ""
+    """The user's module whose forward issued this op ('' for the top level)."""
+    source: tuple[str, int, str] | None = None
+    order: tuple[int, ...] = (0,)
+    origin: str = "input"
+    """Who made the node: 'input' (traced) or the pass that created it."""
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Annotations passes leave for the report and the pictures (shared module, absorbed
+    candidates, ...)."""
+
+    @property
+    def inputs(self) -> list[str]:
+        """Names of the nodes this one reads, in argument order, without repeats."""
+        seen: dict[str, None] = {}
+        for name in _refs_in((self.args, self.kwargs)):
+            seen.setdefault(name, None)
+        return list(seen)
+
+    @property
+    def is_tensor(self) -> bool:
+        return isinstance(self.val, torch.Tensor)
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        return tuple(self.val.shape) if isinstance(self.val, torch.Tensor) else None
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.val.dtype if isinstance(self.val, torch.Tensor) else None
+
+    @property
+    def kind(self) -> Kind:
+        return self.desc.kind
+
+
+class SupernetIR:
+    """The networkx IR of a traced supernet, with the methods passes edit it through."""
+
+    def __init__(self, root: nn.Module, traced: TracedSupernet | None = None):
+        self.graph = nx.DiGraph()
+        self.root = root
+        self.modules: dict[str, nn.Module] = {}
+        """call_module targets -> module (the user's leaves, plus modules passes add)."""
+        self.tensor_attrs: dict[str, torch.Tensor] = dict(traced.tensor_attrs) if traced else {}
+        self.traced = traced
+        self._seq = itertools.count()
+        self._meta_cache: dict[int, nn.Module] = {}
+        self.codegen = None
+
+    # -- reading -----------------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self.graph
+
+    def __len__(self) -> int:
+        return self.graph.number_of_nodes()
+
+    def node(self, name: str) -> IRNode:
+        return self.graph.nodes[name]["node"]
+
+    def nodes(self) -> list[IRNode]:
+        """All nodes in the stable topological order used for lowering."""
+        return [self.node(n) for n in self.topological_order()]
+
+    def topological_order(self) -> list[str]:
+        return list(nx.lexicographical_topological_sort(
+            self.graph, key=lambda n: self.graph.nodes[n]["node"].order))
+
+    def users(self, name: str) -> list[str]:
+        """Nodes that read ``name``, sorted by program order."""
+        return sorted(self.graph.successors(name), key=lambda n: self.node(n).order)
+
+    def placeholders(self) -> list[IRNode]:
+        return sorted((n for n in self._all() if n.opcode == "placeholder"),
+                      key=lambda n: n.order)
+
+    def output(self) -> IRNode:
+        outs = [n for n in self._all() if n.opcode == "output"]
+        if len(outs) != 1:
+            raise IRVerificationError(f"expected one output node, found {len(outs)}")
+        return outs[0]
+
+    def _all(self) -> Iterator[IRNode]:
+        return (data["node"] for _, data in self.graph.nodes(data=True))
+
+    def module(self, name: str) -> nn.Module:
+        node = self.node(name)
+        return self.modules[node.target]
+
+    def attr(self, target: str) -> Any:
+        """The tensor a get_attr target names (parameter, buffer or tensor attribute)."""
+        if target in self.tensor_attrs:
+            return self.tensor_attrs[target]
+        obj: Any = self.root
+        for atom in target.split("."):
+            obj = getattr(obj, atom)
+        return obj
+
+    # -- editing -------------------------------------------------------------------------
+    def fresh_name(self, hint: str) -> str:
+        base = re.sub(r"\W", "_", hint) or "v"
+        if base[0].isdigit() or keyword.iskeyword(base):
+            base = "_" + base
+        if base not in self.graph:
+            return base
+        for i in itertools.count(1):
+            candidate = f"{base}_{i}"
+            if candidate not in self.graph:
+                return candidate
+        raise AssertionError("unreachable")
+
+    def add_node(self, opcode: str, target: Any, args: tuple = (), kwargs: dict | None = None,
+                 *, name: str | None = None, after: str | Iterable[str] | None = None,
+                 desc: OpDesc | None = None, val: Any = None, module_path: str | None = None,
+                 origin: str = "input", notes: dict[str, Any] | None = None,
+                 module: nn.Module | None = None, order: tuple[int, ...] | None = None,
+                 source: tuple[str, int, str] | None = None) -> IRNode:
+        """Add a node; its meta value and descriptor are computed unless given.
+
+        ``after`` names the node(s) it should follow in program order (default: its
+        inputs); new nodes sort right after the latest of them, in creation order.
+        """
+        kwargs = dict(kwargs or {})
+        if opcode == "call_module":
+            if module is not None:
+                self.modules[target] = module
+            elif target not in self.modules:
+                self.modules[target] = self.root.get_submodule(target)
+        name = self.fresh_name(name or _default_name(opcode, target))
+        refs = _refs_in((args, kwargs))
+        missing = [r for r in refs if r not in self.graph]
+        if missing:
+            raise IRVerificationError(f"node {name!r} reads unknown node(s) {missing}")
+        if order is None:
+            anchors = [after] if isinstance(after, str) else list(after or refs)
+            base = max((self.node(a).order for a in anchors), default=(0,))
+            order = base + (next(self._seq),)
+        if desc is None:
+            desc = self.describe(opcode, target, args, kwargs)
+        if val is None:
+            val = self.infer_val(opcode, target, args, kwargs)
+        if module_path is None:
+            module_path = self.node(refs[0]).module_path if refs else ""
+        node = IRNode(name, opcode, target, tuple(args), kwargs, desc, val, module_path,
+                      source, order, origin, dict(notes or {}))
+        self.graph.add_node(name, node=node)
+        for r in set(refs):
+            self.graph.add_edge(r, name)
+        return node
+
+    def set_args(self, name: str, args: tuple, kwargs: dict | None = None) -> None:
+        """Replace a node's arguments, keeping edges in sync (descriptor recomputed)."""
+        node = self.node(name)
+        for r in node.inputs:
+            self.graph.remove_edge(r, name)
+        node.args = tuple(args)
+        node.kwargs = dict(kwargs if kwargs is not None else node.kwargs)
+        for r in node.inputs:
+            if r not in self.graph:
+                raise IRVerificationError(f"node {name!r} reads unknown node {r!r}")
+            self.graph.add_edge(r, name)
+        if node.opcode in ("call_function", "call_method"):
+            node.desc = self.describe(node.opcode, node.target, node.args, node.kwargs)
+
+    def replace_all_uses(self, old: str, new: str, *, skip: Iterable[str] = ()) -> None:
+        """Make every user of ``old`` (except ``skip``) read ``new`` instead."""
+        skip = set(skip)
+        for user in list(self.graph.successors(old)):
+            if user in skip or user == new:
+                continue
+            node = self.node(user)
+            swap = lambda r: Ref(new) if r.name == old else r  # noqa: E731
+            self.set_args(user, map_refs(node.args, swap), map_refs(node.kwargs, swap))
+
+    def remove_node(self, name: str) -> None:
+        if any(True for _ in self.graph.successors(name)):
+            raise IRVerificationError(f"cannot remove {name!r}: still read by "
+                                      f"{self.users(name)}")
+        self.graph.remove_node(name)
+
+    def remove_dead(self, names: Iterable[str]) -> int:
+        """Remove the given nodes and their now-unused, side-effect-free producers."""
+        removed = 0
+        stack = list(names)
+        while stack:
+            name = stack.pop()
+            if name not in self.graph or any(True for _ in self.graph.successors(name)):
+                continue
+            node = self.node(name)
+            if node.opcode in ("placeholder", "output") or node.desc.inplace:
+                continue
+            preds = list(self.graph.predecessors(name))
+            self.graph.remove_node(name)
+            removed += 1
+            stack.extend(preds)
+        return removed
+
+    # -- descriptors and meta values -----------------------------------------------------
+    def describe(self, opcode: str, target: Any, args: tuple, kwargs: dict) -> OpDesc:
+        if opcode == "placeholder":
+            return OpDesc(Kind.INPUT, "input", (("name", target),))
+        if opcode == "output":
+            return OpDesc(Kind.OUTPUT, "output")
+        if opcode == "get_attr":
+            return OpDesc(Kind.PARAM, "get_attr", params=(target,))
+        if opcode == "call_module":
+            return describe_module(self.modules[target], target)
+        arg_types = None
+        try:
+            vals = map_refs(tuple(args), lambda r: self.node(r.name).val)
+            if not any(v is UNKNOWN for v in vals):
+                arg_types = tuple(type(v) for v in vals)
+        except KeyError:
+            pass
+        return describe_call(target, opcode, tuple(args), dict(kwargs),
+                             lambda a: isinstance(a, Ref), arg_types)
+
+    def infer_val(self, opcode: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        if opcode in ("placeholder", "output"):
+            return UNKNOWN if opcode == "placeholder" else None
+        if opcode == "get_attr":
+            return to_meta(self.attr(target))
+        margs = map_refs(tuple(args), lambda r: self.node(r.name).val)
+        mkwargs = map_refs(dict(kwargs), lambda r: self.node(r.name).val)
+        module = self.modules.get(target) if opcode == "call_module" else None
+        try:
+            return run_on_meta(opcode, target, margs, mkwargs, module, self._meta_cache)
+        except Exception as exc:  # noqa: BLE001 - a rewrite produced an ill-shaped node
+            raise IRVerificationError(
+                f"{opcode} {getattr(target, '__name__', target)} fails on its inputs' meta "
+                f"values: {type(exc).__name__}: {exc}") from exc
+
+    # -- checking ------------------------------------------------------------------------
+    def verify(self, stage: str = "") -> None:
+        """Check the IR's invariants; raise :class:`IRVerificationError` naming the node."""
+        where = f" after {stage}" if stage else ""
+
+        def fail(msg: str) -> None:
+            raise IRVerificationError(f"IR invalid{where}: {msg}")
+
+        if not nx.is_directed_acyclic_graph(self.graph):
+            cycle = nx.find_cycle(self.graph)
+            fail(f"cycle through {[u for u, _ in cycle]}")
+        outputs = 0
+        for name, data in self.graph.nodes(data=True):
+            node = data.get("node")
+            if not isinstance(node, IRNode) or node.name != name:
+                fail(f"node key {name!r} does not hold its IRNode")
+            if not isinstance(node.desc, OpDesc):
+                fail(f"node {name!r} has no descriptor")
+            refs = set(node.inputs)
+            preds = set(self.graph.predecessors(name))
+            if refs != preds:
+                fail(f"node {name!r}: arguments read {sorted(refs)} but edges say "
+                     f"{sorted(preds)} (edit the IR through SupernetIR's methods)")
+            if node.opcode == "output":
+                outputs += 1
+                if any(True for _ in self.graph.successors(name)):
+                    fail("the output node is read by other nodes")
+            elif node.opcode == "placeholder" and refs:
+                fail(f"placeholder {name!r} reads other nodes")
+            elif node.opcode == "call_module" and node.target not in self.modules:
+                fail(f"node {name!r} calls unknown module {node.target!r}")
+            elif node.opcode == "get_attr":
+                try:
+                    self.attr(node.target)
+                except AttributeError:
+                    fail(f"node {name!r} reads unknown attribute {node.target!r}")
+        if outputs != 1:
+            fail(f"expected exactly one output node, found {outputs}")
+
+
+def _default_name(opcode: str, target: Any) -> str:
+    if opcode in ("call_module", "get_attr", "placeholder"):
+        return str(target).replace(".", "_")
+    if opcode == "call_method":
+        return str(target)
+    return getattr(target, "__name__", "op")
+
+
+# --------------------------------------------------------------------------------------
+# lift: fx -> IR
+# --------------------------------------------------------------------------------------
+
+def lift(traced: TracedSupernet) -> SupernetIR:
+    """The IR of a traced supernet: one :class:`IRNode` per fx node, in program order."""
+    ir = SupernetIR(traced.root, traced)
+    ir.codegen = traced.graph._codegen
+    for i, fx_node in enumerate(traced.graph.nodes):
+        args = fx.node.map_arg(fx_node.args, lambda n: Ref(n.name))
+        kwargs = fx.node.map_arg(fx_node.kwargs, lambda n: Ref(n.name))
+        val = fx_node.meta.get("val", UNKNOWN)
+        ir.add_node(fx_node.op, fx_node.target, args, kwargs, name=fx_node.name,
+                    val=val if fx_node.op != "output" else None,
+                    module_path=fx_node.meta.get("module_path", ""),
+                    source=fx_node.meta.get("source"), order=(i,))
+    ir._seq = itertools.count(len(traced.graph.nodes))
+    return ir
+
+
+# --------------------------------------------------------------------------------------
+# lower: IR -> GraphModule
+# --------------------------------------------------------------------------------------
+
+class CompiledSupernet(fx.GraphModule):
+    """The compiled supernet: an fx ``GraphModule`` sharing the user's parameters.
+
+    ``report`` is the :class:`~topo_compiler.report.CompileReport`.  Public attributes the
+    compiled module lacks (``arch_parameters()``, ``genotype()``...) are looked up on the
+    source model, whose tensors it shares.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            source = self.__dict__.get("_source_model")
+            if source is None or name.startswith("_") or name in ("forward",):
+                raise
+            value = getattr(source, name)  # raises AttributeError naming `name`
+            if isinstance(value, (nn.Module, torch.Tensor)):
+                raise
+            return value
+
+    @property
+    def source_model(self) -> nn.Module:
+        """The model this was compiled from (shares parameters and buffers)."""
+        return self.__dict__["_source_model"]
+
+
+def _mirror_into(target: nn.Module, source: nn.Module, path: str, shared: set[str],
+                 memo: dict[int, nn.Module]) -> None:
+    """Give ``target`` the parameters, buffers and children of ``source``.
+
+    Modules called as leaves are shared as they are; the containers above them are mirrored
+    by plain ``nn.Module``s holding the very same parameters and buffers (same objects, same
+    persistence), so ``state_dict`` keys and optimizers carry over unchanged.
+    """
+    target.training = source.training
+    for name, p in source._parameters.items():
+        target.register_parameter(name, p)
+    for name, b in source._buffers.items():
+        target.register_buffer(name, b, persistent=name not in
+                               source._non_persistent_buffers_set)
+    for name, child in source._modules.items():
+        child_path = f"{path}.{name}" if path else name
+        if child is None:
+            target._modules[name] = None
+        elif child_path in shared:
+            target._modules[name] = child
+        elif id(child) in memo:
+            target._modules[name] = memo[id(child)]
+        else:
+            mirror = nn.Module()
+            memo[id(child)] = mirror
+            _mirror_into(mirror, child, child_path, shared, memo)
+            target._modules[name] = mirror
+
+
+def _set_path(root: nn.Module, target: str, value: Any) -> None:
+    *parents, leaf = target.split(".")
+    owner = root
+    for atom in parents:
+        nxt = owner._modules.get(atom) if isinstance(owner, nn.Module) else None
+        if nxt is None:
+            nxt = nn.Module()
+            owner.add_module(atom, nxt)
+        owner = nxt
+    if isinstance(value, nn.Module):
+        owner.add_module(leaf, value)
+    else:
+        owner._buffers.pop(leaf, None)
+        object.__setattr__(owner, leaf, value)
+
+
+def lower(ir: SupernetIR, class_name: str | None = None) -> CompiledSupernet:
+    """Regenerate a :class:`CompiledSupernet` from the IR, in stable topological order."""
+    graph = fx.Graph()
+    if ir.codegen is not None:
+        graph._codegen = ir.codegen
+    env: dict[str, fx.Node] = {}
+    for node in ir.nodes():
+        args = map_refs(node.args, lambda r: env[r.name])
+        kwargs = map_refs(node.kwargs, lambda r: env[r.name])
+        fx_node = graph.create_node(node.opcode, node.target, args, kwargs, name=node.name)
+        if node.opcode != "output":
+            fx_node.meta["val"] = node.val
+        fx_node.meta["module_path"] = node.module_path
+        env[node.name] = fx_node
+    graph.lint()
+
+    name = class_name or f"Compiled{type(ir.root).__name__}"
+    gm = CompiledSupernet(nn.Module(), fx.Graph(), name)
+    original_targets = {n for n, _ in ir.root.named_modules()}
+    shared = {t for t, m in ir.modules.items() if t in original_targets}
+    _mirror_into(gm, ir.root, "", shared, {})
+    for target, module in ir.modules.items():
+        if target not in original_targets:
+            _set_path(gm, target, module)
+    for target, tensor in ir.tensor_attrs.items():
+        _set_path(gm, target, tensor)
+    gm.__dict__["_source_model"] = ir.root
+    gm.graph = graph
+    return gm

@@ -1,0 +1,596 @@
+"""Lift a supernet into a module-level torch.fx graph.
+
+Plain ``torch.fx.symbolic_trace`` fails or is silently wrong on the supernets NAS codebases
+write: it cannot iterate a row of architecture weights (``zip(weights, self._ops)``), has no
+``len`` or ``isinstance`` for a proxy, and freezes ``softmax(alpha)`` into a constant when alpha
+is a plain tensor attribute (as in the original DARTS code).  This tracer fixes that with two
+ideas:
+
+* **Shaped proxies.**  Every traced value carries its meta value, computed by running each
+  recorded op on ``meta`` tensors made from ``example_inputs`` (no data is touched, no module
+  state changes).  Python code that needs a concrete answer -- ``len(weights)``, iteration,
+  ``if y.shape[2] == x.shape[2]``, ``isinstance(w, torch.Tensor)`` -- gets it from the meta value,
+  while tensor ops and shape arithmetic stay symbolic in the graph (so the batch size is not
+  baked in).  Asking for a concrete answer that depends on tensor *values* raises ``TraceError``.
+* **Shadow modules.**  Non-leaf modules run their ``forward`` on a shallow shadow of
+  themselves whose plain tensor attributes (and lists of them) are replaced by ``get_attr``
+  proxies, so architecture weights stay live however they are held, and attribute writes
+  during ``forward`` never reach the user's model.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import dataclasses
+import inspect
+import itertools
+import linecache
+import os
+import random
+import sys
+import types
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx._symbolic_trace import _maybe_revert_all_patches, _orig_module_call
+
+from .meta import UNKNOWN, run_on_meta, to_meta
+
+__all__ = ["TraceError", "TracedSupernet", "SupernetTracer", "trace_supernet", "UNKNOWN"]
+
+
+# Ops whose result depends on tensor values; on meta tensors they fail, and that is expected.
+_DATA_DEPENDENT = {
+    "item", "tolist", "nonzero", "argwhere", "unique", "unique_consecutive", "masked_select",
+    "bincount", "__bool__", "__int__", "__float__", "__index__", "any", "all",
+}
+
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+class TraceError(RuntimeError):
+    """A supernet construct the tracer cannot follow, with where it is and the way out."""
+
+    def __init__(self, problem: str, *, module_path: str | None = None,
+                 module_type: str | None = None, source: str | None = None,
+                 way_out: str | None = None):
+        self.problem = problem
+        self.module_path = module_path
+        self.module_type = module_type
+        self.source = source
+        self.way_out = way_out
+        where = ""
+        if module_path is not None:
+            where = f" in module `{module_path or '<root>'}`"
+            if module_type:
+                where += f" ({module_type})"
+        lines = [f"cannot trace the supernet{where}: {problem}"]
+        if source:
+            lines.append(f"  at {source}")
+        if way_out:
+            lines.append(f"  way out: {way_out}")
+        super().__init__("\n".join(lines))
+
+
+_USER_FILES: dict[str, bool] = {}
+
+
+def _is_user_file(filename: str) -> bool:
+    known = _USER_FILES.get(filename)
+    if known is None:
+        path = os.path.abspath(filename)
+        known = not (path.startswith(_TORCH_DIR) or path.startswith(_OWN_DIR)
+                     or filename.startswith("<"))
+        _USER_FILES[filename] = known
+    return known
+
+
+def _user_frame(start: types.FrameType | None = None) -> types.FrameType | None:
+    """Innermost frame that runs user code (not torch, not this package)."""
+    frame = start or sys._getframe(1)
+    while frame is not None:
+        if _is_user_file(frame.f_code.co_filename):
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def _describe_frame(frame: types.FrameType | None) -> str | None:
+    if frame is None:
+        return None
+    fname, lineno = frame.f_code.co_filename, frame.f_lineno
+    text = linecache.getline(fname, lineno).strip()
+    return f"{fname}:{lineno} in {frame.f_code.co_name}: `{text}`"
+
+
+# --------------------------------------------------------------------------------------
+# Proxies that know their meta value
+# --------------------------------------------------------------------------------------
+
+class ShapedProxy(fx.Proxy):
+    """An fx proxy that answers Python's questions from its meta value.
+
+    ``len``, iteration, ``bool``, ``int``, ``index`` and ``isinstance(p, torch.Tensor)`` resolve
+    against the meta value computed from the example inputs; anything that would need tensor
+    *data* raises :class:`TraceError`.
+    """
+
+    _is_param = False  # nn.Parameter's isinstance check reads this attribute
+
+    @property
+    def val(self) -> Any:
+        return self.node.meta.get("val", UNKNOWN)
+
+    @property  # type: ignore[misc]
+    def __class__(self):  # noqa: D401 - makes isinstance(proxy, torch.Tensor) truthful
+        if isinstance(self.val, torch.Tensor):
+            return torch.Tensor
+        return type(self)
+
+    def __getattr__(self, k: str) -> "ShapedAttribute":
+        return ShapedAttribute(self, k)
+
+    def _concrete(self, what: str) -> Any:
+        value = self.val
+        if value is UNKNOWN or isinstance(value, torch.Tensor):
+            self.tracer.fail_on_value(self, what)
+        return value
+
+    def __len__(self) -> int:
+        value = self.val
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0:
+                raise TypeError("len() of a 0-d tensor")
+            return value.shape[0]
+        return len(self._concrete("len()"))
+
+    def __iter__(self) -> Iterator["fx.Proxy"]:
+        return (self[i] for i in range(len(self)))
+
+    def __bool__(self) -> bool:
+        value = bool(self._concrete("a Python condition (bool())"))
+        self.tracer.record_specialization(self, value)
+        return value
+
+    def __index__(self) -> int:
+        return operator_index(self._concrete("an index (int)"))
+
+    def __int__(self) -> int:
+        return int(self._concrete("int()"))
+
+    def __float__(self) -> float:
+        return float(self._concrete("float()"))
+
+    def __contains__(self, item: Any) -> bool:
+        return item in self._concrete("`in`")
+
+    def keys(self):  # ** on a proxy of a dict
+        return self._concrete("dict keys").keys()
+
+
+def operator_index(value: Any) -> int:
+    import operator
+    return operator.index(value)
+
+
+class ShapedAttribute(fx.proxy.Attribute, ShapedProxy):
+    """``proxy.attr``: a lazily created ``getattr`` node (a method call if called)."""
+
+
+# --------------------------------------------------------------------------------------
+# The tracer
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TracedSupernet:
+    """What the tracer produced: the fx graph and how to rebuild the module around it."""
+
+    graph: fx.Graph
+    root: nn.Module
+    leaf_paths: frozenset[str]
+    tensor_attrs: dict[str, torch.Tensor]
+    """get_attr targets that name plain (unregistered) tensor attributes of the user's model."""
+    example_inputs: tuple[Any, ...]
+    baked_inputs: dict[str, Any]
+    """Forward arguments that were not tensors; their example value is baked into the graph."""
+    specializations: list[str]
+    """Python branches decided on shapes while tracing (the graph assumes the same shapes)."""
+
+
+_DEFAULT_NON_LEAVES = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList,
+                       nn.ParameterDict)
+
+
+def _is_standard_leaf(m: nn.Module) -> bool:
+    module = type(m).__module__
+    return (module.startswith("torch.nn") or module.startswith("torch.ao.nn")) \
+        and not isinstance(m, _DEFAULT_NON_LEAVES)
+
+
+class SupernetTracer(fx.Tracer):
+    """A :class:`torch.fx.Tracer` for supernets (see the module docstring)."""
+
+    def __init__(self, leaf_modules: Iterable[type | str] = ()):
+        super().__init__()
+        self.proxy_buffer_attributes = True
+        leaf_modules = tuple(leaf_modules)
+        self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        bad = [m for m in leaf_modules if not isinstance(m, (type, str))]
+        if bad:
+            raise TypeError(f"leaf_modules takes nn.Module classes or qualified module names, "
+                            f"got {bad!r}")
+        self._module_stack: list[tuple[str, nn.Module]] = []
+        self._meta_modules: dict[int, nn.Module] = {}
+        self._example: dict[str, Any] = {}
+        self._tensor_attr_targets: dict[int, str] = {}
+        self.plain_tensor_attrs: dict[str, torch.Tensor] = {}
+        self._attr_proxies: dict[str, fx.Proxy] = {}
+        self.leaf_paths: set[str] = set()
+        self._random_calls: list[tuple[str, str | None, str | None, str | None]] = []
+        self.specializations: list[str] = []
+
+    # -- leaves ---------------------------------------------------------------------
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types):
+            return True
+        return _is_standard_leaf(m)
+
+    # -- where are we ---------------------------------------------------------------
+    def current_module(self) -> tuple[str | None, str | None]:
+        if not self._module_stack:
+            return "", type(self.root).__name__
+        path, mod = self._module_stack[-1]
+        return path, type(mod).__name__
+
+    def record_specialization(self, proxy: fx.Proxy, value: Any) -> None:
+        """A Python branch taken on a shape: the graph holds for inputs of these shapes."""
+        source = _describe_frame(_user_frame())
+        self.specializations.append(f"`{proxy.node.name}` is {value} ({source})")
+
+    def fail_on_value(self, proxy: fx.Proxy, what: str) -> None:
+        path, mtype = self.current_module()
+        frame = _user_frame()
+        raise TraceError(
+            f"{what} needs the value of `{proxy.node.name}`, which depends on tensor data "
+            f"(architecture weights or inputs) and is unknown while tracing",
+            module_path=path, module_type=mtype, source=_describe_frame(frame),
+            way_out=self._way_out(path, mtype))
+
+    def _way_out(self, path: str | None, mtype: str | None) -> str:
+        if path:
+            return (f"mark that module as a leaf so it runs as is: "
+                    f"compile_supernet(..., leaf_modules=[{mtype}]) or "
+                    f"leaf_modules=['{path}']; or make the decision from a concrete "
+                    f"(non-tensor) argument")
+        return ("make the decision from a concrete (non-tensor) forward argument, or move "
+                "it into a submodule and mark that module as a leaf (leaf_modules=[...])")
+
+    # -- module calls: shadows for non-leaves, meta values for leaves ----------------
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        path = self.path_of_module(m)
+        self._module_stack.append((path, m))
+        try:
+            if self.is_leaf_module(m, path):
+                self.leaf_paths.add(path)
+                return self.create_proxy("call_module", path, args, kwargs)
+            return _orig_module_call(self._shadow(m, path), *args, **kwargs)
+        finally:
+            self._module_stack.pop()
+
+    def _shadow(self, m: nn.Module, path: str) -> nn.Module:
+        """A shallow copy of ``m`` whose plain tensor attributes are ``get_attr`` proxies."""
+        shadow = object.__new__(type(m))
+        shadow.__dict__.update(m.__dict__)
+        for field in ("_parameters", "_buffers", "_modules"):
+            object.__setattr__(shadow, field, dict(getattr(m, field)))
+        for name, value in m.__dict__.items():
+            if name.startswith("_") and name in ("_parameters", "_buffers", "_modules"):
+                continue
+            replaced = self._proxy_tensors(value, f"{path}.{name}" if path else name)
+            if replaced is not value:
+                shadow.__dict__[name] = replaced
+        return shadow
+
+    def _proxy_tensors(self, value: Any, target: str) -> Any:
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            return self._tensor_attr_proxy(value, target)
+        if isinstance(value, torch.Tensor):  # a Parameter held outside _parameters
+            return self._tensor_attr_proxy(value, target)
+        if isinstance(value, (list, tuple)) and not hasattr(value, "_fields") and value and \
+                any(isinstance(v, torch.Tensor) for v in value):
+            items = [self._proxy_tensors(v, f"{target}_{i}") for i, v in enumerate(value)]
+            return type(value)(items)
+        if isinstance(value, dict) and value and \
+                any(isinstance(v, torch.Tensor) for v in value.values()) and \
+                all(isinstance(k, str) for k in value):
+            return {k: self._proxy_tensors(v, f"{target}_{_sanitize(k)}")
+                    for k, v in value.items()}
+        return value
+
+    def _tensor_attr_proxy(self, tensor: torch.Tensor, target: str) -> fx.Proxy:
+        registered = self._registered_names.get(id(tensor))
+        if registered is not None:
+            target = registered
+        else:
+            target = self._tensor_attr_targets.setdefault(id(tensor), target)
+            self.plain_tensor_attrs[target] = tensor
+        if target not in self._attr_proxies:
+            self._attr_proxies[target] = self.create_proxy("get_attr", target, (), {})
+        return self._attr_proxies[target]
+
+    # -- root arguments -------------------------------------------------------------
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if is_module:
+            self._module_stack.append(("", self.root))
+            args = list(args)
+            args[0] = self._shadow(self.root, "")
+        return fn, args
+
+    # -- arguments and meta values ---------------------------------------------------
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ShapedProxy(node, self)
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, fx.Proxy):  # before fx's own torch.Tensor checks (see ShapedProxy)
+            return a.node
+        return super().create_arg(a)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if isinstance(attr_val, torch.Tensor):
+            name = self._registered_names.get(id(attr_val))
+            if name is not None:
+                if name not in self._attr_proxies:
+                    self._attr_proxies[name] = self.create_proxy("get_attr", name, (), {})
+                return self._attr_proxies[name]
+        return attr_val
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
+                     proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr,
+                                     proxy_factory_fn)
+        node = proxy.node
+        path, _ = self.current_module()
+        node.meta["module_path"] = path
+        frame = _user_frame()
+        if frame is not None:
+            node.meta["source"] = (frame.f_code.co_filename, frame.f_lineno,
+                                   frame.f_code.co_name)
+        node.meta["val"] = self._meta_value(node)
+        return proxy
+
+    def _meta_value(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            name = node.target.lstrip("*")
+            if name in self._example:
+                return self._example[name]
+            return to_meta(node.args[0]) if node.args else UNKNOWN
+        if node.op == "get_attr":
+            if node.target in self.plain_tensor_attrs:
+                return to_meta(self.plain_tensor_attrs[node.target])
+            if node.target in self._registered_tensors:
+                return to_meta(self._registered_tensors[node.target])
+            with _maybe_revert_all_patches():  # fx patches Module.__getattr__ while tracing
+                obj = self.root
+                for atom in node.target.split("."):
+                    obj = getattr(obj, atom)
+            return to_meta(obj)
+        if node.op == "output":
+            return None
+        args = fx.node.map_arg(node.args, lambda n: n.meta.get("val", UNKNOWN))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta.get("val", UNKNOWN))
+        module = self.root.get_submodule(node.target) if node.op == "call_module" else None
+        try:
+            # a leaf with submodules calls them through Module.__call__, which fx patches
+            patches = _maybe_revert_all_patches() if module is not None and module._modules \
+                else contextlib.nullcontext()
+            with patches:
+                return run_on_meta(node.op, node.target, args, kwargs, module,
+                                   self._meta_modules)
+        except TraceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised with context below
+            name = getattr(node.target, "__name__", str(node.target))
+            if name in _DATA_DEPENDENT or "data-dependent" in str(exc):
+                return UNKNOWN
+            path, mtype = self.current_module()
+            raise TraceError(
+                f"running `{name}` on the example inputs' shapes failed: "
+                f"{type(exc).__name__}: {exc}",
+                module_path=path, module_type=mtype,
+                source=_describe_frame(_user_frame()),
+                way_out="check that example_inputs have the shapes and dtypes the model "
+                        "expects; if this op needs real data, mark its module as a leaf "
+                        "(leaf_modules=[...])") from exc
+
+    # -- the whole trace --------------------------------------------------------------
+    def trace_supernet(self, root: nn.Module, example_inputs: Sequence[Any]) -> TracedSupernet:
+        self._registered_names = {}
+        self._registered_tensors = {}
+        for n, t in itertools.chain(root.named_parameters(remove_duplicate=True),
+                                    root.named_buffers(remove_duplicate=True)):
+            self._registered_names.setdefault(id(t), n)
+            self._registered_tensors[n] = t
+
+        sig = inspect.signature(type(root).forward)
+        params = list(sig.parameters.values())[1:]
+        positional = [p for p in params
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if any(p.kind == p.VAR_POSITIONAL for p in params) or \
+                any(p.kind == p.VAR_KEYWORD for p in params):
+            raise TraceError(
+                f"{type(root).__name__}.forward takes *args/**kwargs; the compiled module "
+                f"needs a fixed signature",
+                module_path="", module_type=type(root).__name__,
+                way_out="wrap the model in a module whose forward names its arguments")
+        if len(example_inputs) > len(positional):
+            raise TypeError(f"example_inputs has {len(example_inputs)} values but "
+                            f"{type(root).__name__}.forward takes {len(positional)} "
+                            f"positional arguments ({', '.join(p.name for p in positional)})")
+        missing = [p.name for p in positional[len(example_inputs):]
+                   if p.default is inspect.Parameter.empty]
+        if missing:
+            raise TypeError(f"example_inputs lacks a value for {type(root).__name__}.forward "
+                            f"argument(s) {', '.join(missing)}")
+        concrete: dict[str, Any] = {}
+        for p, value in zip(positional, example_inputs):
+            if _is_tensor_tree(value):
+                self._example[p.name] = to_meta(value)
+            else:
+                concrete[p.name] = value
+        for p in positional[len(example_inputs):]:
+            concrete[p.name] = p.default
+
+        with _guard_random(self):
+            graph = self.trace(root, concrete_args=concrete or None)
+        _drop_dead_python_values(graph)
+        return TracedSupernet(graph=graph, root=root, leaf_paths=frozenset(self.leaf_paths),
+                              tensor_attrs=dict(self.plain_tensor_attrs),
+                              example_inputs=tuple(example_inputs), baked_inputs=concrete,
+                              specializations=list(self.specializations))
+
+
+def _sanitize(key: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in key)
+
+
+def _is_tensor_tree(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple)) and value:
+        return all(_is_tensor_tree(v) for v in value)
+    return False
+
+
+def _drop_dead_python_values(graph: fx.Graph) -> None:
+    """Remove unused reads and shape arithmetic that Python consumed while tracing.
+
+    ``if y.shape[2] == x.shape[2]`` leaves an ``eq`` node nobody uses; attribute proxies are
+    made eagerly.  Unused nodes producing tensors are kept: they may be in-place updates.
+    """
+    for node in reversed(list(graph.nodes)):
+        if node.users or node.op in ("placeholder", "output", "call_module"):
+            continue
+        val = node.meta.get("val")
+        if node.op == "get_attr" or not isinstance(val, torch.Tensor) and val is not UNKNOWN \
+                and not (isinstance(val, (list, tuple)) and
+                         any(isinstance(v, torch.Tensor) for v in val)):
+            graph.erase_node(node)
+
+
+# --------------------------------------------------------------------------------------
+# Python-level randomness: it would be frozen into the graph, so it is refused.
+# --------------------------------------------------------------------------------------
+
+_RANDOM_FUNCS = ("random", "randint", "randrange", "choice", "choices", "sample", "shuffle",
+                 "uniform", "gauss", "normalvariate", "betavariate", "expovariate")
+_NUMPY_RANDOM_FUNCS = ("rand", "randn", "randint", "random", "choice", "permutation",
+                       "shuffle", "uniform", "normal", "random_sample", "binomial")
+_TORCH_RANDOM_FUNCS = ("rand", "randn", "randint", "randperm", "bernoulli", "multinomial",
+                       "normal", "rand_like", "randn_like", "randint_like")
+
+
+@contextlib.contextmanager
+def _guard_random(tracer: SupernetTracer):
+    """Record Python/numpy/torch random draws made while tracing and refuse them after.
+
+    A draw made at trace time (``random.randint(0, len(ops) - 1)``, ``np.random.choice``,
+    ``torch.rand(1) < p``) is evaluated once and frozen into the graph: the compiled module
+    would always take the same path.  torch random ops applied to traced tensors are recorded
+    as graph nodes and stay random; those are fine.
+    """
+    patches: list[tuple[Any, str, Any]] = []
+
+    def wrap(owner: Any, name: str, label: str, only_eager: bool = False) -> None:
+        original = getattr(owner, name, None)
+        if original is None:
+            return
+
+        def recording(*args, **kwargs):
+            if not (only_eager and _has_proxy(args, kwargs)):
+                frame = _user_frame(sys._getframe(1))
+                path, mtype = tracer.current_module()
+                tracer._random_calls.append(
+                    (label, path, mtype, _describe_frame(frame)))
+            return original(*args, **kwargs)
+
+        patches.append((owner, name, original))
+        setattr(owner, name, recording)
+
+    for name in _RANDOM_FUNCS:
+        wrap(random, name, f"random.{name}")
+    np = sys.modules.get("numpy")
+    if np is not None:
+        for name in _NUMPY_RANDOM_FUNCS:
+            wrap(np.random, name, f"numpy.random.{name}")
+    for name in _TORCH_RANDOM_FUNCS:
+        wrap(torch, name, f"torch.{name}", only_eager=True)
+
+    states = _rng_states()
+    try:
+        yield
+    finally:
+        for owner, name, original in reversed(patches):
+            setattr(owner, name, original)
+    if tracer._random_calls:
+        label, path, mtype, source = tracer._random_calls[0]
+        raise TraceError(
+            f"`{label}` draws a random number at trace time; it would be evaluated once and "
+            f"frozen into the graph, so the compiled supernet would always take one path",
+            module_path=path, module_type=mtype, source=source,
+            way_out="sample outside the model and pass the sampled weights or path as a "
+                    "forward argument (tensor weights stay live), or mark the sampling "
+                    f"module as a leaf (leaf_modules=['{path}'])")
+    if _rng_states() != states:
+        raise TraceError(
+            "the forward consumed Python, numpy or torch random numbers at trace time; they "
+            "would be frozen into the graph",
+            way_out="sample outside the model and pass the result as a forward argument, "
+                    "or mark the sampling module as a leaf (leaf_modules=[...])")
+
+
+def _has_proxy(args: Any, kwargs: Any) -> bool:
+    found = False
+
+    def look(a: Any) -> Any:
+        nonlocal found
+        if isinstance(a, fx.Proxy):
+            found = True
+        return a
+
+    torch.utils._pytree.tree_map(look, (args, kwargs))
+    return found
+
+
+def _rng_states() -> tuple[Any, ...]:
+    np = sys.modules.get("numpy")
+    np_state = None
+    if np is not None:
+        s = np.random.get_state()
+        np_state = (s[0], s[1].tobytes(), s[2], s[3], s[4])
+    return (random.getstate(), np_state, torch.random.get_rng_state().numpy().tobytes())
+
+
+# --------------------------------------------------------------------------------------
+
+def trace_supernet(model: nn.Module, example_inputs: Any,
+                   leaf_modules: Iterable[type | str] = ()) -> TracedSupernet:
+    """Trace ``model`` into a module-level fx graph with meta values from ``example_inputs``.
+
+    Standard ``torch.nn`` layers stay leaves (``call_module`` nodes); ``leaf_modules`` names
+    more (classes or qualified names).  Raises :class:`TraceError` for constructs that a trace
+    cannot follow faithfully.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, (torch.Tensor, Mapping)) or \
+            not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    tracer = SupernetTracer(leaf_modules)
+    return tracer.trace_supernet(model, tuple(example_inputs))
