@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
 import dataclasses
 import inspect
 import itertools
@@ -370,6 +371,9 @@ class SupernetTracer(fx.Tracer):
             name = node.target.lstrip("*")
             if name in self._example:
                 return self._example[name]
+            base = name.rsplit("_", 1)[0]  # fx names a concrete argument's placeholder x_1
+            if base in self._concrete:
+                return self._concrete[base]
             return to_meta(node.args[0]) if node.args else UNKNOWN
         if node.op == "get_attr":
             if node.target in self.plain_tensor_attrs:
@@ -397,7 +401,9 @@ class SupernetTracer(fx.Tracer):
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised with context below
             name = getattr(node.target, "__name__", str(node.target))
-            if name in _DATA_DEPENDENT or "data-dependent" in str(exc):
+            if module is not None and _looks_data_dependent(exc):
+                return _run_leaf_on_random_data(module, args, kwargs)
+            if name in _DATA_DEPENDENT or _looks_data_dependent(exc):
                 return UNKNOWN
             path, mtype = self.current_module()
             raise TraceError(
@@ -446,6 +452,7 @@ class SupernetTracer(fx.Tracer):
                 concrete[p.name] = value
         for p in positional[len(example_inputs):]:
             concrete[p.name] = p.default
+        self._concrete = concrete
 
         with _guard_random(self):
             graph = self.trace(root, concrete_args=concrete or None)
@@ -454,6 +461,37 @@ class SupernetTracer(fx.Tracer):
                               tensor_attrs=dict(self.plain_tensor_attrs),
                               example_inputs=tuple(example_inputs), baked_inputs=concrete,
                               specializations=list(self.specializations))
+
+
+def _looks_data_dependent(exc: Exception) -> bool:
+    text = str(exc)
+    return "data-dependent" in text or "meta tensors" in text or "item()" in text
+
+
+def _run_leaf_on_random_data(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Output meta value of a leaf whose forward needs tensor values (a user leaf that
+    branches on its weights): run a copy of it on random data of the example's shapes.
+
+    The copy keeps the user's module and buffers untouched; the RNG state is restored so the
+    trace-time randomness check does not fire on our own draws.
+    """
+    gen = torch.Generator().manual_seed(0)
+
+    def realize(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.device.type == "meta":
+            if v.is_floating_point():
+                return torch.empty(v.shape, dtype=v.dtype).uniform_(generator=gen)
+            return torch.zeros(v.shape, dtype=v.dtype)
+        return v
+
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            clone = copy.deepcopy(module).cpu()
+            out = clone(*torch.utils._pytree.tree_map(realize, args),
+                        **torch.utils._pytree.tree_map(realize, kwargs))
+        return to_meta(out)
+    except Exception:  # noqa: BLE001 - the shape stays unknown; asking for it raises later
+        return UNKNOWN
 
 
 def _sanitize(key: str) -> str:

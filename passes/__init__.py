@@ -1,0 +1,61 @@
+"""The rewrite passes of topo-compiler, one module per pass (installed as ``topo_compiler.passes``).
+
+The paper's pipeline, in order (section 3.3, Alg. 1 and section 3.4-3.5):
+
+====================  =========  ===========================================================
+module                name       rewrite
+====================  =========  ===========================================================
+(later issues)        ``pms``    partial module sharing: siblings and common children
+(later issues)        ``fms``    floating module sharing
+(later issues)        ``merge``  reparameterization: linear candidates -> one convolution
+(later issues)        ``kn``     kernel normalization of the kernels that enter a merge
+====================  =========  ===========================================================
+
+``pms`` and ``fms`` repeat to a fixed point; ``merge`` and ``kn`` run once after them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..pass_manager import FixedPoint, Pass
+
+__all__ = ["PIPELINE", "PASSES", "build_pipeline"]
+
+PIPELINE: tuple[str, ...] = ("pms", "fms", "merge", "kn")
+"""Every pass name, in the order the pipeline runs them."""
+
+PASSES: dict[str, type[Pass]] = {}
+"""Pass name -> pass class, for the passes this version implements."""
+
+_SHARING = ("pms", "fms")
+
+
+def normalize_names(names: Sequence[str] | str | None) -> tuple[str, ...]:
+    """Validate pass names; return them in pipeline order (default: the whole pipeline)."""
+    if names is None:
+        names = PIPELINE
+    elif isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    names = list(names)
+    bad = [n for n in names if not isinstance(n, str) or n not in PIPELINE]
+    if bad:
+        raise ValueError(f"unknown pass name(s) {bad!r}; the pipeline's passes are "
+                         f"{', '.join(PIPELINE)} (passes=() runs none)")
+    missing = [n for n in names if n not in PASSES]
+    if missing:
+        raise NotImplementedError(
+            f"pass(es) {', '.join(missing)} are not implemented in this version of "
+            f"topo-compiler; available: {', '.join(PASSES) or 'none'}")
+    return tuple(n for n in PIPELINE if n in names)
+
+
+def build_pipeline(names: Sequence[str] | str | None) -> list[Pass | FixedPoint]:
+    """The pass objects for ``names``: sharing passes as one fixed-point group, then the rest."""
+    names = normalize_names(names)
+    pipeline: list[Pass | FixedPoint] = []
+    sharing = tuple(PASSES[n]() for n in names if n in _SHARING)
+    if sharing:
+        pipeline.append(FixedPoint(sharing))
+    pipeline.extend(PASSES[n]() for n in names if n not in _SHARING)
+    return pipeline

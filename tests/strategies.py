@@ -1,0 +1,175 @@
+"""Hypothesis strategies: random supernet cells built from random candidate chains.
+
+A spec is plain data (hashable tuples), so failing examples print readably.  A candidate is
+``identity``, ``zero`` or a chain of basic modules drawn from a small alphabet (so candidates
+often share leading and trailing modules, as real search spaces do):
+
+* ``("relu", form)`` with form module / functional / method,
+* ``("conv", k, dilation, depthwise, bias)`` ("same" padding),
+* ``("bn", affine)``,
+* ``("maxpool",)``, ``("avgpool", count_include_pad)``.
+
+The stride of an edge applies to the first spatial module of each chain (a pool is prepended
+when a chain has none).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import nn
+
+RELU_FORMS = ("module", "functional", "method")
+
+
+@dataclasses.dataclass(frozen=True)
+class CellSpec:
+    channels: int
+    resolution: int
+    strides: tuple[int, ...]                      # one per edge (mixed op)
+    candidates: tuple[tuple[tuple, ...], ...]     # per edge: candidate chains (same count)
+    alpha_scale: float
+    seed: int
+
+
+class FunctionalReLU(nn.Module):
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+
+    def forward(self, x):
+        return F.relu(x) if self.form == "functional" else x.relu()
+
+
+class Zero(nn.Module):
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        if self.stride == 1:
+            return x.mul(0.)
+        return x[:, :, ::self.stride, ::self.stride].mul(0.)
+
+
+def _module(token: tuple, C: int, stride: int) -> nn.Module:
+    kind = token[0]
+    if kind == "relu":
+        return nn.ReLU() if token[1] == "module" else FunctionalReLU(token[1])
+    if kind == "conv":
+        _, k, d, depthwise, bias = token
+        return nn.Conv2d(C, C, k, stride=stride, padding=d * (k - 1) // 2, dilation=d,
+                         groups=C if depthwise else 1, bias=bias)
+    if kind == "bn":
+        return nn.BatchNorm2d(C, affine=token[1])
+    if kind == "maxpool":
+        return nn.MaxPool2d(3, stride=stride, padding=1)
+    if kind == "avgpool":
+        return nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=token[1])
+    raise ValueError(token)
+
+
+SPATIAL = ("conv", "maxpool", "avgpool")
+
+
+def build_candidate(chain: tuple, C: int, stride: int) -> nn.Module:
+    if chain == ("identity",):
+        return nn.Identity() if stride == 1 else nn.AvgPool2d(3, stride, 1)
+    if chain == ("zero",):
+        return Zero(stride)
+    tokens = list(chain)
+    if stride != 1 and not any(t[0] in SPATIAL for t in tokens):
+        tokens.insert(0, ("avgpool", True))
+    mods, strided = [], False
+    for t in tokens:
+        s = stride if t[0] in SPATIAL and not strided else 1
+        strided |= t[0] in SPATIAL
+        mods.append(_module(t, C, s))
+    return nn.Sequential(*mods)
+
+
+class MixedOp(nn.Module):
+    def __init__(self, C: int, chains, stride: int):
+        super().__init__()
+        self._ops = nn.ModuleList(build_candidate(c, C, stride) for c in chains)
+
+    def forward(self, x, weights):
+        return sum(w * op(x) for w, op in zip(weights, self._ops))
+
+
+class RandomSupernet(nn.Module):
+    """stem conv -> mixed ops in sequence (weights = softmax(alphas)) -> pool -> linear."""
+
+    def __init__(self, spec: CellSpec, num_classes: int = 5):
+        super().__init__()
+        torch.manual_seed(spec.seed)
+        C = spec.channels
+        self.stem = nn.Conv2d(3, C, 3, padding=1, bias=False)
+        self.edges = nn.ModuleList(MixedOp(C, chains, s)
+                                   for chains, s in zip(spec.candidates, spec.strides))
+        n = len(spec.candidates[0])
+        self.alphas = nn.Parameter(spec.alpha_scale * torch.randn(len(spec.strides), n))
+        self.head = nn.Linear(C, num_classes)
+        # give BatchNorm non-trivial statistics and affine parameters
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if m.affine:
+                    nn.init.uniform_(m.weight, 0.5, 1.5)
+                    nn.init.uniform_(m.bias, -0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+
+    def arch_parameters(self):
+        return [self.alphas]
+
+    def forward(self, x):
+        weights = F.softmax(self.alphas, dim=-1)
+        h = self.stem(x)
+        for i, edge in enumerate(self.edges):
+            h = edge(h, weights[i])
+        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+    def example_input(self, batch: int = 2) -> torch.Tensor:
+        return torch.randn(batch, 3, self.resolution, self.resolution)
+
+
+def tokens() -> st.SearchStrategy[tuple]:
+    return st.one_of(
+        st.tuples(st.just("relu"), st.sampled_from(RELU_FORMS)),
+        st.tuples(st.just("conv"), st.sampled_from((1, 3, 5)), st.sampled_from((1, 2)),
+                  st.booleans(), st.booleans()),
+        st.tuples(st.just("bn"), st.booleans()),
+        st.tuples(st.just("maxpool")),
+        st.tuples(st.just("avgpool"), st.booleans()),
+    )
+
+
+def chains(max_len: int = 4) -> st.SearchStrategy[tuple]:
+    return st.one_of(
+        st.just(("identity",)), st.just(("zero",)),
+        st.lists(tokens(), min_size=1, max_size=max_len).map(tuple))
+
+
+@st.composite
+def cell_specs(draw, max_edges: int = 2, max_candidates: int = 5) -> CellSpec:
+    n_edges = draw(st.integers(1, max_edges))
+    n_cands = draw(st.integers(2, max_candidates))
+    return CellSpec(
+        channels=draw(st.sampled_from((2, 4))),
+        resolution=draw(st.sampled_from((6, 8))),
+        strides=tuple(draw(st.sampled_from((1, 1, 2))) for _ in range(n_edges)),
+        candidates=tuple(tuple(draw(chains()) for _ in range(n_cands))
+                         for _ in range(n_edges)),
+        alpha_scale=draw(st.sampled_from((0.0, 1e-3, 1.0, 3.0))),
+        seed=draw(st.integers(0, 2 ** 16)),
+    )
+
+
+def build(spec: CellSpec) -> tuple[RandomSupernet, torch.Tensor]:
+    model = RandomSupernet(spec)
+    model.resolution = spec.resolution
+    gen = torch.Generator().manual_seed(spec.seed)
+    x = torch.randn(2, 3, spec.resolution, spec.resolution, generator=gen)
+    return model, x

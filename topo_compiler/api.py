@@ -1,0 +1,121 @@
+"""``compile_supernet``: trace, lift, rewrite, lower."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any, Iterable, Sequence
+
+import networkx as nx
+from torch import nn
+
+from .analysis import MixedOp, find_mixed_ops
+from .ir import CompiledSupernet, SupernetIR, lift, lower
+from .pass_manager import Hook, PassManager
+from .report import CompileReport, MixedOpReport
+from .tracer import trace_supernet
+
+__all__ = ["compile_supernet", "NoMixedOpWarning", "analyze"]
+
+
+class NoMixedOpWarning(UserWarning):
+    """The model has no mixed op: it compiles to an equivalent graph, nothing to simplify."""
+
+
+def _candidate_summary(ir: SupernetIR, op: MixedOp) -> tuple[str, ...]:
+    lines = []
+    for c in op.candidates:
+        mods = [ir.node(n).desc.op for n in c.branch if ir.node(n).desc.is_module]
+        lines.append(f"{c.kind}: {'-'.join(mods)}" if mods else c.kind)
+    return tuple(lines)
+
+
+def analyze(ir: SupernetIR) -> list[MixedOp]:
+    """Find the mixed ops; tag their nodes (``notes['mixed_op']``) for per-op counts and the
+    architecture-weight arithmetic feeding them (``notes['role'] = 'weight'``), which the
+    module counts leave out."""
+    ops = find_mixed_ops(ir)
+    for op in ops:
+        for name in op.nodes:
+            ir.node(name).notes["mixed_op"] = op.name
+        for cand in op.candidates:
+            for name in nx.ancestors(ir.graph, cand.weight.node) | {cand.weight.node}:
+                ir.node(name).notes["role"] = "weight"
+    return ops
+
+
+def compile_supernet(model: nn.Module, example_inputs: Any, *,
+                     passes: Sequence[str] | str | None = None, exact: bool = False,
+                     dump_dir: str | os.PathLike | None = None,
+                     leaf_modules: Iterable[type | str] = (),
+                     hooks: Sequence[Hook] = ()) -> CompiledSupernet:
+    """Compile a one-shot NAS supernet into a cheaper, equivalent-by-design GraphModule.
+
+    Args:
+        model: the supernet; it is only read, never modified (also when compiling fails).
+        example_inputs: a tensor or a tuple of the forward's positional arguments; shapes
+            come from them (the batch size stays symbolic).  Non-tensor arguments are baked in.
+        passes: pass names to run, in the pipeline's order (``"pms"``, ``"fms"``,
+            ``"merge"``, ``"kn"``); ``None`` runs the paper's full pipeline, ``()`` none.
+        exact: apply only rewrites that keep the function for every input and every
+            architecture weight.
+        dump_dir: write the IR before the first pass and after each pass (DOT/SVG) and the
+            report (JSON, Markdown) there.
+        leaf_modules: extra module classes or qualified names to keep opaque.
+        hooks: extra callables ``hook(stage_index, stage_report, ir)`` run after each stage.
+
+    Returns:
+        A :class:`~topo_compiler.ir.CompiledSupernet` sharing ``model``'s parameters and
+        buffers, with the same forward signature and outputs, and ``.report``.
+    """
+    from .passes import build_pipeline, normalize_names
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compile_supernet expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact must be True or False, got {exact!r}")
+    names = normalize_names(passes)
+    pipeline = build_pipeline(names)
+    all_hooks = list(hooks)
+    if dump_dir is not None:
+        from .viz import DumpHook
+        dump = DumpHook(dump_dir)
+        all_hooks.append(dump)
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    traced = trace_supernet(model, example_inputs, leaf_modules)
+    timings["trace"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    ir = lift(traced)
+    mixed = analyze(ir)
+    mixed_reports = [MixedOpReport(m.name, m.input, m.output, m.form, _candidate_summary(ir, m))
+                     for m in mixed]
+    timings["lift+analyze"] = time.perf_counter() - start
+
+    report_warnings: list[str] = []
+    if not mixed:
+        msg = (f"{type(model).__name__} has no mixed op (no weighted sum of candidates reading "
+               f"one input); it compiles to an equivalent graph with nothing to simplify")
+        warnings.warn(msg, NoMixedOpWarning, stacklevel=2)
+        report_warnings.append(msg)
+
+    start = time.perf_counter()
+    stages = PassManager(pipeline, exact=exact, hooks=all_hooks).run(ir)
+    timings["passes"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    compiled = lower(ir)
+    timings["lower"] = time.perf_counter() - start
+
+    compiled.report = CompileReport(
+        model=type(model).__name__, passes=names, exact=exact, stages=stages,
+        mixed_ops=mixed_reports,
+        timings=timings, warnings=report_warnings,
+        specializations=traced.specializations,
+        baked_inputs={k: repr(v) for k, v in traced.baked_inputs.items()})
+    if dump_dir is not None:
+        dump.write_report(compiled.report)
+    return compiled
