@@ -59,3 +59,14 @@ def build_pipeline(names: Sequence[str] | str | None) -> list[Pass | FixedPoint]
         pipeline.append(FixedPoint(sharing))
     pipeline.extend(PASSES[n]() for n in names if n not in _SHARING)
     return pipeline
+
+
+def _register() -> None:
+    from .floating_module_sharing import FloatingModuleSharing
+    from .partial_module_sharing import PartialModuleSharing
+
+    for cls in (PartialModuleSharing, FloatingModuleSharing):
+        PASSES[cls.name] = cls
+
+
+_register()

@@ -83,6 +83,10 @@ class MixedOp:
         return tuple(dict.fromkeys(out))
 
 
+def _is_scalar(val) -> bool:
+    return isinstance(val, torch.Tensor) and val.numel() <= 1
+
+
 def _numel(ir: SupernetIR, name: str) -> int | None:
     val = ir.node(name).val
     return val.numel() if isinstance(val, torch.Tensor) else None
@@ -160,8 +164,8 @@ class _Finder:
                 if name in owned:
                     continue
                 node = self.ir.node(name)
-                if node.opcode in ("placeholder", "output"):
-                    continue
+                if node.opcode in ("placeholder", "output") or _is_scalar(node.val):
+                    continue  # weights (and the arithmetic making them) are not the branch
                 if set(self.g.successors(name)) <= owned:
                     owned.add(name)
                     stack.extend(self.g.predecessors(name))
@@ -172,7 +176,7 @@ class _Finder:
             node = self.ir.node(name)
             if node.opcode == "get_attr" or node.kind is Kind.SHAPE:
                 continue
-            if not isinstance(node.val, torch.Tensor):
+            if not isinstance(node.val, torch.Tensor) or _is_scalar(node.val):
                 continue
             inputs.add(name)
         order = sorted(owned, key=lambda n: self.ir.node(n).order)

@@ -1,0 +1,151 @@
+"""Partial module sharing (``pms``): siblings and common children (paper 3.2.1, Eq. 3-10).
+
+Candidates in a group S that start with the same module h (siblings) and/or end with the
+same module g (common child) are rewritten as two cascaded selections::
+
+    before:  sum_{i in S} w_i * g(u_i(h(x)))  +  sum_{j in U} w_j * o_j(x)
+    after:   w_S * g( sum_{i in S} w'_i * u_i(h(x)) )  +  sum_{j in U} w_j * o_j(x)   (4, 10)
+
+with ``w_S = sum_{i in S} w_i`` and ``w'_i = w_i / w_S`` derived from the original weights
+(Eq. 7-8); h and g are computed once.  The inner sum is itself a mixed op (over ``h(x)``),
+which later rounds simplify again (Alg. 1).
+
+Which group: every group of >= 2 candidates that shares a leading module, a trailing module,
+or both is a candidate rewrite; the pass takes the one that removes the most basic modules
+(``(|S| - 1)`` per shared module), breaking ties by the larger group, then by sharing both
+ends, then by candidate order.  On a DARTS edge the four convolutions share their ReLU and BN
+(6 modules removed) rather than all six parametric-or-pooling candidates sharing their BN (5);
+the next round then shares the BN of the pools and the convolution group.
+
+Exactness:
+
+* sharing h (siblings) is always exact -- the h's compute the same function of the same x;
+* sharing g is exact only when g is linear whatever the mode (the same bias-free convolution
+  or linear layer, or average pooling): ``sum_i w_i g(y_i) = g(sum_i w_i y_i)``.  BatchNorm is
+  affine in eval mode only; train/eval is decided at run time, so ``exact=True`` never shares
+  it.  In the default (paper) mode g is shared whenever the g's are the same module; a
+  trailing BatchNorm in training mode then sees the mixture's batch statistics, which is the
+  topology the paper searches on purpose.
+
+``exact=True`` also uses the division-free form ``g(sum_{i in S} w_i u_i(h(x)))`` (no ``w_S``,
+no ``w'``), which equals the original for every weight, including weights that sum to zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from ..analysis import MixedOp
+from ..descriptors import Kind
+from ..ir import SupernetIR
+from ..pass_manager import Pass, PassContext
+from . import sharing
+from .selection import (CandidateView, group_selection, make_out_of_place, rebuild_selection,
+                        share_key, view_candidate, weighted_sum)
+
+__all__ = ["PartialModuleSharing", "SharingPlan", "match_pms"]
+
+_LINEAR_IN_EVERY_MODE = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "identity"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SharingPlan:
+    """A PMS match: the group S and which ends of its candidates are shared."""
+
+    members: tuple[int, ...]
+    share_lead: bool
+    share_trail: bool
+    removed: int
+    """Basic modules the rewrite removes."""
+
+    def describe(self, op: MixedOp) -> str:
+        ends = " and ".join(e for e, on in (("leading", self.share_lead),
+                                             ("trailing", self.share_trail)) if on)
+        return (f"{sharing.display_name(op)}: candidates {list(self.members)} share their "
+                f"{ends} module "
+                f"({self.removed} modules removed)")
+
+
+def _trail_is_exact(view: CandidateView, ir: SupernetIR) -> bool:
+    node = ir.node(view.trail)
+    if node.desc.op in _LINEAR_IN_EVERY_MODE:
+        return True
+    return node.kind in (Kind.CONV, Kind.LINEAR) and node.desc.hparam("bias") is False
+
+
+def match_pms(ir: SupernetIR, op: MixedOp, exact: bool) -> SharingPlan | None:
+    """The best sibling / common-child group of ``op``, or None (never edits the IR)."""
+    views = [view_candidate(ir, op, i) for i in range(len(op.candidates))]
+    lead_groups: dict[tuple, list[int]] = {}
+    trail_groups: dict[tuple, list[int]] = {}
+    for v in views:
+        if v.lead is not None:
+            lead_groups.setdefault(share_key(ir.node(v.lead)), []).append(v.index)
+        # a one-module candidate (lead == trail) can join a sibling group only
+        if v.trail is not None and v.trail != v.lead and \
+                (not exact or _trail_is_exact(v, ir)):
+            trail_groups.setdefault(share_key(ir.node(v.trail)), []).append(v.index)
+    options: list[SharingPlan] = []
+    for members in lead_groups.values():
+        options.append(SharingPlan(tuple(members), True, False, len(members) - 1))
+    for members in trail_groups.values():
+        options.append(SharingPlan(tuple(members), False, True, len(members) - 1))
+    for lead_members in lead_groups.values():
+        for trail_members in trail_groups.values():
+            both = tuple(i for i in lead_members if i in trail_members)
+            options.append(SharingPlan(both, True, True, 2 * (len(both) - 1)))
+    options = [o for o in options if len(o.members) >= 2]
+    if not options:
+        return None
+    return max(options, key=lambda o: (o.removed, len(o.members), o.share_lead and o.share_trail,
+                                       [-i for i in o.members]))
+
+
+def rewrite_pms(ir: SupernetIR, op: MixedOp, plan: SharingPlan, exact: bool) -> str:
+    """Apply ``plan`` to ``op`` (Eq. 4-10); returns the new output node of the mixed op."""
+    tag = sharing.tag_for(ir, op, "pms")
+    views = [view_candidate(ir, op, i) for i in plan.members]
+    z = op.input
+    if plan.share_lead:
+        shared = views[0].lead
+        for v in views[1:]:
+            ir.replace_all_uses(v.lead, shared)
+            ir.remove_node(v.lead)
+        ir.node(shared).notes["shared"] = "sibling"
+        make_out_of_place(ir, shared)
+        z = shared
+    # what each member's inner selection picks: u_i(h(x)), or the candidate output
+    picks = []
+    for v in views:
+        if plan.share_trail:
+            y = v.trail_input
+            if plan.share_lead and y == v.lead:
+                y = z
+            picks.append(y)
+        elif plan.share_lead and v.candidate.output == v.lead:
+            picks.append(z)
+        else:
+            picks.append(v.candidate.output)
+    selection = group_selection(ir, op, plan.members, exact, tag)
+    inner = weighted_sum(ir, list(zip(selection.member_weights, picks)), tag, name="inner")
+    group_out = inner
+    if plan.share_trail:
+        g = ir.node(views[0].trail)
+        group_out = ir.add_node(g.opcode, g.target,
+                                sharing.swap_input(g.args, views[0].trail_input, inner),
+                                g.kwargs, origin="pms", module_path=g.module_path,
+                                notes={**tag["notes"], "shared": "common child"},
+                                source=g.source).name
+        make_out_of_place(ir, group_out)
+    return rebuild_selection(ir, op, plan.members, group_out, selection, tag)
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialModuleSharing(Pass):
+    """``pms``: share leading (sibling) and trailing (common child) modules of candidates."""
+
+    name = "pms"
+
+    def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
+        return sharing.run_on_mixed_ops(
+            ir, ctx, lambda op: match_pms(ir, op, ctx.exact),
+            lambda op, plan: rewrite_pms(ir, op, plan, ctx.exact))

@@ -1,0 +1,234 @@
+"""Operation selection: the weighted sums the sharing passes build and take apart.
+
+The paper rewrites a mixed op ``sum_i w_i o_i(x)`` into *cascaded operation selections*:
+an outer selection that picks a group S of candidates with probability ``w_S`` and an inner
+one that picks ``i`` inside S with the conditional probability ``w'_i`` (Eq. 7-8)::
+
+    w_S  = sum_{i in S} w_i                 (7)
+    w'_i = w_i / w_S                        (8)
+
+No new architecture parameters appear: both are derived from the original weights on every
+forward.  Where ``w_S == 0`` (one-hot or pruned weights, as GDAS produces) the ratio is 0/0;
+:func:`conditional_weight` divides by 1 there instead, which keeps forward and backward finite
+and changes nothing, because the group's term is multiplied by ``w_S = 0``.
+
+This module holds the pieces both sharing passes need: views of a candidate as a chain of
+basic modules (:class:`CandidateView`), the weight arithmetic, and :func:`rebuild_selection`,
+which replaces a group of candidates' terms in a mixed op by one new term.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Sequence
+
+import torch
+
+from ..analysis import Candidate, MixedOp
+from ..descriptors import Kind, Ref
+from ..ir import IRNode, SupernetIR
+
+__all__ = ["conditional_weight", "CandidateView", "view_candidate", "SHAREABLE_KINDS",
+           "share_key", "Selection", "rebuild_selection", "weighted_sum",
+           "make_out_of_place"]
+
+SHAREABLE_KINDS = (Kind.CONV, Kind.LINEAR, Kind.NORM, Kind.ACT, Kind.POOL, Kind.MODULE)
+"""Basic modules the sharing passes may compute once (dropout is stochastic: two dropouts of
+one input are not the same function)."""
+
+
+def conditional_weight(w_i: torch.Tensor, w_group: torch.Tensor) -> torch.Tensor:
+    """``w_i / w_S`` (Eq. 8), with ``w_S == 0`` read as 1 so one-hot weights stay finite."""
+    return w_i / torch.where(w_group == 0, torch.ones_like(w_group), w_group)
+
+
+def share_key(node: IRNode) -> tuple | None:
+    """What makes two basic modules "the same module" (None: never shared).
+
+    Same canonical op and hyperparameters, and the very same learnable parameters (none for
+    ReLU, pools and ``BatchNorm(affine=False)``); buffers such as BN running statistics are
+    state, not part of the function.
+    """
+    if node.kind not in SHAREABLE_KINDS or node.opcode == "get_attr":
+        return None
+    literals = tuple((k, v) for k, v in node.kwargs.items() if not isinstance(v, Ref))
+    return node.desc.signature + (node.opcode, literals)
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateView:
+    """A candidate seen as basic modules: its leading and trailing modules, and its chain.
+
+    ``lead`` is the single node that reads the mixed op's input (if there is exactly one and
+    it reads nothing else); ``trail`` is the candidate's output when it is a basic module with
+    one data input ``trail_input``; ``chain`` lists the branch's nodes in order when the branch
+    is a simple chain (each node feeds the next), else None.
+    """
+
+    candidate: Candidate
+    index: int
+    lead: str | None
+    trail: str | None
+    trail_input: str | None
+    chain: tuple[str, ...] | None
+
+
+def data_inputs(ir: SupernetIR, name: str) -> list[str]:
+    """Tensor-valued inputs that are not parameters (the data a node computes on)."""
+    out = []
+    for r in ir.node(name).inputs:
+        node = ir.node(r)
+        if node.opcode != "get_attr" and isinstance(node.val, torch.Tensor) and \
+                node.notes.get("role") != "weight":
+            out.append(r)
+    return out
+
+
+def view_candidate(ir: SupernetIR, op: MixedOp, index: int) -> CandidateView:
+    cand = op.candidates[index]
+    branch = set(cand.branch)
+    if cand.kind != "op" or not branch:
+        return CandidateView(cand, index, None, None, None, None)
+    readers = [n for n in cand.branch if op.input in ir.node(n).inputs]
+    lead = None
+    if len(readers) == 1 and data_inputs(ir, readers[0]) == [op.input] and \
+            share_key(ir.node(readers[0])) is not None:
+        lead = readers[0]
+    trail = trail_input = None
+    out = cand.output
+    if out in branch and share_key(ir.node(out)) is not None:
+        ins = data_inputs(ir, out)
+        if len(ins) == 1:
+            trail, trail_input = out, ins[0]
+    chain = _chain(ir, op.input, cand, lead)
+    return CandidateView(cand, index, lead, trail, trail_input, chain)
+
+
+def _chain(ir: SupernetIR, x: str, cand: Candidate, lead: str | None) -> tuple[str, ...] | None:
+    """The branch's data nodes in order if they form a simple chain from ``x``."""
+    if lead is None:
+        return None
+    chain, current = [lead], lead
+    data_nodes = {n for n in cand.branch
+                  if ir.node(n).opcode != "get_attr" and ir.node(n).kind is not Kind.SHAPE
+                  and isinstance(ir.node(n).val, torch.Tensor)}
+    while current != cand.output:
+        users = [u for u in ir.users(current) if u in data_nodes]
+        if len(users) != 1 or data_inputs(ir, users[0]) != [current]:
+            return None
+        current = users[0]
+        chain.append(current)
+    return tuple(chain) if set(chain) == data_nodes else None
+
+
+# --------------------------------------------------------------------------------------
+# Building selections
+# --------------------------------------------------------------------------------------
+
+def weight_node(ir: SupernetIR, op: MixedOp, index: int, tag: dict) -> str:
+    """The node holding candidate ``index``'s weight (a getitem for the stack form)."""
+    ref = op.candidates[index].weight
+    if ref.index is None:
+        return ref.node
+    return ir.add_node("call_function", operator.getitem, (Ref(ref.node), ref.index),
+                       origin=tag["origin"], notes=_weight_notes(tag)).name
+
+
+def _weight_notes(tag: dict) -> dict:
+    return {**tag.get("notes", {}), "role": "weight"}
+
+
+def weighted_sum(ir: SupernetIR, terms: Sequence[tuple[str | None, str]], tag: dict,
+                 name: str = "selection") -> str:
+    """``sum_i w_i * y_i`` as mul and add nodes (a None weight means weight 1)."""
+    products = []
+    for w, y in terms:
+        if w is None:
+            products.append(y)
+        else:
+            products.append(ir.add_node("call_function", operator.mul, (Ref(w), Ref(y)),
+                                        origin=tag["origin"], notes=tag.get("notes")).name)
+    acc = products[0]
+    for p in products[1:]:
+        acc = ir.add_node("call_function", operator.add, (Ref(acc), Ref(p)),
+                          origin=tag["origin"], notes=tag.get("notes"), name=name).name
+    return acc
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Weights of a group S: ``w_S`` and, per member, the weight its inner selection uses
+    (``w'_i`` in the paper's form; the raw ``w_i`` in the exact, division-free form)."""
+
+    group_weight: str | None
+    """``w_S``; None in the exact form (the group's term is not rescaled)."""
+    member_weights: tuple[str, ...]
+
+
+def group_selection(ir: SupernetIR, op: MixedOp, members: Sequence[int], exact: bool,
+                    tag: dict) -> Selection:
+    """Eq. 7-8 weights for ``members`` (exact: the raw weights and no ``w_S``)."""
+    raw = [weight_node(ir, op, i, tag) for i in members]
+    if exact:
+        return Selection(None, tuple(raw))
+    acc = raw[0]
+    for w in raw[1:]:
+        acc = ir.add_node("call_function", operator.add, (Ref(acc), Ref(w)),
+                          origin=tag["origin"], notes=_weight_notes(tag), name="w_group").name
+    group = acc
+    if len(raw) == 1:
+        group = ir.add_node("call_function", operator.pos, (Ref(acc),), origin=tag["origin"],
+                            notes=_weight_notes(tag), name="w_group").name
+    ratios = tuple(
+        ir.add_node("call_function", conditional_weight, (Ref(w), Ref(group)),
+                    origin=tag["origin"], notes=_weight_notes(tag), name="w_cond").name
+        for w in raw)
+    return Selection(group, ratios)
+
+
+def rebuild_selection(ir: SupernetIR, op: MixedOp, members: Sequence[int], group_out: str,
+                      selection: Selection, tag: dict) -> str:
+    """Replace the terms of ``members`` in ``op`` by one term ``w_S * group_out`` (Eq. 4).
+
+    The other candidates keep their weights; the summing nodes are rebuilt in candidate
+    order and the old ones removed.  Returns the new output node of the mixed op.
+    """
+    members = set(members)
+    first = min(members)
+    terms: list[tuple[str | None, str]] = []
+    for i, cand in enumerate(op.candidates):
+        if i == first:
+            terms.append((selection.group_weight, group_out))
+        elif i not in members:
+            terms.append((weight_node(ir, op, i, tag), cand.output))
+    new_out = weighted_sum(ir, terms, tag, name="mixed")
+    ir.replace_all_uses(op.output, new_out)
+    ir.remove_dead(list(op.sum_nodes))
+    return new_out
+
+
+def make_out_of_place(ir: SupernetIR, name: str) -> None:
+    """An in-place module or function that now feeds shared data computes out of place.
+
+    Sharing can make one in-place ReLU read a tensor other candidates still read; its
+    out-of-place form computes the same function without clobbering that tensor.
+    """
+    node = ir.node(name)
+    if not node.desc.inplace:
+        return
+    if node.opcode == "call_module":
+        module = ir.modules[node.target]
+        clone = type(module).__new__(type(module))
+        clone.__dict__.update(module.__dict__)
+        clone.inplace = False
+        target = f"{node.target}_out_of_place"
+        ir.modules[target] = clone
+        node.target = target
+    elif node.opcode == "call_method" and str(node.target).endswith("_"):
+        node.target = str(node.target)[:-1]
+    elif "inplace" in node.kwargs:
+        node.kwargs = {**node.kwargs, "inplace": False}
+    else:
+        return
+    node.desc = ir.describe(node.opcode, node.target, node.args, node.kwargs)

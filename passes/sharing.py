@@ -1,0 +1,58 @@
+"""The driver both module-sharing passes use: match every mixed op, rewrite the outermost.
+
+A pass run finds the mixed ops afresh, asks the pass's matcher for a plan on each (matching
+never edits), and rewrites every mixed op that has a plan and is not nested inside another
+mixed op that has one.  Nested mixed ops wait for the next round of the pass manager's fixed
+point.  Plans depend only on the structure of their own mixed op and the rewritten mixed ops
+are disjoint, so the result does not depend on the order in which mixed ops are visited.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..analysis import MixedOp, find_mixed_ops
+from ..descriptors import Ref
+from ..ir import SupernetIR, map_refs
+from ..pass_manager import PassContext
+
+__all__ = ["run_on_mixed_ops", "tag_for", "swap_input", "display_name"]
+
+
+def tag_for(ir: SupernetIR, op: MixedOp, origin: str) -> dict:
+    """Notes for the nodes a rewrite of ``op`` creates: who made them and for which edge."""
+    notes = {}
+    edge = ir.node(op.output).notes.get("mixed_op")
+    if edge is not None:
+        notes["mixed_op"] = edge
+    return {"origin": origin, "notes": notes}
+
+
+def display_name(op: MixedOp) -> str:
+    """``edge over input``: which edge of the network, and which (possibly nested) selection."""
+    return f"{op.name} over {op.input}"
+
+
+def swap_input(args: Any, old: str, new: str) -> Any:
+    """``args`` with every reference to ``old`` replaced by ``new``."""
+    return map_refs(args, lambda r: Ref(new) if r.name == old else r)
+
+
+def run_on_mixed_ops(ir: SupernetIR, ctx: PassContext,
+                     match: Callable[[MixedOp], Any | None],
+                     rewrite: Callable[[MixedOp, Any], str],
+                     visit_order: Callable[[list[MixedOp]], list[MixedOp]] | None = None
+                     ) -> bool:
+    """Rewrite the outermost mixed ops that ``match`` finds a plan for; True if any."""
+    ops = find_mixed_ops(ir)
+    if visit_order is not None:
+        ops = visit_order(ops)
+    plans = [(op, plan) for op in ops if (plan := match(op)) is not None]
+    regions = {op.output: set(op.nodes) for op, _ in plans}
+    outermost = [(op, plan) for op, plan in plans
+                 if not any(op.output in nodes for out, nodes in regions.items()
+                            if out != op.output)]
+    for op, plan in outermost:
+        rewrite(op, plan)
+        ctx.decide(plan.describe(op))
+    return bool(outermost)
