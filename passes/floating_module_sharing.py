@@ -114,9 +114,12 @@ class FloatingModuleSharing(Pass):
     """``fms``: compute a floating module between two stacked halves once."""
 
     name = "fms"
+    visit_seed: int | None = None
+    """Visit mixed ops in a seeded random order (the result must not depend on it)."""
 
     def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
         if ctx.exact:
             return False
         return sharing.run_on_mixed_ops(ir, ctx, lambda op: match_fms(ir, op, ctx.exact),
-                                        lambda op, plan: rewrite_fms(ir, op, plan))
+                                        lambda op, plan: rewrite_fms(ir, op, plan),
+                                        sharing.shuffled(self.visit_seed))

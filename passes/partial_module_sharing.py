@@ -144,8 +144,11 @@ class PartialModuleSharing(Pass):
     """``pms``: share leading (sibling) and trailing (common child) modules of candidates."""
 
     name = "pms"
+    visit_seed: int | None = None
+    """Visit mixed ops in a seeded random order (the result must not depend on it)."""
 
     def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
         return sharing.run_on_mixed_ops(
             ir, ctx, lambda op: match_pms(ir, op, ctx.exact),
-            lambda op, plan: rewrite_pms(ir, op, plan, ctx.exact))
+            lambda op, plan: rewrite_pms(ir, op, plan, ctx.exact),
+            sharing.shuffled(self.visit_seed))

@@ -52,8 +52,7 @@ def share_key(node: IRNode) -> tuple | None:
     """
     if node.kind not in SHAREABLE_KINDS or node.opcode == "get_attr":
         return None
-    literals = tuple((k, v) for k, v in node.kwargs.items() if not isinstance(v, Ref))
-    return node.desc.signature + (node.opcode, literals)
+    return node.desc.signature  # canonical: F.relu(x), x.relu() and nn.ReLU() agree
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,14 +9,15 @@ are disjoint, so the result does not depend on the order in which mixed ops are 
 
 from __future__ import annotations
 
+import random
 from typing import Any, Callable
 
-from ..analysis import MixedOp, find_mixed_ops
+from ..analysis import MixedOp, find_mixed_ops, mixed_op_at
 from ..descriptors import Ref
 from ..ir import SupernetIR, map_refs
 from ..pass_manager import PassContext
 
-__all__ = ["run_on_mixed_ops", "tag_for", "swap_input", "display_name"]
+__all__ = ["run_on_mixed_ops", "tag_for", "swap_input", "display_name", "shuffled"]
 
 
 def tag_for(ir: SupernetIR, op: MixedOp, origin: str) -> dict:
@@ -26,6 +27,14 @@ def tag_for(ir: SupernetIR, op: MixedOp, origin: str) -> dict:
     if edge is not None:
         notes["mixed_op"] = edge
     return {"origin": origin, "notes": notes}
+
+
+def shuffled(seed: int | None) -> Callable[[list[MixedOp]], list[MixedOp]] | None:
+    """A seeded random visiting order (None: program order)."""
+    if seed is None:
+        return None
+    rng = random.Random(seed)
+    return lambda ops: rng.sample(ops, len(ops))
 
 
 def display_name(op: MixedOp) -> str:
@@ -52,7 +61,13 @@ def run_on_mixed_ops(ir: SupernetIR, ctx: PassContext,
     outermost = [(op, plan) for op, plan in plans
                  if not any(op.output in nodes for out, nodes in regions.items()
                             if out != op.output)]
-    for op, plan in outermost:
-        rewrite(op, plan)
-        ctx.decide(plan.describe(op))
-    return bool(outermost)
+    changed = False
+    for op, _ in outermost:
+        # an earlier rewrite may have renamed this op's input (the previous edge's output)
+        op = mixed_op_at(ir, op.output, op.name)
+        plan = match(op) if op is not None else None
+        if plan is not None:
+            rewrite(op, plan)
+            ctx.decide(plan.describe(op))
+            changed = True
+    return changed

@@ -173,3 +173,61 @@ def build(spec: CellSpec) -> tuple[RandomSupernet, torch.Tensor]:
     gen = torch.Generator().manual_seed(spec.seed)
     x = torch.randn(2, 3, spec.resolution, spec.resolution, generator=gen)
     return model, x
+
+
+class RandomSupernetWithWeights(RandomSupernet):
+    """The same supernet, but its forward takes the architecture weights (GDAS's hard
+    one-hot weights, a pruning mask, or any weights) instead of computing softmax(alpha)."""
+
+    def forward(self, x, weights):
+        h = self.stem(x)
+        for i, edge in enumerate(self.edges):
+            h = edge(h, weights[i])
+        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def build_with_weights(spec: CellSpec) -> tuple[RandomSupernetWithWeights, torch.Tensor]:
+    model = RandomSupernetWithWeights(spec)
+    model.resolution = spec.resolution
+    gen = torch.Generator().manual_seed(spec.seed)
+    x = torch.randn(2, 3, spec.resolution, spec.resolution, generator=gen)
+    return model, x
+
+
+def one_hot_rows(spec: CellSpec) -> list[torch.Tensor]:
+    """Every vertex of the simplex for every edge at once: row k picks candidate k
+    (modulo the row length) on each edge."""
+    n_edges, n = len(spec.strides), len(spec.candidates[0])
+    out = []
+    for k in range(n):
+        w = torch.zeros(n_edges, n)
+        for e in range(n_edges):
+            w[e, (k + e) % n] = 1.0
+        out.append(w)
+    return out
+
+
+def affine_trailing(spec: CellSpec) -> CellSpec:
+    """The spec with every chain ending in an affine module (BatchNorm without affine
+    parameters, in eval mode it is y = (x - mean) / std): common children are then affine."""
+    def fix(chain):
+        if chain in (("identity",), ("zero",)):
+            return chain
+        return chain[:-1] + (("bn", False),) if chain[-1][0] != "bn" else chain
+    return dataclasses.replace(spec, candidates=tuple(tuple(fix(c) for c in cands)
+                                                      for cands in spec.candidates))
+
+
+def equalize_batchnorm_statistics(model: nn.Module) -> None:
+    """Give every BatchNorm the same running statistics (so equal BNs compute one function)."""
+    gen = torch.Generator().manual_seed(7)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not bns:
+        return
+    C = bns[0].num_features
+    mean = torch.empty(C).uniform_(-0.2, 0.2, generator=gen)
+    var = torch.empty(C).uniform_(0.5, 1.5, generator=gen)
+    with torch.no_grad():
+        for m in bns:
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)

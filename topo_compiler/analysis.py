@@ -28,7 +28,7 @@ import torch
 from .descriptors import Kind, Ref
 from .ir import SupernetIR
 
-__all__ = ["WeightRef", "Candidate", "MixedOp", "find_mixed_ops"]
+__all__ = ["WeightRef", "Candidate", "MixedOp", "find_mixed_ops", "mixed_op_at"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +292,15 @@ def find_mixed_ops(ir: SupernetIR) -> list[MixedOp]:
             absorbed.update(op.sum_nodes)
     found.sort(key=lambda m: ir.node(m.output).order)
     return _name_mixed_ops(ir, found)
+
+
+def mixed_op_at(ir: SupernetIR, output: str, name: str = "") -> MixedOp | None:
+    """The mixed op whose weighted sum ends at node ``output`` (a local re-analysis)."""
+    if output not in ir:
+        return None
+    finder = _Finder(ir)
+    op = finder.sum_form(output)[0] if finder.is_add(output) else finder.stack_form(output)
+    return None if op is None else dataclasses.replace(op, name=name)
 
 
 def _common_prefix(paths: Iterable[str]) -> str:
