@@ -2,14 +2,18 @@
 
 The paper's pipeline, in order (section 3.3, Alg. 1 and section 3.4-3.5):
 
-====================  =========  ===========================================================
-module                name       rewrite
-====================  =========  ===========================================================
-(later issues)        ``pms``    partial module sharing: siblings and common children
-(later issues)        ``fms``    floating module sharing
-(later issues)        ``merge``  reparameterization: linear candidates -> one convolution
-(later issues)        ``kn``     kernel normalization of the kernels that enter a merge
-====================  =========  ===========================================================
+===========================  =========  ====================================================
+module                       name       rewrite
+===========================  =========  ====================================================
+partial_module_sharing       ``pms``    partial module sharing: siblings, common children
+floating_module_sharing      ``fms``    floating module sharing
+reparameterization           ``merge``  linear candidates -> one convolution (cost model)
+kernel_normalization         ``kn``     kernel normalization of the kernels that are merged
+===========================  =========  ====================================================
+
+Shared pieces: ``selection`` (cascaded selections, Eq. 7-8), ``sharing`` (the driver that
+matches every mixed op and rewrites the outermost), ``kernels`` (kernel arithmetic the
+compiled graph calls).
 
 ``pms`` and ``fms`` repeat to a fixed point; ``merge`` and ``kn`` run once after them.
 """
@@ -63,9 +67,12 @@ def build_pipeline(names: Sequence[str] | str | None) -> list[Pass | FixedPoint]
 
 def _register() -> None:
     from .floating_module_sharing import FloatingModuleSharing
+    from .kernel_normalization import KernelNormalization
     from .partial_module_sharing import PartialModuleSharing
+    from .reparameterization import Reparameterization
 
-    for cls in (PartialModuleSharing, FloatingModuleSharing):
+    for cls in (PartialModuleSharing, FloatingModuleSharing, Reparameterization,
+                KernelNormalization):
         PASSES[cls.name] = cls
 
 

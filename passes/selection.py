@@ -28,6 +28,7 @@ import torch
 from ..analysis import Candidate, MixedOp
 from ..descriptors import Kind, Ref
 from ..ir import IRNode, SupernetIR
+from ..meta import shape_rule
 
 __all__ = ["conditional_weight", "CandidateView", "view_candidate", "SHAREABLE_KINDS",
            "share_key", "Selection", "rebuild_selection", "weighted_sum",
@@ -41,6 +42,12 @@ one input are not the same function)."""
 def conditional_weight(w_i: torch.Tensor, w_group: torch.Tensor) -> torch.Tensor:
     """``w_i / w_S`` (Eq. 8), with ``w_S == 0`` read as 1 so one-hot weights stay finite."""
     return w_i / torch.where(w_group == 0, torch.ones_like(w_group), w_group)
+
+
+@shape_rule(conditional_weight)
+def _conditional_weight_shape(w_i: torch.Tensor, w_group: torch.Tensor) -> torch.Tensor:
+    shape = torch.broadcast_shapes(w_i.shape, w_group.shape)
+    return torch.empty(shape, dtype=torch.result_type(w_i, w_group), device="meta")
 
 
 def share_key(node: IRNode) -> tuple | None:

@@ -50,17 +50,21 @@ def swap_input(args: Any, old: str, new: str) -> Any:
 def run_on_mixed_ops(ir: SupernetIR, ctx: PassContext,
                      match: Callable[[MixedOp], Any | None],
                      rewrite: Callable[[MixedOp, Any], str],
-                     visit_order: Callable[[list[MixedOp]], list[MixedOp]] | None = None
-                     ) -> bool:
-    """Rewrite the outermost mixed ops that ``match`` finds a plan for; True if any."""
+                     visit_order: Callable[[list[MixedOp]], list[MixedOp]] | None = None,
+                     nested: bool = False) -> bool:
+    """Rewrite the outermost mixed ops that ``match`` finds a plan for; True if any.
+
+    ``nested=True`` rewrites nested mixed ops in the same run too (for rewrites that only
+    touch a selection's own candidates and sums, such as merging).
+    """
     ops = find_mixed_ops(ir)
     if visit_order is not None:
         ops = visit_order(ops)
     plans = [(op, plan) for op in ops if (plan := match(op)) is not None]
     regions = {op.output: set(op.nodes) for op, _ in plans}
     outermost = [(op, plan) for op, plan in plans
-                 if not any(op.output in nodes for out, nodes in regions.items()
-                            if out != op.output)]
+                 if nested or not any(op.output in nodes for out, nodes in regions.items()
+                                      if out != op.output)]
     changed = False
     for op, _ in outermost:
         # an earlier rewrite may have renamed this op's input (the previous edge's output)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable
 
+import networkx as nx
 import torch
 
 from .descriptors import Kind, Ref
@@ -103,6 +104,7 @@ class _Finder:
     def __init__(self, ir: SupernetIR):
         self.ir = ir
         self.g = ir.graph
+        self._ancestors: dict[str, set[str]] = {}
 
     # -- terms and trees --------------------------------------------------------------
     def weighted_term(self, name: str) -> tuple[str, str] | None:
@@ -155,31 +157,32 @@ class _Finder:
     # -- branches ---------------------------------------------------------------------
     def branch(self, output: str, consumer: str) -> tuple[list[str], set[str]]:
         """(exclusive nodes, data inputs) of the candidate producing ``output``."""
+        succ, pred, node_of = self.g.succ, self.g.pred, self.ir.node
         owned: set[str] = set()
-        if set(self.g.successors(output)) <= {consumer}:
+        if all(u == consumer for u in succ[output]):
             owned.add(output)
-            stack = list(self.g.predecessors(output))
+            stack = list(pred[output])
             while stack:
                 name = stack.pop()
                 if name in owned:
                     continue
-                node = self.ir.node(name)
+                node = node_of(name)
                 if node.opcode in ("placeholder", "output") or _is_scalar(node.val):
                     continue  # weights (and the arithmetic making them) are not the branch
-                if set(self.g.successors(name)) <= owned:
+                if all(u in owned for u in succ[name]):
                     owned.add(name)
-                    stack.extend(self.g.predecessors(name))
+                    stack.extend(pred[name])
         inputs: set[str] = set()
-        frontier = {p for n in owned for p in self.g.predecessors(n)} - owned if owned \
+        frontier = {p for n in owned for p in pred[n] if p not in owned} if owned \
             else {output}
         for name in frontier:
-            node = self.ir.node(name)
+            node = node_of(name)
             if node.opcode == "get_attr" or node.kind is Kind.SHAPE:
                 continue
             if not isinstance(node.val, torch.Tensor) or _is_scalar(node.val):
                 continue
             inputs.add(name)
-        order = sorted(owned, key=lambda n: self.ir.node(n).order)
+        order = sorted(owned, key=lambda n: node_of(n).order)
         return order, inputs
 
     def candidate_kind(self, branch: list[str], output: str, input_: str) -> str:
@@ -195,8 +198,10 @@ class _Finder:
 
     def weight_reads(self, weight: str, input_: str) -> bool:
         """Whether the weight node depends on the mixed op's input (then it is no weight)."""
-        import networkx as nx
-        return input_ in nx.ancestors(self.g, weight)
+        ancestors = self._ancestors.get(weight)
+        if ancestors is None:
+            ancestors = self._ancestors[weight] = nx.ancestors(self.g, weight)
+        return input_ in ancestors
 
     def build(self, terms: list[tuple[WeightRef, str, str | None]], consumer_of,
               sum_nodes: list[str], output: str, form: str) -> MixedOp | None:
@@ -278,7 +283,7 @@ def find_mixed_ops(ir: SupernetIR) -> list[MixedOp]:
     finder = _Finder(ir)
     found: list[MixedOp] = []
     absorbed: set[str] = set()
-    for name in reversed(ir.topological_order()):
+    for name in reversed(list(nx.topological_sort(ir.graph))):  # outer sums first
         if name in absorbed:
             continue
         if finder.is_add(name):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import inspect
 import operator
 from typing import Any, Callable
 
@@ -398,6 +400,19 @@ _BINARY = {"add", "sub", "mul", "div", "floordiv", "mod", "pow", "eq", "ne", "lt
            "ge", "and_", "or_", "matmul"}
 
 
+@functools.lru_cache(maxsize=None)
+def _python_signature(fn: Any) -> inspect.Signature | None:
+    if not inspect.isfunction(fn):
+        return None  # builtins and C functions: torch.fx's schema matching below
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        return None  # a dispatching wrapper (F.max_pool2d): torch.fx knows its schema
+    return sig
+
+
 def _bind(target: Any, opcode: str, name: str, args: tuple, kwargs: dict,
           arg_types: tuple | None) -> dict[str, Any]:
     """Arguments bound to parameter names (through torch.fx's normalize_function)."""
@@ -409,6 +424,14 @@ def _bind(target: Any, opcode: str, name: str, args: tuple, kwargs: dict,
         fn = getattr(torch, str(target), None) or getattr(F, str(target), None)
         if fn is None:
             return {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
+    sig = _python_signature(fn)
+    if sig is not None:  # plain Python functions (F.relu, F.avg_pool2d, ours): bind directly
+        try:
+            bound = sig.bind(*call_args, **kwargs)
+        except TypeError:
+            return {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
+        bound.apply_defaults()
+        return dict(bound.arguments)
     try:
         pair = normalize_function(fn, tuple(call_args), dict(kwargs), arg_types=arg_types,
                                   normalize_to_only_use_kwargs=True)

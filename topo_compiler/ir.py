@@ -87,13 +87,19 @@ class IRNode:
     """Annotations passes leave for the report and the pictures (shared module, absorbed
     candidates, ...)."""
 
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key in ("args", "kwargs"):
+            self.__dict__.pop("_inputs", None)
+        object.__setattr__(self, key, value)
+
     @property
     def inputs(self) -> list[str]:
         """Names of the nodes this one reads, in argument order, without repeats."""
-        seen: dict[str, None] = {}
-        for name in _refs_in((self.args, self.kwargs)):
-            seen.setdefault(name, None)
-        return list(seen)
+        cached = self.__dict__.get("_inputs")
+        if cached is None:
+            cached = list(dict.fromkeys(_refs_in((self.args, self.kwargs))))
+            self.__dict__["_inputs"] = cached
+        return list(cached)
 
     @property
     def is_tensor(self) -> bool:
@@ -123,8 +129,10 @@ class SupernetIR:
         self.tensor_attrs: dict[str, torch.Tensor] = dict(traced.tensor_attrs) if traced else {}
         self.traced = traced
         self._seq = itertools.count()
+        self._name_counters: dict[str, int] = {}
         self._meta_cache: dict[int, nn.Module] = {}
         self.codegen = None
+        self.device_type = traced.device_type if traced else "cpu"
 
     # -- reading -----------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -134,7 +142,7 @@ class SupernetIR:
         return self.graph.number_of_nodes()
 
     def node(self, name: str) -> IRNode:
-        return self.graph.nodes[name]["node"]
+        return self.graph._node[name]["node"]  # the node attribute dict, without the view
 
     def nodes(self) -> list[IRNode]:
         """All nodes in the stable topological order used for lowering."""
@@ -181,11 +189,13 @@ class SupernetIR:
             base = "_" + base
         if base not in self.graph:
             return base
-        for i in itertools.count(1):
+        i = self._name_counters.get(base, 0)
+        while True:
+            i += 1
             candidate = f"{base}_{i}"
             if candidate not in self.graph:
+                self._name_counters[base] = i
                 return candidate
-        raise AssertionError("unreachable")
 
     def add_node(self, opcode: str, target: Any, args: tuple = (), kwargs: dict | None = None,
                  *, name: str | None = None, after: str | Iterable[str] | None = None,
@@ -327,8 +337,8 @@ class SupernetIR:
             if not isinstance(node.desc, OpDesc):
                 fail(f"node {name!r} has no descriptor")
             refs = set(node.inputs)
-            preds = set(self.graph.predecessors(name))
-            if refs != preds:
+            preds = self.graph.pred[name]
+            if len(refs) != len(preds) or any(r not in preds for r in refs):
                 fail(f"node {name!r}: arguments read {sorted(refs)} but edges say "
                      f"{sorted(preds)} (edit the IR through SupernetIR's methods)")
             if node.opcode == "output":

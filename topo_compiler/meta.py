@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx._symbolic_trace import _orig_module_call
 
-__all__ = ["UNKNOWN", "to_meta", "meta_clone", "contains_unknown", "run_on_meta"]
+__all__ = ["UNKNOWN", "to_meta", "meta_clone", "contains_unknown", "run_on_meta", "shape_rule"]
 
 
 class _Unknown:
@@ -103,10 +103,24 @@ _BINARY_FUNCTIONS = {id(f) for f in (operator.add, operator.mul, operator.sub,
 _BINARY_METHODS = {"add", "mul", "sub", "div"}
 
 
+_SHAPE_RULES: dict[int, Any] = {}
+
+
+def shape_rule(fn):
+    """Register ``rule(*args, **kwargs) -> meta value`` for the function ``fn``: faster than
+    running it on meta tensors (the compiler's own kernel arithmetic uses this)."""
+    def register(rule):
+        _SHAPE_RULES[id(fn)] = rule
+        return rule
+    return register
+
+
 def _fast_value(opcode: str, target: Any, args: tuple, kwargs: dict,
                 module: nn.Module | None) -> Any:
     """The op's meta value from a shape rule, or ``NotImplemented`` to run it on meta."""
     first = args[0] if args else None
+    if opcode == "call_function" and id(target) in _SHAPE_RULES:
+        return _SHAPE_RULES[id(target)](*args, **kwargs)
     if opcode == "call_module":
         if isinstance(module, _SAME_SHAPE_MODULES) and isinstance(first, torch.Tensor) \
                 and len(args) == 1 and not kwargs:

@@ -83,14 +83,20 @@ class PassManager:
         return stages
 
     def _fixed_point(self, ir: SupernetIR, group: FixedPoint, stages: list[StageReport]) -> None:
+        """Cycle through the passes until each has run once, since the last change, without
+        changing anything (the cheapest confirmation that nothing is left to do)."""
+        quiet = 0  # passes run in a row without a change
         for round_ in range(1, group.max_rounds + 1):
             changed_in_round = []
             for p in group.passes:
                 name = p.name if round_ == 1 else f"{p.name}#{round_}"
                 if self._run_one(ir, p, name, stages):
                     changed_in_round.append(p.name)
-            if not changed_in_round:
-                return
+                    quiet = 0
+                else:
+                    quiet += 1
+                if quiet >= len(group.passes):
+                    return
         raise FixedPointError(
             f"no fixed point after {group.max_rounds} rounds: {', '.join(changed_in_round)} "
             f"still changed the IR in the last round (a pass that reports a change it did not "

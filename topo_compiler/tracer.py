@@ -200,6 +200,8 @@ class TracedSupernet:
     """Forward arguments that were not tensors; their example value is baked into the graph."""
     specializations: list[str]
     """Python branches decided on shapes while tracing (the graph assumes the same shapes)."""
+    device_type: str = "cpu"
+    """Device of the example inputs (the merge cost model's default machine)."""
 
 
 _DEFAULT_NON_LEAVES = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList,
@@ -460,7 +462,15 @@ class SupernetTracer(fx.Tracer):
         return TracedSupernet(graph=graph, root=root, leaf_paths=frozenset(self.leaf_paths),
                               tensor_attrs=dict(self.plain_tensor_attrs),
                               example_inputs=tuple(example_inputs), baked_inputs=concrete,
-                              specializations=list(self.specializations))
+                              specializations=list(self.specializations),
+                              device_type=_device_type(example_inputs))
+
+
+def _device_type(example_inputs: Sequence[Any]) -> str:
+    for value in torch.utils._pytree.tree_leaves(list(example_inputs)):
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cpu"
 
 
 def _looks_data_dependent(exc: Exception) -> bool:

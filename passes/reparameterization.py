@@ -1,0 +1,661 @@
+"""Reparameterization (``merge``): linear candidates of a selection become one convolution
+(paper 3.4, Eq. 14-16, after MergeNAS).
+
+After PMS and FMS the remaining unique parts of the candidates sit right next to weighted
+sums.  Where they are linear -- convolutions of any kernel size, dilation or grouping (with or
+without bias), depthwise-then-pointwise pairs, identity, zero, average pooling, the linear
+core of DARTS's FactorizedReduce -- their weighted sum is one convolution::
+
+    sum_i w_i (K_i * z) + b_i  =  (sum_i w_i pad(K_i)) * z + sum_i w_i b_i            (14)
+
+``pad`` puts each kernel into a common frame centred on the output's anchor, dilated taps at
+their offsets; identity is a Dirac kernel, average pooling a uniform one, zero drops out.  The
+merged kernel is rebuilt from the current weights on every forward (never cached).
+
+There is more than one exact way to merge, and the cheapest depends on channels and kernel
+sizes, so a cost model decides (:func:`estimate`): for the real shapes it estimates the FLOPs,
+the activation bytes autograd keeps and the memory traffic of one training step (forward and
+backward), and a step time from them with a per-device roofline (:data:`DEVICES`).  Options:
+
+* ``dense``: one ``C_out x C_in`` kernel -- keeps nothing but the input, costly in FLOPs
+  when channels are many and kernels large;
+* ``depthwise``: every candidate is per-channel (depthwise conv, identity, pooling): one
+  depthwise kernel, the cheapest;
+* ``separable``: depthwise kernels stacked into one grouped conv, then one pointwise conv
+  whose kernel carries the weights (``W[o, c n + i] = w_i P_i[o, c]``);
+* ``apart``: keep the candidates as they are.
+
+A subset of the linear candidates may be merged and the rest kept apart (greedy: drop the
+candidate whose removal lowers the cost most).  A merge is taken only when its estimated
+step time and its saved bytes are both no worse than keeping the candidates apart: merging
+never makes the step costlier.  The report states each decision and its estimate.
+
+Exactness: merging is exact, except average pooling with ``count_include_pad=False`` (DARTS's
+choice), whose divisor shrinks at the borders: that pool is merged in the paper's mode only,
+and the decision says so.  Candidates with different strides or outputs that do not align
+(asymmetric frames) are never merged together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import reduce
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..analysis import MixedOp
+from ..descriptors import Kind, Ref
+from ..ir import SupernetIR
+from ..pass_manager import Pass, PassContext
+from . import kernels, sharing
+from .selection import data_inputs, group_selection, rebuild_selection
+
+__all__ = ["Reparameterization", "MergePlan", "match_merge", "DEVICES", "DeviceModel"]
+
+
+# --------------------------------------------------------------------------------------
+# Linear candidates
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One linear map inside a candidate: a kernel applied to the selection's input."""
+
+    structure: str
+    """'dense' (C_out x C_in / groups), 'depthwise' (C x 1) or 'separable' (depthwise then
+    pointwise)."""
+    kernel: tuple | None
+    """Where the (depthwise) kernel comes from: ('module', target, 'weight') or ('node', name);
+    None for a fixed kernel."""
+    fixed: str | None
+    """'identity' or 'avg_pool' for the kernels that have no parameters."""
+    pointwise: tuple | None
+    bias: tuple | None
+    kernel_size: tuple[int, ...]
+    dilation: tuple[int, ...]
+    start: tuple[int, ...]
+    """Offset of the kernel's first tap from the output anchor (``-padding``)."""
+    groups: int
+    in_channels: int
+    out_channels: int
+    out_rows: tuple[int, int] | None = None
+    """Output channels this piece writes (FactorizedReduce writes halves); None: all."""
+
+    @property
+    def learnable(self) -> bool:
+        return self.kernel is not None
+
+    def taps(self) -> list[tuple[int, ...]]:
+        """Tap offsets from the anchor, per spatial dimension (first and last)."""
+        return [(s, s + d * (k - 1)) for s, d, k in zip(self.start, self.dilation,
+                                                         self.kernel_size)]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCandidate:
+    index: int
+    pieces: tuple[Piece, ...]
+    stride: tuple[int, ...] | None
+    exact: bool
+    label: str
+
+    @property
+    def zero(self) -> bool:
+        return not self.pieces
+
+
+def _conv_piece(ir: SupernetIR, name: str) -> tuple[Piece, tuple[int, ...]] | None:
+    """(piece, stride) of a convolution node, or None if it is not a plain zero-padded conv."""
+    node = ir.node(name)
+    desc = node.desc
+    if node.kind is not Kind.CONV or desc.op.startswith("conv_transpose"):
+        return None
+    n = int(desc.op[-2])
+    stride, dilation = desc.hparam("stride"), desc.hparam("dilation")
+    groups, padding = desc.hparam("groups", 1), desc.hparam("padding")
+    if node.opcode == "call_module":
+        module = ir.modules[node.target]
+        if module.padding_mode != "zeros":
+            return None
+        kernel = ("module", node.target, "weight")
+        bias = ("module", node.target, "bias") if module.bias is not None else None
+        ksize, c_in, c_out = tuple(module.kernel_size), module.in_channels, module.out_channels
+    else:
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if not isinstance(weight, Ref):
+            return None
+        w = ir.node(weight.name).val
+        kernel = ("node", weight.name)
+        bias = ("node", bias_arg.name) if isinstance(bias_arg, Ref) else None
+        if bias_arg is not None and bias is None:
+            return None
+        ksize, c_out, c_in = tuple(w.shape[2:]), w.shape[0], w.shape[1] * groups
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0,) * n
+        elif all(d * (k - 1) % 2 == 0 for d, k in zip(dilation, ksize)):
+            padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, ksize))
+        else:
+            return None
+    structure = "depthwise" if groups == c_in == c_out else "dense"
+    piece = Piece(structure, kernel, None, None, bias, ksize, tuple(dilation),
+                  tuple(-p for p in padding), groups, c_in, c_out)
+    return piece, tuple(stride)
+
+
+def _pool_piece(ir: SupernetIR, name: str, exact: bool) -> tuple[Piece, tuple, bool] | None:
+    desc = ir.node(name).desc
+    if not desc.op.startswith("avg_pool") or desc.hparam("ceil_mode") or \
+            desc.hparam("divisor_override") is not None:
+        return None
+    k, s, p = desc.hparam("kernel_size"), desc.hparam("stride"), desc.hparam("padding")
+    include_pad = desc.hparam("count_include_pad", True)
+    if exact and not include_pad and any(pi > 0 for pi in p):
+        return None  # the border divisor shrinks: not a convolution
+    C = ir.node(name).val.shape[1]
+    piece = Piece("depthwise", None, "avg_pool", None, None, tuple(k), (1,) * len(k),
+                  tuple(-pi for pi in p), C, C, C)
+    return piece, tuple(s), bool(include_pad) or not any(pi > 0 for pi in p)
+
+
+def linear_candidate(ir: SupernetIR, op: MixedOp, index: int,
+                     exact: bool) -> LinearCandidate | None:
+    """The candidate as linear pieces, or None when it is not linear (never edits)."""
+    cand = op.candidates[index]
+    z = ir.node(op.input)
+    if z.val is None or not isinstance(z.val, torch.Tensor) or z.val.dim() < 3:
+        return None
+    spatial = z.val.dim() - 2
+    if cand.kind == "zero":
+        return LinearCandidate(index, (), None, True, "zero")
+    data = [n for n in cand.branch
+            if ir.node(n).opcode != "get_attr" and isinstance(ir.node(n).val, torch.Tensor)
+            and ir.node(n).notes.get("role") != "weight"]
+    data = [n for n in data if ir.node(n).kind is not Kind.IDENTITY]
+    C = z.val.shape[1]
+    if cand.kind == "identity" or not data:
+        if tuple(ir.node(cand.output).val.shape) != tuple(z.val.shape):
+            return None
+        piece = Piece("depthwise", None, "identity", None, None, (1,) * spatial,
+                      (1,) * spatial, (0,) * spatial, C, C, C)
+        return LinearCandidate(index, (piece,), (1,) * spatial, True, "identity")
+    kinds = [ir.node(n).kind for n in data]
+    if len(data) == 1 and kinds[0] is Kind.CONV:
+        got = _conv_piece(ir, data[0])
+        if got is None or data_inputs(ir, data[0]) != [op.input]:
+            return None
+        return LinearCandidate(index, (got[0],), got[1], True, ir.node(data[0]).desc.label())
+    if len(data) == 1 and kinds[0] is Kind.POOL:
+        got = _pool_piece(ir, data[0], exact)
+        if got is None or data_inputs(ir, data[0]) != [op.input]:
+            return None
+        return LinearCandidate(index, (got[0],), got[1], got[2], ir.node(data[0]).desc.label())
+    if len(data) == 2 and kinds == [Kind.CONV, Kind.CONV]:
+        return _separable(ir, op, index, data)
+    return _factorized_reduce(ir, op, index, data)
+
+
+def _separable(ir, op, index, data) -> LinearCandidate | None:
+    first, second = (_conv_piece(ir, n) for n in data)
+    if first is None or second is None or data_inputs(ir, data[0]) != [op.input] or \
+            data_inputs(ir, data[1]) != [data[0]]:
+        return None
+    (dw, stride), (pw, pw_stride) = first, second
+    if dw.structure != "depthwise" or pw.groups != 1 or any(k != 1 for k in pw.kernel_size) \
+            or any(s != 1 for s in pw_stride) or any(s != 0 for s in pw.start) or \
+            dw.bias is not None:
+        return None
+    piece = dataclasses.replace(dw, structure="separable", pointwise=pw.kernel, bias=pw.bias,
+                                out_channels=pw.out_channels)
+    label = f"{ir.node(data[0]).desc.label()} + {ir.node(data[1]).desc.label()}"
+    return LinearCandidate(index, (piece,), stride, True, label)
+
+
+def _factorized_reduce(ir, op, index, data) -> LinearCandidate | None:
+    """``cat([conv_a(z), conv_b(z[:, :, 1:, 1:])], 1)`` with 1x1 stride-2 convs: one 2x2
+    stride-2 kernel whose halves sit at offsets 0 and 1 (DARTS's FactorizedReduce core)."""
+    nodes = {ir.node(n).desc.op: n for n in data}
+    if len(data) != 4 or set(nodes) - {"cat", "getitem"} - {o for o in nodes
+                                                             if o.startswith("conv")}:
+        return None
+    cat = nodes.get("cat")
+    convs = [n for n in data if ir.node(n).kind is Kind.CONV]
+    if cat is None or len(convs) != 2 or ir.node(cat).desc.hparam("dim") not in (1, -3):
+        return None
+    items = ir.node(cat).args[0]
+    if not isinstance(items, (list, tuple)) or [r.name for r in items] != convs:
+        return None
+    pieces, rows, strides = [], 0, set()
+    for conv in convs:
+        got = _conv_piece(ir, conv)
+        if got is None:
+            return None
+        piece, stride = got
+        (src,) = data_inputs(ir, conv)
+        if src == op.input:
+            shift = 0
+        else:
+            sl = ir.node(src)
+            if sl.desc.op != "getitem" or data_inputs(ir, src) != [op.input]:
+                return None
+            index_arg = sl.args[1]
+            expect = (slice(None), slice(None)) + (slice(1, None, None),) * len(stride)
+            if tuple(index_arg) != expect:
+                return None
+            shift = 1
+        if any(k != 1 for k in piece.kernel_size) or piece.structure != "dense":
+            return None
+        pieces.append(dataclasses.replace(
+            piece, start=tuple(s + shift for s in piece.start),
+            out_rows=(rows, rows + piece.out_channels)))
+        rows += piece.out_channels
+        strides.add(stride)
+    if len(strides) != 1:
+        return None
+    total = rows
+    pieces = [dataclasses.replace(p, out_channels=total) for p in pieces]
+    return LinearCandidate(index, tuple(pieces), strides.pop(), True, "factorized reduce")
+
+
+# --------------------------------------------------------------------------------------
+# The cost model
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DeviceModel:
+    """A roofline for one training step: compute, memory traffic and per-op overhead."""
+
+    flops_per_s: float
+    bytes_per_s: float
+    seconds_per_op: float
+
+
+DEVICES = {
+    "cpu": DeviceModel(5e10, 1e10, 1e-5),
+    "cuda": DeviceModel(2e13, 1.5e12, 8e-6),
+}
+"""Rough machine balances; only the ratios between options matter."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Cost of one training step (forward + backward) of part of a selection."""
+
+    flops: float
+    saved_bytes: float
+    traffic_bytes: float
+    ops: int
+
+    def seconds(self, device: DeviceModel) -> float:
+        return (self.flops / device.flops_per_s + self.traffic_bytes / device.bytes_per_s
+                + self.ops * device.seconds_per_op)
+
+    def __add__(self, other: "Estimate") -> "Estimate":
+        return Estimate(self.flops + other.flops, self.saved_bytes + other.saved_bytes,
+                        self.traffic_bytes + other.traffic_bytes, self.ops + other.ops)
+
+
+_NONE = Estimate(0.0, 0.0, 0.0, 0)
+_TRAIN = 3  # backward costs about twice the forward (grad input + grad weight)
+
+
+def _conv(batch, c_in, c_out, groups, taps, out_pixels, in_bytes, out_bytes) -> Estimate:
+    flops = 2.0 * batch * c_out * (c_in // groups) * taps * out_pixels
+    return Estimate(_TRAIN * flops, 0.0, _TRAIN * (in_bytes + out_bytes), 2 * _TRAIN)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    batch: int
+    c_in: int
+    c_out: int
+    in_pixels: int
+    out_pixels: int
+    itemsize: int
+
+    def act(self, channels: int, out: bool = True) -> float:
+        return float(self.batch * channels * (self.out_pixels if out else self.in_pixels)
+                     * self.itemsize)
+
+
+def _apart(cands: Sequence[LinearCandidate], sh: Shapes) -> Estimate:
+    """Each candidate computed, weighted and summed as it is."""
+    total = _NONE
+    out = sh.act(sh.c_out)
+    for c in cands:
+        if c.zero:
+            total += Estimate(sh.batch * sh.c_out * sh.out_pixels * _TRAIN, out, 3 * out, 2)
+            continue
+        for p in c.pieces:
+            taps = math.prod(p.kernel_size)
+            if p.structure == "separable":
+                total += _conv(sh.batch, p.in_channels, p.in_channels, p.in_channels, taps,
+                               sh.out_pixels, sh.act(sh.c_in, False), sh.act(p.in_channels))
+                total += _conv(sh.batch, p.in_channels, p.out_channels, 1, 1, sh.out_pixels,
+                               sh.act(p.in_channels), out)
+                total += Estimate(0.0, sh.act(p.in_channels), 0.0, 0)
+            elif p.fixed == "identity":
+                pass
+            else:
+                total += _conv(sh.batch, p.in_channels, p.out_channels, p.groups, taps,
+                               sh.out_pixels, sh.act(sh.c_in, False), out)
+        # w_i * o_i keeps o_i for the weight's gradient; the add chain reads and writes it
+        total += Estimate(2.0 * sh.batch * sh.c_out * sh.out_pixels * _TRAIN, out,
+                          4 * out * _TRAIN, 2 * _TRAIN)
+    return total
+
+
+def _merged(form: str, cands: Sequence[LinearCandidate], frame: Sequence[int],
+            sh: Shapes) -> Estimate:
+    pieces = [p for c in cands for p in c.pieces]
+    taps = math.prod(frame)
+    building = Estimate(0.0, 0.0, 0.0, 2 * len(pieces) + 2)  # tiny kernel arithmetic
+    out = sh.act(sh.c_out)
+    if form == "dense":
+        return building + _conv(sh.batch, sh.c_in, sh.c_out, 1, taps, sh.out_pixels,
+                                sh.act(sh.c_in, False), out)
+    if form == "depthwise":
+        return building + _conv(sh.batch, sh.c_in, sh.c_in, sh.c_in, taps, sh.out_pixels,
+                                sh.act(sh.c_in, False), out)
+    n = len(pieces)
+    stacked = sh.act(n * sh.c_in)
+    return (building
+            + _conv(sh.batch, sh.c_in, n * sh.c_in, sh.c_in, taps, sh.out_pixels,
+                    sh.act(sh.c_in, False), stacked)
+            + _conv(sh.batch, n * sh.c_in, sh.c_out, 1, 1, sh.out_pixels, stacked, out)
+            + Estimate(0.0, stacked, 0.0, 0))
+
+
+# --------------------------------------------------------------------------------------
+# Matching: which candidates, which form
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MergePlan:
+    """A merge: which linear candidates, in which form, on which frame, and why."""
+
+    members: tuple[int, ...]
+    form: str
+    frame: tuple[int, ...]
+    frame_dilation: tuple[int, ...]
+    padding: tuple[int, ...]
+    stride: tuple[int, ...]
+    candidates: tuple[LinearCandidate, ...]
+    estimate: str
+    inexact: tuple[str, ...]
+
+    def describe(self, op: MixedOp) -> str:
+        what = ", ".join(c.label for c in self.candidates)
+        k = "x".join(str(f) for f in self.frame)
+        d = "" if all(v == 1 for v in self.frame_dilation) else \
+            f" d{'x'.join(map(str, self.frame_dilation))}"
+        note = f"; {', '.join(self.inexact)} merged in the paper's mode only (exact in the " \
+               f"interior)" if self.inexact else ""
+        return (f"{sharing.display_name(op)}: merged {len(self.members)} candidates "
+                f"[{what}] into one {self.form} {k}{d} conv ({self.estimate}){note}")
+
+
+def _frame(cands: Sequence[LinearCandidate]) -> tuple | None:
+    """(frame size, frame dilation, padding) shared by the candidates, or None if misaligned."""
+    pieces = [p for c in cands for p in c.pieces]
+    if not pieces:
+        return None
+    spatial = len(pieces[0].kernel_size)
+    size, dil, pad = [], [], []
+    for d in range(spatial):
+        lo = min(p.taps()[d][0] for p in pieces)
+        hi = max(p.taps()[d][1] for p in pieces)
+        if lo != -hi:
+            return None  # an asymmetric frame would need asymmetric padding
+        offsets = [p.start[d] for p in pieces] + \
+            [p.dilation[d] for p in pieces if p.kernel_size[d] > 1]
+        g = reduce(math.gcd, [abs(o) for o in offsets if o], 0) or 1
+        if hi % g:
+            g = 1
+        size.append(2 * hi // g + 1)
+        dil.append(g)
+        pad.append(hi)
+    return tuple(size), tuple(dil), tuple(pad)
+
+
+def _forms(cands: Sequence[LinearCandidate]) -> list[str]:
+    pieces = [p for c in cands for p in c.pieces]
+    forms = ["dense"]
+    if all(p.structure == "depthwise" and p.out_rows is None for p in pieces):
+        forms.append("depthwise")
+    elif all(p.structure in ("depthwise", "separable") and p.out_rows is None
+             for p in pieces):
+        forms.append("separable")
+    return forms
+
+
+def _shapes(ir: SupernetIR, op: MixedOp) -> Shapes:
+    z, out = ir.node(op.input).val, ir.node(op.output).val
+    return Shapes(z.shape[0], z.shape[1], out.shape[1], math.prod(z.shape[2:]),
+                  math.prod(out.shape[2:]), z.element_size())
+
+
+def _best_form(cands, sh, device) -> tuple[float, Estimate, str, tuple] | None:
+    if sum(1 for c in cands if not c.zero) < 1 or len(cands) < 2 or \
+            not any(p.learnable for c in cands for p in c.pieces):
+        return None
+    frame = _frame([c for c in cands if not c.zero])
+    strides = {c.stride for c in cands if not c.zero}
+    if frame is None or len(strides) != 1:
+        return None
+    best = None
+    for form in _forms([c for c in cands if not c.zero]):
+        est = _merged(form, [c for c in cands if not c.zero], frame[0], sh)
+        cost = est.seconds(device)
+        if best is None or cost < best[0]:
+            best = (cost, est, form, frame)
+    return best
+
+
+def match_merge(ir: SupernetIR, op: MixedOp, exact: bool,
+                device: DeviceModel) -> MergePlan | None:
+    """The cheapest merge of ``op``'s linear candidates, or None (never edits the IR)."""
+    out = ir.node(op.output).val
+    if not isinstance(out, torch.Tensor) or not isinstance(ir.node(op.input).val, torch.Tensor):
+        return None
+    linear = [lc for i in range(len(op.candidates))
+              if (lc := linear_candidate(ir, op, i, exact)) is not None]
+    if len(linear) < 2:
+        return None
+    sh = _shapes(ir, op)
+
+    def score(group):
+        best = _best_form(group, sh, device)
+        if best is None:
+            return None
+        rest = [c for c in linear if c not in group]
+        apart = _apart(rest, sh)
+        return best[0] + apart.seconds(device), best, apart
+
+    group = list(linear)
+    current = score(group)
+    improved = True
+    while improved and len(group) > 2:
+        improved = False
+        for c in list(group):
+            trial = score([g for g in group if g is not c])
+            if trial is not None and (current is None or trial[0] < current[0]):
+                group, current, improved = [g for g in group if g is not c], trial, True
+    if current is None:
+        return None
+    apart_all = _apart(linear, sh)
+    _, (cost, merged, form, frame), rest = current
+    total = merged + rest
+    before = apart_all.seconds(device)
+    after = total.seconds(device)
+    if after > before or total.saved_bytes > apart_all.saved_bytes:
+        return None  # never merge when merging makes the step costlier
+    estimate = (f"est. step time {100 * (after / before - 1):+.0f}%, saved bytes "
+                f"{100 * (total.saved_bytes / max(apart_all.saved_bytes, 1) - 1):+.0f}%, "
+                f"FLOPs {100 * (total.flops / max(apart_all.flops, 1) - 1):+.0f}%")
+    inexact = tuple(c.label for c in group if not c.exact)
+    stride = next(c.stride for c in group if not c.zero)
+    size, dil, pad = frame
+    return MergePlan(tuple(c.index for c in group), form, size, dil, pad, stride,
+                     tuple(group), estimate, inexact)
+
+
+# --------------------------------------------------------------------------------------
+# Rewriting
+# --------------------------------------------------------------------------------------
+
+class _Builder:
+    """Adds the kernel arithmetic of one merge to the IR."""
+
+    def __init__(self, ir: SupernetIR, plan: MergePlan, z: str, tag: dict):
+        self.ir, self.plan, self.z, self.tag = ir, plan, z, tag
+        self.learnable: list[str] = []
+
+    def call(self, fn, *args, name: str, **kwargs) -> str:
+        return self.ir.add_node("call_function", fn, args, kwargs, origin="merge",
+                                notes={**self.tag["notes"], "role": "kernel"},
+                                name=name).name
+
+    def tensor(self, ref: tuple, learnable: bool = True) -> str:
+        if ref[0] == "node":
+            name = ref[1]
+        else:
+            target = f"{ref[1]}.{ref[2]}"
+            name = self.ir.add_node("get_attr", target, origin="merge",
+                                    notes={**self.tag["notes"], "role": "kernel"}).name
+        if learnable:
+            self.learnable.append(name)
+        return name
+
+    def fixed(self, piece: Piece) -> str:
+        C = piece.in_channels
+        return self.call(_fixed_kernel, Ref(self.z), piece.fixed, C, piece.kernel_size,
+                         name=f"{piece.fixed}_kernel")
+
+    def depthwise(self, piece: Piece) -> str:
+        """The piece's depthwise kernel placed in the frame."""
+        raw = self.fixed(piece) if piece.fixed else self.tensor(piece.kernel)
+        return self.place(raw, piece)
+
+    def place(self, kernel: str, piece: Piece) -> str:
+        return self.call(kernels.place, Ref(kernel), piece.dilation, piece.start,
+                         self.plan.frame, self.plan.frame_dilation, name="placed")
+
+    def dense(self, piece: Piece) -> str:
+        """The piece as a dense ``(C_out, C_in, *frame)`` kernel."""
+        if piece.structure == "separable":
+            dw = self.depthwise(piece)
+            return self.call(kernels.separable_to_dense, Ref(dw),
+                             Ref(self.tensor(piece.pointwise)), name="dense")
+        if piece.structure == "depthwise":
+            return self.call(kernels.depthwise_to_dense, Ref(self.depthwise(piece)),
+                             name="dense")
+        raw = self.tensor(piece.kernel)
+        if piece.groups != 1:
+            raw = self.call(kernels.group_to_dense, Ref(raw), piece.groups, name="dense")
+        placed = self.place(raw, piece)
+        if piece.out_rows is not None:
+            placed = self.call(_embed_rows, Ref(placed), piece.out_rows[0], piece.out_channels,
+                               name="rows")
+        return placed
+
+
+def _fixed_kernel(like: torch.Tensor, kind: str, channels: int,
+                  kernel_size: Sequence[int]) -> torch.Tensor:
+    """A depthwise kernel without parameters: identity (Dirac) or average pooling."""
+    shape = (channels, 1) + tuple(kernel_size)
+    if kind == "identity":
+        return torch.ones(shape, dtype=like.dtype, device=like.device)
+    return torch.full(shape, 1.0 / math.prod(kernel_size), dtype=like.dtype,
+                      device=like.device)
+
+
+def _embed_rows(kernel: torch.Tensor, first: int, total: int) -> torch.Tensor:
+    """Write a kernel's output rows at ``first`` of a ``total``-row zero kernel."""
+    pad = [0, 0] * (kernel.dim() - 1) + [first, total - first - kernel.shape[0]]
+    return F.pad(kernel, pad)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def rewrite_merge(ir: SupernetIR, op: MixedOp, plan: MergePlan, exact: bool) -> str:
+    """Replace the planned candidates by one merged convolution (Eq. 14-16)."""
+    tag = sharing.tag_for(ir, op, "merge")
+    b = _Builder(ir, plan, op.input, tag)
+    selection = group_selection(ir, op, plan.members, exact, tag)
+    weights = dict(zip(plan.members, selection.member_weights))
+    live = [c for c in plan.candidates if not c.zero]
+    conv = _CONV[len(plan.frame)]
+    z = Ref(op.input)
+    biases = [(weights[c.index], b.tensor(p.bias)) for c in live for p in c.pieces if p.bias]
+    if plan.form == "separable":
+        pieces = [(weights[c.index], p) for c in live for p in c.pieces]
+        dw = b.call(kernels.stack_depthwise, [Ref(b.depthwise(p)) for _, p in pieces],
+                    name="stacked_depthwise")
+        C = live[0].pieces[0].in_channels
+        pointwise = [Ref(b.tensor(p.pointwise)) if p.pointwise else
+                     Ref(b.call(_eye_pointwise, Ref(op.input), C, len(plan.frame),
+                                name="eye")) for _, p in pieces]
+        pw = b.call(kernels.stack_pointwise, [Ref(w) for w, _ in pieces], pointwise,
+                    name="stacked_pointwise")
+        mid = ir.add_node("call_function", conv, (z, Ref(dw)),
+                          {"stride": plan.stride, "padding": plan.padding,
+                           "dilation": plan.frame_dilation, "groups": C},
+                          origin="merge", name="merged_depthwise",
+                          notes={**tag["notes"], "merged": [c.label for c in plan.candidates],
+                                 "merge_form": "separable (depthwise half)"})
+        out_args = (Ref(mid.name), Ref(pw))
+        out_kwargs: dict = {}
+    else:
+        if plan.form == "depthwise":
+            ks = [(weights[c.index], b.depthwise(p)) for c in live for p in c.pieces]
+            groups = live[0].pieces[0].in_channels
+        else:
+            ks = [(weights[c.index], b.dense(p)) for c in live for p in c.pieces]
+            groups = 1
+        kernel = b.call(kernels.weighted_kernel_sum, [Ref(w) for w, _ in ks],
+                        [Ref(k) for _, k in ks], name="merged_kernel")
+        out_args = (z, Ref(kernel))
+        out_kwargs = {"stride": plan.stride, "padding": plan.padding,
+                      "dilation": plan.frame_dilation, "groups": groups}
+    if biases:
+        bias = b.call(kernels.weighted_bias_sum, [Ref(w) for w, _ in biases],
+                      [Ref(t) for _, t in biases], name="merged_bias")
+        out_kwargs["bias"] = Ref(bias)
+    merged = ir.add_node("call_function", conv, out_args, out_kwargs, origin="merge",
+                         name="merged_conv",
+                         notes={**tag["notes"], "merged": [c.label for c in plan.candidates],
+                                "merge_form": plan.form, "kernels": list(b.learnable),
+                                "frame": plan.frame})
+    if tuple(merged.val.shape) != tuple(ir.node(op.output).val.shape):
+        raise AssertionError(f"merge of {op.name} produced {tuple(merged.val.shape)}, "
+                             f"expected {tuple(ir.node(op.output).val.shape)}")
+    # paper form: w_S * conv(z, sum_i w'_i K_i); exact form: conv(z, sum_i w_i K_i)
+    return rebuild_selection(ir, op, plan.members, merged.name, selection, tag)
+
+
+def _eye_pointwise(like: torch.Tensor, channels: int, spatial: int) -> torch.Tensor:
+    """The identity pointwise kernel of a depthwise-only candidate in the separable form."""
+    eye = torch.eye(channels, dtype=like.dtype, device=like.device)
+    return eye.view(channels, channels, *([1] * spatial))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reparameterization(Pass):
+    """``merge``: merge the linear candidates of each selection into one convolution."""
+
+    name = "merge"
+    device: str | None = None
+    """Cost model to use ('cpu', 'cuda'); default: the device of the example inputs."""
+
+    def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
+        device = DEVICES.get(self.device or getattr(ir, "device_type", "cpu"), DEVICES["cpu"])
+        return sharing.run_on_mixed_ops(
+            ir, ctx, lambda op: match_merge(ir, op, ctx.exact, device),
+            lambda op, plan: rewrite_merge(ir, op, plan, ctx.exact), nested=True)
+
