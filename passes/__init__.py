@@ -20,7 +20,8 @@ compiled graph calls).
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Mapping, Sequence
 
 from ..pass_manager import FixedPoint, Pass
 
@@ -54,14 +55,35 @@ def normalize_names(names: Sequence[str] | str | None) -> tuple[str, ...]:
     return tuple(n for n in PIPELINE if n in names)
 
 
-def build_pipeline(names: Sequence[str] | str | None) -> list[Pass | FixedPoint]:
-    """The pass objects for ``names``: sharing passes as one fixed-point group, then the rest."""
+def build_pipeline(names: Sequence[str] | str | None,
+                   options: Mapping[str, Mapping[str, Any]] | None = None
+                   ) -> list[Pass | FixedPoint]:
+    """The pass objects for ``names``: sharing passes as one fixed-point group, then the rest.
+
+    ``options`` maps a pass name to the keyword arguments of its class (its dataclass
+    fields), e.g. ``{"merge": {"device": "cuda"}}``.
+    """
     names = normalize_names(names)
+    options = dict(options or {})
+    unknown = [n for n in options if n not in names]
+    if unknown:
+        raise ValueError(f"pass_options for {unknown} but those passes are not run "
+                         f"(passes: {', '.join(names) or 'none'})")
+
+    def make(name: str) -> Pass:
+        cls = PASSES[name]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = [k for k in options.get(name, {}) if k not in fields]
+        if bad:
+            raise TypeError(f"pass {name!r} has no option(s) {bad}; its options are "
+                            f"{sorted(fields) or 'none'}")
+        return cls(**options.get(name, {}))
+
     pipeline: list[Pass | FixedPoint] = []
-    sharing = tuple(PASSES[n]() for n in names if n in _SHARING)
+    sharing = tuple(make(n) for n in names if n in _SHARING)
     if sharing:
         pipeline.append(FixedPoint(sharing))
-    pipeline.extend(PASSES[n]() for n in names if n not in _SHARING)
+    pipeline.extend(make(n) for n in names if n not in _SHARING)
     return pipeline
 
 

@@ -30,7 +30,7 @@ def place(kernel: torch.Tensor, dilation: Sequence[int], start: Sequence[int],
     index = [slice(None), slice(None)]
     for d in range(spatial):
         first = start[d] // frame_dilation[d] + (frame[d] - 1) // 2
-        step = dilation[d] // frame_dilation[d]
+        step = max(dilation[d] // frame_dilation[d], 1)  # one tap: its dilation is moot
         index.append(slice(first, first + step * (kernel.shape[2 + d] - 1) + 1, step))
     out[tuple(index)] = kernel
     return out
@@ -99,16 +99,19 @@ def normalize_kernel(kernel: torch.Tensor) -> torch.Tensor:
     Statistics run over every dimension but the first (as in weight standardization), so the
     result is unchanged when K is scaled by ``a > 0`` or shifted by ``b`` -- exactly, not up
     to an epsilon, as long as the filter's std exceeds ``KN_EPS`` -- which removes the
-    coupling of Eq. 19 between weights and kernels.  The std is clamped (not offset) at
-    ``KN_EPS``, so a constant filter gives zeros with zero gradient instead of NaN.  Statistics
-    are computed in float32, so fp16 / bf16 kernels neither overflow nor lose the variance.
+    coupling of Eq. 19 between weights and kernels.  A filter whose std is below ``KN_EPS``
+    (constant up to rounding) normalizes to zeros, with zero gradient instead of NaN.
+    Statistics are computed in float32, so fp16 / bf16 kernels neither overflow (their
+    squares would) nor lose the variance.
     """
     k32 = kernel.float()
     dims = tuple(range(1, kernel.dim()))
     mean = k32.mean(dim=dims, keepdim=True)
     var = k32.var(dim=dims, keepdim=True, unbiased=False)
+    flat = var <= KN_EPS * KN_EPS  # constant (up to rounding): no direction to keep
     std = var.clamp_min(KN_EPS * KN_EPS).sqrt()
-    return ((k32 - mean) / std).to(kernel.dtype)
+    normalized = torch.where(flat, torch.zeros_like(k32), (k32 - mean) / std)
+    return normalized.to(kernel.dtype)
 
 
 # Shape rules: the compiler infers the meta value of every node it adds; these are exact and

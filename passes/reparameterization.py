@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from ..analysis import MixedOp
 from ..descriptors import Kind, Ref
 from ..ir import SupernetIR
+from ..meta import leaf_function
 from ..pass_manager import Pass, PassContext
 from . import kernels, sharing
 from .selection import data_inputs, group_selection, rebuild_selection
@@ -456,9 +457,13 @@ def _best_form(cands, sh, device) -> tuple[float, Estimate, str, tuple] | None:
     return best
 
 
-def match_merge(ir: SupernetIR, op: MixedOp, exact: bool,
-                device: DeviceModel) -> MergePlan | None:
-    """The cheapest merge of ``op``'s linear candidates, or None (never edits the IR)."""
+def match_merge(ir: SupernetIR, op: MixedOp, exact: bool, device: DeviceModel,
+                form: str | None = None) -> MergePlan | None:
+    """The cheapest merge of ``op``'s linear candidates, or None (never edits the IR).
+
+    ``form`` forces one form ('dense', 'depthwise', 'separable') and skips the cost model:
+    every linear candidate is merged when the form applies.
+    """
     out = ir.node(op.output).val
     if not isinstance(out, torch.Tensor) or not isinstance(ir.node(op.input).val, torch.Tensor):
         return None
@@ -467,6 +472,8 @@ def match_merge(ir: SupernetIR, op: MixedOp, exact: bool,
     if len(linear) < 2:
         return None
     sh = _shapes(ir, op)
+    if form is not None:
+        return _forced(linear, form, sh)
 
     def score(group):
         best = _best_form(group, sh, device)
@@ -502,6 +509,18 @@ def match_merge(ir: SupernetIR, op: MixedOp, exact: bool,
     size, dil, pad = frame
     return MergePlan(tuple(c.index for c in group), form, size, dil, pad, stride,
                      tuple(group), estimate, inexact)
+
+
+def _forced(linear: list[LinearCandidate], form: str, sh: Shapes) -> MergePlan | None:
+    live = [c for c in linear if not c.zero]
+    frame = _frame(live)
+    if frame is None or len({c.stride for c in live}) != 1 or form not in _forms(live) or \
+            not any(p.learnable for c in live for p in c.pieces):
+        return None
+    size, dil, pad = frame
+    return MergePlan(tuple(c.index for c in linear), form, size, dil, pad, live[0].stride,
+                     tuple(linear), "form forced, cost model skipped",
+                     tuple(c.label for c in linear if not c.exact))
 
 
 # --------------------------------------------------------------------------------------
@@ -564,6 +583,7 @@ class _Builder:
         return placed
 
 
+@leaf_function
 def _fixed_kernel(like: torch.Tensor, kind: str, channels: int,
                   kernel_size: Sequence[int]) -> torch.Tensor:
     """A depthwise kernel without parameters: identity (Dirac) or average pooling."""
@@ -574,6 +594,7 @@ def _fixed_kernel(like: torch.Tensor, kind: str, channels: int,
                       device=like.device)
 
 
+@leaf_function
 def _embed_rows(kernel: torch.Tensor, first: int, total: int) -> torch.Tensor:
     """Write a kernel's output rows at ``first`` of a ``total``-row zero kernel."""
     pad = [0, 0] * (kernel.dim() - 1) + [first, total - first - kernel.shape[0]]
@@ -592,7 +613,8 @@ def rewrite_merge(ir: SupernetIR, op: MixedOp, plan: MergePlan, exact: bool) -> 
     live = [c for c in plan.candidates if not c.zero]
     conv = _CONV[len(plan.frame)]
     z = Ref(op.input)
-    biases = [(weights[c.index], b.tensor(p.bias)) for c in live for p in c.pieces if p.bias]
+    biases = [(weights[c.index], b.tensor(p.bias, learnable=False))
+              for c in live for p in c.pieces if p.bias]  # KN leaves biases alone
     if plan.form == "separable":
         pieces = [(weights[c.index], p) for c in live for p in c.pieces]
         dw = b.call(kernels.stack_depthwise, [Ref(b.depthwise(p)) for _, p in pieces],
@@ -639,6 +661,7 @@ def rewrite_merge(ir: SupernetIR, op: MixedOp, plan: MergePlan, exact: bool) -> 
     return rebuild_selection(ir, op, plan.members, merged.name, selection, tag)
 
 
+@leaf_function
 def _eye_pointwise(like: torch.Tensor, channels: int, spatial: int) -> torch.Tensor:
     """The identity pointwise kernel of a depthwise-only candidate in the separable form."""
     eye = torch.eye(channels, dtype=like.dtype, device=like.device)
@@ -652,10 +675,16 @@ class Reparameterization(Pass):
     name = "merge"
     device: str | None = None
     """Cost model to use ('cpu', 'cuda'); default: the device of the example inputs."""
+    form: str | None = None
+    """Force one merge form ('dense', 'depthwise', 'separable') instead of the cost model."""
 
     def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
-        device = DEVICES.get(self.device or getattr(ir, "device_type", "cpu"), DEVICES["cpu"])
+        if self.form not in (None, "dense", "depthwise", "separable"):
+            raise ValueError(f"merge form {self.form!r}: choose dense, depthwise or separable")
+        if self.device is not None and self.device not in DEVICES:
+            raise ValueError(f"merge device {self.device!r}: choose one of {sorted(DEVICES)}")
+        device = DEVICES.get(self.device or ir.device_type, DEVICES["cpu"])
         return sharing.run_on_mixed_ops(
-            ir, ctx, lambda op: match_merge(ir, op, ctx.exact, device),
+            ir, ctx, lambda op: match_merge(ir, op, ctx.exact, device, self.form),
             lambda op, plan: rewrite_merge(ir, op, plan, ctx.exact), nested=True)
 

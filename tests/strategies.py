@@ -231,3 +231,102 @@ def equalize_batchnorm_statistics(model: nn.Module) -> None:
         for m in bns:
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
+
+
+# --- linear candidates (for the merge pass) -----------------------------------------------
+
+def _linear_module(token: tuple, C: int, stride: int, dims: int) -> nn.Module:
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    pool = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[dims]
+    kind = token[0]
+    if kind == "conv":
+        _, k, d, grouping, bias = token
+        groups = {"full": 1, "depthwise": C, "grouped": 2}[grouping]
+        return conv(C, C, k, stride=stride, padding=d * (k - 1) // 2, dilation=d,
+                    groups=groups, bias=bias)
+    if kind == "sep":
+        _, k, d, bias = token
+        return nn.Sequential(conv(C, C, k, stride=stride, padding=d * (k - 1) // 2,
+                                  dilation=d, groups=C, bias=False),
+                             conv(C, C, 1, bias=bias))
+    if kind == "identity":
+        return nn.Identity() if stride == 1 else pool(3, stride, 1, count_include_pad=True)
+    if kind == "zero":
+        return Zero(stride) if dims == 2 else _ZeroNd(stride)
+    if kind == "avgpool":
+        return pool(3, stride, 1, count_include_pad=token[1])
+    raise ValueError(token)
+
+
+class _ZeroNd(nn.Module):
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        index = (slice(None), slice(None)) + (slice(None, None, self.stride),) * (x.dim() - 2)
+        return x[index].mul(0.)
+
+
+def linear_tokens() -> st.SearchStrategy[tuple]:
+    return st.one_of(
+        st.tuples(st.just("conv"), st.sampled_from((1, 3, 5)), st.sampled_from((1, 2)),
+                  st.sampled_from(("full", "depthwise", "grouped")), st.booleans()),
+        st.tuples(st.just("sep"), st.sampled_from((3, 5)), st.sampled_from((1, 2)),
+                  st.booleans()),
+        st.just(("identity",)), st.just(("zero",)), st.just(("avgpool", True)))
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSpec:
+    channels: int
+    resolution: int
+    stride: int
+    dims: int
+    candidates: tuple[tuple, ...]
+    seed: int
+
+
+class LinearSupernet(nn.Module):
+    """stem conv -> one mixed op of linear candidates -> pool -> linear.  ``forward(x,
+    weights=None)``: softmax(alpha) unless weights are given (one-hot vertices)."""
+
+    def __init__(self, spec: LinearSpec, dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(spec.seed)
+        C, dims = spec.channels, spec.dims
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.dims = dims
+        self.stem = conv(3, C, 3, padding=1, bias=False)
+        self._ops = nn.ModuleList(_linear_module(t, C, spec.stride, dims)
+                                  for t in spec.candidates)
+        self.alpha = nn.Parameter(torch.randn(len(spec.candidates)))
+        self.head = nn.Linear(C, 3)
+        self.to(dtype)
+
+    def arch_parameters(self):
+        return [self.alpha]
+
+    def forward(self, x, weights=None):
+        if weights is None:
+            weights = F.softmax(self.alpha, dim=-1)
+        h = self.stem(x)
+        out = sum(w * op(h) for w, op in zip(weights, self._ops))
+        return self.head(out.flatten(2).mean(-1))
+
+
+@st.composite
+def linear_specs(draw, dims: int = 2) -> LinearSpec:
+    n = draw(st.integers(2, 6))
+    stride = draw(st.sampled_from((1, 1, 2)))
+    return LinearSpec(channels=draw(st.sampled_from((2, 4))),
+                      resolution=draw(st.sampled_from((6, 8))), stride=stride, dims=dims,
+                      candidates=tuple(draw(linear_tokens()) for _ in range(n)),
+                      seed=draw(st.integers(0, 2 ** 16)))
+
+
+def build_linear(spec: LinearSpec, dtype=torch.float32) -> tuple[LinearSupernet, torch.Tensor]:
+    model = LinearSupernet(spec, dtype)
+    gen = torch.Generator().manual_seed(spec.seed)
+    x = torch.randn((2, 3) + (spec.resolution,) * spec.dims, generator=gen).to(dtype)
+    return model, x

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import networkx as nx
 from torch import nn
@@ -49,6 +49,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
                      passes: Sequence[str] | str | None = None, exact: bool = False,
                      dump_dir: str | os.PathLike | None = None,
                      leaf_modules: Iterable[type | str] = (),
+                     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
                      hooks: Sequence[Hook] = ()) -> CompiledSupernet:
     """Compile a one-shot NAS supernet into a cheaper, equivalent-by-design GraphModule.
 
@@ -63,6 +64,8 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         dump_dir: write the IR before the first pass and after each pass (DOT/SVG) and the
             report (JSON, Markdown) there.
         leaf_modules: extra module classes or qualified names to keep opaque.
+        pass_options: per-pass options, e.g. ``{"merge": {"device": "cuda"}}`` (the cost
+            model's machine) or ``{"merge": {"form": "dense"}}``.
         hooks: extra callables ``hook(stage_index, stage_report, ir)`` run after each stage.
 
     Returns:
@@ -76,7 +79,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be True or False, got {exact!r}")
     names = normalize_names(passes)
-    pipeline = build_pipeline(names)
+    pipeline = build_pipeline(names, pass_options)
     all_hooks = list(hooks)
     if dump_dir is not None:
         from .viz import DumpHook

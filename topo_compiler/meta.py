@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx._symbolic_trace import _orig_module_call
 
-__all__ = ["UNKNOWN", "to_meta", "meta_clone", "contains_unknown", "run_on_meta", "shape_rule"]
+__all__ = ["UNKNOWN", "to_meta", "meta_clone", "contains_unknown", "run_on_meta", "shape_rule",
+           "leaf_function", "LEAF_FUNCTIONS"]
 
 
 class _Unknown:
@@ -104,6 +105,16 @@ _BINARY_METHODS = {"add", "mul", "sub", "div"}
 
 
 _SHAPE_RULES: dict[int, Any] = {}
+LEAF_FUNCTIONS: list[Any] = []
+"""Functions compiled graphs call (kernel arithmetic, conditional weights): tracing a compiled
+supernet again records calls to them instead of tracing into them."""
+
+
+def leaf_function(fn):
+    """Register ``fn`` as a graph-level function (see :data:`LEAF_FUNCTIONS`)."""
+    if fn not in LEAF_FUNCTIONS:
+        LEAF_FUNCTIONS.append(fn)
+    return fn
 
 
 def shape_rule(fn):
@@ -111,6 +122,7 @@ def shape_rule(fn):
     running it on meta tensors (the compiler's own kernel arithmetic uses this)."""
     def register(rule):
         _SHAPE_RULES[id(fn)] = rule
+        leaf_function(fn)
         return rule
     return register
 

@@ -218,7 +218,9 @@ class SupernetTracer(fx.Tracer):
     """A :class:`torch.fx.Tracer` for supernets (see the module docstring)."""
 
     def __init__(self, leaf_modules: Iterable[type | str] = ()):
-        super().__init__()
+        from . import meta, passes  # noqa: F401 - passes register the graph's own functions
+
+        super().__init__(autowrap_functions=tuple(meta.LEAF_FUNCTIONS))
         self.proxy_buffer_attributes = True
         leaf_modules = tuple(leaf_modules)
         self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
