@@ -48,6 +48,7 @@ def analyze(ir: SupernetIR) -> list[MixedOp]:
 def compile_supernet(model: nn.Module, example_inputs: Any, *,
                      passes: Sequence[str] | str | None = None, exact: bool = False,
                      dump_dir: str | os.PathLike | None = None,
+                     dump_formats: Sequence[str] = ("svg",), dump_view: str = "cell",
                      leaf_modules: Iterable[type | str] = (),
                      pass_options: Mapping[str, Mapping[str, Any]] | None = None,
                      hooks: Sequence[Hook] = ()) -> CompiledSupernet:
@@ -61,8 +62,11 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
             ``"merge"``, ``"kn"``); ``None`` runs the paper's full pipeline, ``()`` none.
         exact: apply only rewrites that keep the function for every input and every
             architecture weight.
-        dump_dir: write the IR before the first pass and after each pass (DOT/SVG) and the
-            report (JSON, Markdown) there.
+        dump_dir: write the IR before the first pass and after each pass (``00-input.dot``,
+            ``01-pms.svg``...) and the report (JSON, Markdown) there.
+        dump_formats: picture formats besides DOT ("svg", "png", "pdf"; needs graphviz's dot).
+        dump_view: what the pictures show: "cell" (the first cell with mixed ops), "edge"
+            (the first mixed op) or "full".
         leaf_modules: extra module classes or qualified names to keep opaque.
         pass_options: per-pass options, e.g. ``{"merge": {"device": "cuda"}}`` (the cost
             model's machine) or ``{"merge": {"form": "dense"}}``.
@@ -83,7 +87,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
     all_hooks = list(hooks)
     if dump_dir is not None:
         from .viz import DumpHook
-        dump = DumpHook(dump_dir)
+        dump = DumpHook(dump_dir, formats=dump_formats, view=dump_view)
         all_hooks.append(dump)
 
     timings: dict[str, float] = {}

@@ -467,10 +467,14 @@ def lower(ir: SupernetIR, class_name: str | None = None) -> CompiledSupernet:
     if ir.codegen is not None:
         graph._codegen = ir.codegen
     env: dict[str, fx.Node] = {}
+    aliases: dict[str, str] = {}
     for node in ir.nodes():
         args = map_refs(node.args, lambda r: env[r.name])
         kwargs = map_refs(node.kwargs, lambda r: env[r.name])
-        fx_node = graph.create_node(node.opcode, node.target, args, kwargs, name=node.name)
+        target = node.target
+        if node.opcode in ("call_module", "get_attr") and _unsafe_for_codegen(target):
+            target = aliases.setdefault(target, f"_quoted_target_{len(aliases)}")
+        fx_node = graph.create_node(node.opcode, target, args, kwargs, name=node.name)
         if node.opcode != "output":
             fx_node.meta["val"] = node.val
         fx_node.meta["module_path"] = node.module_path
@@ -487,6 +491,16 @@ def lower(ir: SupernetIR, class_name: str | None = None) -> CompiledSupernet:
             _set_path(gm, target, module)
     for target, tensor in ir.tensor_attrs.items():
         _set_path(gm, target, tensor)
+    for target, alias in aliases.items():
+        # fx writes getattr(self, "<atom>") without escaping: a name with a quote or a
+        # backslash (a ModuleDict key) is reached through a plain attribute instead, which
+        # stays out of state_dict; the module itself still sits at its real path
+        gm.__dict__[alias] = gm.get_submodule(target) if target in ir.modules else \
+            ir.attr(target)
     gm.__dict__["_source_model"] = ir.root
     gm.graph = graph
     return gm
+
+
+def _unsafe_for_codegen(target: str) -> bool:
+    return any('"' in atom or "\\" in atom or "\n" in atom for atom in str(target).split("."))

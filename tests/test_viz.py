@@ -1,0 +1,162 @@
+"""Pictures: topo-viz, the dump hook, escaping, and stability."""
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from topo_compiler import compile_supernet, lift, trace_supernet
+from topo_compiler.api import analyze
+from topo_compiler.spaces import build, default_input
+from topo_compiler.tools import viz as cli
+from topo_compiler.viz import View, cells_of, draw, draw_network, edges_of, have_dot
+
+needs_dot = pytest.mark.skipif(not have_dot(), reason="graphviz's dot is not installed")
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _clusters(svg_path):
+    root = ET.parse(svg_path).getroot()  # well-formed XML, or this raises
+    return {g.get("id")[len("mixed_op:"):] for g in root.iter(f"{SVG}g")
+            if (g.get("id") or "").startswith("mixed_op:")}
+
+
+@needs_dot
+@pytest.mark.parametrize("space", ["darts", "nb201", "wide"])
+def test_cli_on_builtin_spaces_writes_svg_whose_clusters_are_the_mixed_ops(space, tmp_path,
+                                                                           capsys):
+    status = cli.main([space, "--C", "4", "--layers", "3" if space != "nb201" else "1",
+                       "--out", str(tmp_path)])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "index.html" in out and "conv" in out
+    model = build(space, C=4, layers=3 if space != "nb201" else 1)
+    ir = lift(trace_supernet(model, default_input(space)))
+    analyze(ir)
+    shown = {e for e in edges_of(ir) if e.startswith(cells_of(ir)[0] + ".")}
+    before, after = sorted(tmp_path.glob("0*.svg"))
+    assert _clusters(before) == shown
+    assert _clusters(after) == shown
+    page = (tmp_path / "index.html").read_text()
+    assert before.name in page and after.name in page and "<table>" in page
+
+
+@needs_dot
+def test_cli_edge_png_and_network(tmp_path):
+    status = cli.main(["darts", "--C", "4", "--layers", "3", "--edge", "0", "--format", "png",
+                       "--out", str(tmp_path)])
+    assert status == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"00-input.png", "network.png", "index.html", "report.json"} <= names
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["nosuchpkg.models:build"], "cannot import 'nosuchpkg.models'"),
+    (["topo_compiler.spaces:nothing_here", "--input-shape", "2,3,8,8"], "has no attribute"),
+    (["tests_viz_factory:number", "--input-shape", "2,3,8,8"], "not an nn.Module"),
+    (["tests_viz_factory:make", "--input-shape", "2,5,8,8"], "does not fit"),
+    (["tests_viz_factory:make"], "--input-shape"),
+    (["tests_viz_factory:make", "--input-shape", "2,a,8"], "expected integers"),
+    (["darts", "--layers", "2", "--edge", "999"], "mixed ops"),
+    (["darts", "--layers", "2", "--passes", "pms,nope"], "unknown pass"),
+    (["plainname"], "neither a built-in space"),
+    (["tests_viz_factory:make", "--input-shape", "2,3,8,8", "--C", "4"], "built-in spaces"),
+])
+def test_error_paths_exit_nonzero_with_one_line(argv, message, tmp_path, capsys,
+                                                monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "tests_viz_factory.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class M(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 1)\n"
+        "        self.alpha = nn.Parameter(torch.zeros(2))\n"
+        "    def forward(self, x):\n"
+        "        w = self.alpha.softmax(0)\n"
+        "        return w[0] * self.a(x) + w[1] * self.b(x)\n"
+        "def make():\n    return M()\n"
+        "def number():\n    return 3\n")
+    status = cli.main(argv + ["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("topo-viz: error:") and message in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_without_dot_writes_dot_files_and_says_how_to_install(tmp_path):
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable))
+    proc = subprocess.run([sys.executable, "-m", "topo_compiler.tools.viz", "nb201", "--C",
+                           "4", "--layers", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "apt-get install graphviz" in proc.stdout
+    assert list(tmp_path.glob("*.dot")) and not list(tmp_path.glob("*.svg"))
+
+
+class Named(nn.Module):
+    def __init__(self, names):
+        super().__init__()
+        self.ops = nn.ModuleDict({n: nn.Sequential(nn.ReLU(), nn.Conv2d(2, 2, 1))
+                                  for n in names})
+        self.alpha = nn.Parameter(torch.zeros(len(names)))
+
+    def forward(self, x):
+        w = self.alpha.softmax(0)
+        return sum(wi * op(x) for wi, op in zip(w, self.ops.values()))
+
+
+_names = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc"),
+                                        blacklist_characters="."), min_size=1, max_size=8)
+
+
+@needs_dot
+@settings(max_examples=15)
+@given(st.lists(_names, min_size=2, max_size=3, unique=True))
+def test_dot_escaping_of_user_names(names):
+    """Quotes, braces, angle brackets, backslashes and unicode in module names never break
+    the DOT: graphviz renders it and the SVG parses."""
+    model = Named(names)
+    x = torch.randn(1, 2, 3, 3)
+    compiled = compile_supernet(model, x, passes=("pms",))
+    ir = lift(trace_supernet(compiled, x))
+    analyze(ir)
+    for graph in (draw(ir, View.full(), title="\\".join(names)), draw(ir, detail=True),
+                  draw_network(ir, "<" + names[0] + ">")):
+        svg = graph.pipe(format="svg")
+        ET.fromstring(svg)
+
+
+@needs_dot
+def test_dumps_are_identical_across_runs(tmp_path):
+    model = build("darts", C=4, layers=3)
+    x = default_input("darts", resolution=8)
+    for run in ("a", "b"):
+        compile_supernet(model, x, dump_dir=tmp_path / run, dump_formats=("svg", "png"))
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert "00-input.svg" in files and "01-pms.png" in files and "report.md" in files
+    for name in files:
+        if name.endswith((".dot", ".svg")):
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_views_and_bad_dump_options(tmp_path):
+    model = build("darts", C=4, layers=3)
+    x = default_input("darts", resolution=8)
+    with pytest.raises(ValueError, match="dump view"):
+        compile_supernet(model, x, dump_dir=tmp_path, dump_view="cells")
+    with pytest.raises(ValueError, match="dump formats"):
+        compile_supernet(model, x, dump_dir=tmp_path, dump_formats=("gif",))
+    ir = lift(trace_supernet(model, x))
+    analyze(ir)
+    edge = draw(ir, View.edge(edges_of(ir)[0])).source
+    assert "w[0, 0]" in edge and "conv / non-conv / total: 6 / 16 / 22" in edge
+    assert edge.count("cluster_") == 2  # the edge and the legend
+    network = draw_network(ir).source
+    assert "14 mixed ops" in network and "cells.2" in network

@@ -1,0 +1,1 @@
+"""Command-line tools of topo-compiler (installed as ``topo_compiler.tools``)."""
