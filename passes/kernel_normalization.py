@@ -60,8 +60,7 @@ def normalize_merged(ir: SupernetIR, name: str) -> int:
         if kernel not in ir or _is_normalized(ir, kernel):
             continue
         users = ir.users(kernel)
-        builders = [u for u in users if ir.node(u).notes.get("role") == "kernel"
-                    and ir.node(u).origin == "merge"]
+        builders = [u for u in users if ir.node(u).origin == "merge"]
         normalized = _normalize(ir, kernel, {"mixed_op": node.notes.get("mixed_op")})
         ir.replace_all_uses(kernel, normalized,
                             skip=[u for u in users if u not in builders] + [normalized])

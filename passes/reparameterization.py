@@ -23,6 +23,9 @@ backward), and a step time from them with a per-device roofline (:data:`DEVICES`
   depthwise kernel, the cheapest;
 * ``separable``: depthwise kernels stacked into one grouped conv, then one pointwise conv
   whose kernel carries the weights (``W[o, c n + i] = w_i P_i[o, c]``);
+* ``folded``: each candidate keeps its convolutions but its weight is folded into its last
+  kernel (``w_i * conv(z, K) = conv(z, w_i K)``): the same FLOPs as keeping them apart,
+  without the products of full tensors nor the outputs they keep for the weights' gradients;
 * ``apart``: keep the candidates as they are.
 
 A subset of the linear candidates may be merged and the rest kept apart (greedy: drop the
@@ -52,7 +55,7 @@ from ..ir import SupernetIR
 from ..meta import leaf_function
 from ..pass_manager import Pass, PassContext
 from . import kernels, sharing
-from .selection import data_inputs, group_selection, rebuild_selection
+from .selection import data_inputs, group_selection, rebuild_selection, weighted_sum
 
 __all__ = ["Reparameterization", "MergePlan", "match_merge", "DEVICES", "DeviceModel"]
 
@@ -268,45 +271,49 @@ def _factorized_reduce(ir, op, index, data) -> LinearCandidate | None:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceModel:
-    """A roofline for one training step: compute, memory traffic and per-op overhead."""
+    """What one training step (forward + backward) costs on a machine.
 
-    flops_per_s: float
+    Convolutions do not run at one FLOP rate: a dense kernel with a long inner dimension
+    ``K = C_in / groups * taps`` runs near the machine's peak, a short one far below it
+    (``peak * K / (K + k_half)``), and depthwise convolutions at their own, much lower rate.
+    Everything else moves memory (``bytes_per_s``), and every op costs a fixed overhead.
+    The CPU figures were measured on this project's machines (one thread, fp32); the CUDA
+    ones are for a recent data-centre GPU.  Only the ratios between options matter.
+    """
+
+    conv_peak: float
+    conv_k_half: float
+    depthwise_rate: float
     bytes_per_s: float
     seconds_per_op: float
 
+    def conv_rate(self, inner: int, depthwise: bool) -> float:
+        if depthwise:
+            return self.depthwise_rate
+        return self.conv_peak * inner / (inner + self.conv_k_half)
+
 
 DEVICES = {
-    "cpu": DeviceModel(5e10, 1e10, 1e-5),
-    "cuda": DeviceModel(2e13, 1.5e12, 8e-6),
+    "cpu": DeviceModel(1.5e11, 224, 5e9, 1e10, 1.1e-5),
+    "cuda": DeviceModel(3e13, 512, 1e13, 2e12, 6e-6),
 }
-"""Rough machine balances; only the ratios between options matter."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
     """Cost of one training step (forward + backward) of part of a selection."""
 
+    seconds: float
     flops: float
     saved_bytes: float
-    traffic_bytes: float
-    ops: int
-
-    def seconds(self, device: DeviceModel) -> float:
-        return (self.flops / device.flops_per_s + self.traffic_bytes / device.bytes_per_s
-                + self.ops * device.seconds_per_op)
 
     def __add__(self, other: "Estimate") -> "Estimate":
-        return Estimate(self.flops + other.flops, self.saved_bytes + other.saved_bytes,
-                        self.traffic_bytes + other.traffic_bytes, self.ops + other.ops)
+        return Estimate(self.seconds + other.seconds, self.flops + other.flops,
+                        self.saved_bytes + other.saved_bytes)
 
 
-_NONE = Estimate(0.0, 0.0, 0.0, 0)
+_NONE = Estimate(0.0, 0.0, 0.0)
 _TRAIN = 3  # backward costs about twice the forward (grad input + grad weight)
-
-
-def _conv(batch, c_in, c_out, groups, taps, out_pixels, in_bytes, out_bytes) -> Estimate:
-    flops = 2.0 * batch * c_out * (c_in // groups) * taps * out_pixels
-    return Estimate(_TRAIN * flops, 0.0, _TRAIN * (in_bytes + out_bytes), 2 * _TRAIN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,10 +324,52 @@ class Shapes:
     in_pixels: int
     out_pixels: int
     itemsize: int
+    device: DeviceModel
 
     def act(self, channels: int, out: bool = True) -> float:
         return float(self.batch * channels * (self.out_pixels if out else self.in_pixels)
                      * self.itemsize)
+
+    def conv(self, c_in: int, c_out: int, groups: int, taps: int, in_bytes: float,
+             out_bytes: float) -> Estimate:
+        """A convolution's forward and backward."""
+        inner = (c_in // groups) * taps
+        flops = _TRAIN * 2.0 * self.batch * c_out * inner * self.out_pixels
+        depthwise = c_in // groups == 1 and groups > 1
+        d = self.device
+        seconds = (flops / d.conv_rate(inner, depthwise)
+                   + _TRAIN * (in_bytes + out_bytes) / d.bytes_per_s + 2 * d.seconds_per_op)
+        return Estimate(seconds, flops, 0.0)
+
+    def elementwise(self, tensors: float, count: int = 1, saved: float = 0.0) -> Estimate:
+        """``count`` elementwise ops, forward and backward, each moving ``tensors`` bytes."""
+        d = self.device
+        return Estimate(count * (_TRAIN * tensors / d.bytes_per_s + 2 * d.seconds_per_op),
+                        0.0, saved)
+
+    def tiny(self, count: int) -> Estimate:
+        """Kernel and weight arithmetic: op overhead only."""
+        return Estimate(2 * count * self.device.seconds_per_op, 0.0, 0.0)
+
+
+def _candidate_convs(c: LinearCandidate, sh: Shapes) -> tuple[Estimate, float]:
+    """(cost of a candidate's own convolutions, bytes its intermediate tensors keep)."""
+    total, kept = _NONE, 0.0
+    out = sh.act(sh.c_out)
+    for p in c.pieces:
+        taps = math.prod(p.kernel_size)
+        if p.structure == "separable":
+            mid = sh.act(p.in_channels)
+            total += sh.conv(p.in_channels, p.in_channels, p.in_channels, taps,
+                             sh.act(sh.c_in, False), mid)
+            total += sh.conv(p.in_channels, p.out_channels, 1, 1, mid, out)
+            kept += mid
+        elif p.fixed == "avg_pool":
+            total += sh.elementwise(sh.act(sh.c_in, False) + out)
+        elif p.fixed is None:
+            total += sh.conv(p.in_channels, p.out_channels, p.groups, taps,
+                             sh.act(sh.c_in, False), out)
+    return total, kept
 
 
 def _apart(cands: Sequence[LinearCandidate], sh: Shapes) -> Estimate:
@@ -328,25 +377,11 @@ def _apart(cands: Sequence[LinearCandidate], sh: Shapes) -> Estimate:
     total = _NONE
     out = sh.act(sh.c_out)
     for c in cands:
+        convs, kept = _candidate_convs(c, sh)
         if c.zero:
-            total += Estimate(sh.batch * sh.c_out * sh.out_pixels * _TRAIN, out, 3 * out, 2)
-            continue
-        for p in c.pieces:
-            taps = math.prod(p.kernel_size)
-            if p.structure == "separable":
-                total += _conv(sh.batch, p.in_channels, p.in_channels, p.in_channels, taps,
-                               sh.out_pixels, sh.act(sh.c_in, False), sh.act(p.in_channels))
-                total += _conv(sh.batch, p.in_channels, p.out_channels, 1, 1, sh.out_pixels,
-                               sh.act(p.in_channels), out)
-                total += Estimate(0.0, sh.act(p.in_channels), 0.0, 0)
-            elif p.fixed == "identity":
-                pass
-            else:
-                total += _conv(sh.batch, p.in_channels, p.out_channels, p.groups, taps,
-                               sh.out_pixels, sh.act(sh.c_in, False), out)
-        # w_i * o_i keeps o_i for the weight's gradient; the add chain reads and writes it
-        total += Estimate(2.0 * sh.batch * sh.c_out * sh.out_pixels * _TRAIN, out,
-                          4 * out * _TRAIN, 2 * _TRAIN)
+            convs = sh.elementwise(out)  # x * 0
+        # w_i * o_i keeps o_i for the weight's gradient; the add reads and writes it
+        total += convs + sh.elementwise(out, 2, saved=out + kept)
     return total
 
 
@@ -354,21 +389,22 @@ def _merged(form: str, cands: Sequence[LinearCandidate], frame: Sequence[int],
             sh: Shapes) -> Estimate:
     pieces = [p for c in cands for p in c.pieces]
     taps = math.prod(frame)
-    building = Estimate(0.0, 0.0, 0.0, 2 * len(pieces) + 2)  # tiny kernel arithmetic
-    out = sh.act(sh.c_out)
+    building = sh.tiny(3 * len(pieces) + 2)  # kernel arithmetic on tiny tensors
+    out, z = sh.act(sh.c_out), sh.act(sh.c_in, False)
+    if form == "folded":  # each candidate's convs, its weight folded into its last kernel
+        total = building + sh.elementwise(out, len(cands) - 1)
+        for c in cands:
+            convs, kept = _candidate_convs(c, sh)
+            total += convs + Estimate(0.0, 0.0, kept)
+        return total
     if form == "dense":
-        return building + _conv(sh.batch, sh.c_in, sh.c_out, 1, taps, sh.out_pixels,
-                                sh.act(sh.c_in, False), out)
+        return building + sh.conv(sh.c_in, sh.c_out, 1, taps, z, out)
     if form == "depthwise":
-        return building + _conv(sh.batch, sh.c_in, sh.c_in, sh.c_in, taps, sh.out_pixels,
-                                sh.act(sh.c_in, False), out)
-    n = len(pieces)
-    stacked = sh.act(n * sh.c_in)
-    return (building
-            + _conv(sh.batch, sh.c_in, n * sh.c_in, sh.c_in, taps, sh.out_pixels,
-                    sh.act(sh.c_in, False), stacked)
-            + _conv(sh.batch, n * sh.c_in, sh.c_out, 1, 1, sh.out_pixels, stacked, out)
-            + Estimate(0.0, stacked, 0.0, 0))
+        return building + sh.conv(sh.c_in, sh.c_in, sh.c_in, taps, z, out)
+    stacked = sh.act(len(pieces) * sh.c_in)
+    return (building + sh.conv(sh.c_in, len(pieces) * sh.c_in, sh.c_in, taps, z, stacked)
+            + sh.conv(len(pieces) * sh.c_in, sh.c_out, 1, 1, stacked, out)
+            + Estimate(0.0, 0.0, stacked))
 
 
 # --------------------------------------------------------------------------------------
@@ -390,6 +426,9 @@ class MergePlan:
     inexact: tuple[str, ...]
 
     def describe(self, op: MixedOp) -> str:
+        if self.form == "drop":
+            return (f"{sharing.display_name(op)}: dropped {len(self.members)} zero "
+                    f"candidate(s) ({self.estimate})")
         what = ", ".join(c.label for c in self.candidates)
         k = "x".join(str(f) for f in self.frame)
         d = "" if all(v == 1 for v in self.frame_dilation) else \
@@ -426,6 +465,8 @@ def _frame(cands: Sequence[LinearCandidate]) -> tuple | None:
 def _forms(cands: Sequence[LinearCandidate]) -> list[str]:
     pieces = [p for c in cands for p in c.pieces]
     forms = ["dense"]
+    if all(p.fixed is None and p.out_rows is None for p in pieces):
+        forms.append("folded")
     if all(p.structure == "depthwise" and p.out_rows is None for p in pieces):
         forms.append("depthwise")
     elif all(p.structure in ("depthwise", "separable") and p.out_rows is None
@@ -434,13 +475,13 @@ def _forms(cands: Sequence[LinearCandidate]) -> list[str]:
     return forms
 
 
-def _shapes(ir: SupernetIR, op: MixedOp) -> Shapes:
+def _shapes(ir: SupernetIR, op: MixedOp, device: DeviceModel) -> Shapes:
     z, out = ir.node(op.input).val, ir.node(op.output).val
     return Shapes(z.shape[0], z.shape[1], out.shape[1], math.prod(z.shape[2:]),
-                  math.prod(out.shape[2:]), z.element_size())
+                  math.prod(out.shape[2:]), z.element_size(), device)
 
 
-def _best_form(cands, sh, device) -> tuple[float, Estimate, str, tuple] | None:
+def _best_form(cands, sh) -> tuple[float, Estimate, str, tuple] | None:
     if sum(1 for c in cands if not c.zero) < 1 or len(cands) < 2 or \
             not any(p.learnable for c in cands for p in c.pieces):
         return None
@@ -451,7 +492,7 @@ def _best_form(cands, sh, device) -> tuple[float, Estimate, str, tuple] | None:
     best = None
     for form in _forms([c for c in cands if not c.zero]):
         est = _merged(form, [c for c in cands if not c.zero], frame[0], sh)
-        cost = est.seconds(device)
+        cost = est.seconds
         if best is None or cost < best[0]:
             best = (cost, est, form, frame)
     return best
@@ -461,7 +502,7 @@ def match_merge(ir: SupernetIR, op: MixedOp, exact: bool, device: DeviceModel,
                 form: str | None = None) -> MergePlan | None:
     """The cheapest merge of ``op``'s linear candidates, or None (never edits the IR).
 
-    ``form`` forces one form ('dense', 'depthwise', 'separable') and skips the cost model:
+    ``form`` forces one form (see :class:`Reparameterization`) and skips the cost model:
     every linear candidate is merged when the form applies.
     """
     out = ir.node(op.output).val
@@ -469,19 +510,30 @@ def match_merge(ir: SupernetIR, op: MixedOp, exact: bool, device: DeviceModel,
         return None
     linear = [lc for i in range(len(op.candidates))
               if (lc := linear_candidate(ir, op, i, exact)) is not None]
-    if len(linear) < 2:
-        return None
-    sh = _shapes(ir, op)
+    plan = _merge_plan(linear, _shapes(ir, op, device), form) if len(linear) >= 2 else None
+    zeros = tuple(c for c in linear if c.zero and (plan is None or c.index not in plan.members))
+    if zeros and plan is not None:
+        return dataclasses.replace(plan, members=plan.members + tuple(c.index for c in zeros),
+                                   candidates=plan.candidates + zeros)
+    if zeros and len(zeros) < len(op.candidates):
+        # w * (x * 0) adds nothing and has zero gradient: the term goes (exact for finite x)
+        return MergePlan(tuple(c.index for c in zeros), "drop", (), (), (), (), zeros,
+                         "a zero candidate adds nothing", ())
+    return plan
+
+
+def _merge_plan(linear: list[LinearCandidate], sh: Shapes,
+                form: str | None) -> MergePlan | None:
     if form is not None:
         return _forced(linear, form, sh)
 
     def score(group):
-        best = _best_form(group, sh, device)
+        best = _best_form(group, sh)
         if best is None:
             return None
         rest = [c for c in linear if c not in group]
         apart = _apart(rest, sh)
-        return best[0] + apart.seconds(device), best, apart
+        return best[0] + apart.seconds, best, apart
 
     group = list(linear)
     current = score(group)
@@ -497,8 +549,8 @@ def match_merge(ir: SupernetIR, op: MixedOp, exact: bool, device: DeviceModel,
     apart_all = _apart(linear, sh)
     _, (cost, merged, form, frame), rest = current
     total = merged + rest
-    before = apart_all.seconds(device)
-    after = total.seconds(device)
+    before = apart_all.seconds
+    after = total.seconds
     if after > before or total.saved_bytes > apart_all.saved_bytes:
         return None  # never merge when merging makes the step costlier
     estimate = (f"est. step time {100 * (after / before - 1):+.0f}%, saved bytes "
@@ -608,11 +660,18 @@ def rewrite_merge(ir: SupernetIR, op: MixedOp, plan: MergePlan, exact: bool) -> 
     """Replace the planned candidates by one merged convolution (Eq. 14-16)."""
     tag = sharing.tag_for(ir, op, "merge")
     b = _Builder(ir, plan, op.input, tag)
-    selection = group_selection(ir, op, plan.members, exact, tag)
+    if plan.form == "drop":
+        return rebuild_selection(ir, op, plan.members, None, None, tag)
+    # the raw weights go into the kernel: sum_S w_i K_i = w_S sum_S w'_i K_i is the same
+    # function, and without the product by w_S the conv output need not be kept for backward
+    selection = group_selection(ir, op, plan.members, True, tag)
     weights = dict(zip(plan.members, selection.member_weights))
     live = [c for c in plan.candidates if not c.zero]
     conv = _CONV[len(plan.frame)]
     z = Ref(op.input)
+    if plan.form == "folded":
+        merged = _folded(ir, b, live, weights, tag, conv)
+        return rebuild_selection(ir, op, plan.members, merged, selection, tag)
     biases = [(weights[c.index], b.tensor(p.bias, learnable=False))
               for c in live for p in c.pieces if p.bias]  # KN leaves biases alone
     if plan.form == "separable":
@@ -661,6 +720,43 @@ def rewrite_merge(ir: SupernetIR, op: MixedOp, plan: MergePlan, exact: bool) -> 
     return rebuild_selection(ir, op, plan.members, merged.name, selection, tag)
 
 
+def _folded(ir: SupernetIR, b: _Builder, live: Sequence[LinearCandidate],
+            weights: dict[int, str], tag: dict, conv) -> str:
+    """Each candidate keeps its convolutions, its weight folded into its last kernel
+    (``w_i * conv(z, K) = conv(z, w_i K)``): no product of full tensors, nothing kept for
+    the weight's gradient but what the convolutions keep anyway."""
+    outs = []
+    for c in live:
+        (p,) = c.pieces
+        w = Ref(weights[c.index])
+        own = {"stride": c.stride, "padding": tuple(-s for s in p.start),
+               "dilation": p.dilation}
+        first = len(b.learnable)
+        data, groups = Ref(b.z), p.groups
+        if p.structure == "separable":
+            data = Ref(ir.add_node("call_function", conv, (data, Ref(b.tensor(p.kernel))),
+                                   {**own, "groups": p.in_channels}, origin="merge",
+                                   name="folded_depthwise",
+                                   notes={**tag["notes"], "merged": [c.label],
+                                          "merge_form": "folded (depthwise half)"}).name)
+            kernel, own, groups = p.pointwise, {}, 1
+        else:
+            kernel = p.kernel
+        scaled = b.call(kernels.weighted_kernel_sum, [w], [Ref(b.tensor(kernel))],
+                        name="folded_kernel")
+        kwargs = {**own, "groups": groups}
+        if p.bias:
+            kwargs["bias"] = Ref(b.call(kernels.weighted_bias_sum, [w],
+                                        [Ref(b.tensor(p.bias, learnable=False))],
+                                        name="folded_bias"))
+        outs.append(ir.add_node(
+            "call_function", conv, (data, Ref(scaled)), kwargs, origin="merge",
+            name="folded_conv",
+            notes={**tag["notes"], "merged": [c.label], "merge_form": "folded",
+                   "kernels": b.learnable[first:], "frame": p.kernel_size}).name)
+    return weighted_sum(ir, [(None, o) for o in outs], tag, name="folded_sum")
+
+
 @leaf_function
 def _eye_pointwise(like: torch.Tensor, channels: int, spatial: int) -> torch.Tensor:
     """The identity pointwise kernel of a depthwise-only candidate in the separable form."""
@@ -676,11 +772,13 @@ class Reparameterization(Pass):
     device: str | None = None
     """Cost model to use ('cpu', 'cuda'); default: the device of the example inputs."""
     form: str | None = None
-    """Force one merge form ('dense', 'depthwise', 'separable') instead of the cost model."""
+    """Force one merge form ('dense', 'depthwise', 'separable', 'folded') instead of the
+    cost model."""
 
     def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
-        if self.form not in (None, "dense", "depthwise", "separable"):
-            raise ValueError(f"merge form {self.form!r}: choose dense, depthwise or separable")
+        if self.form not in (None, "dense", "depthwise", "separable", "folded"):
+            raise ValueError(f"merge form {self.form!r}: choose dense, depthwise, separable "
+                             f"or folded")
         if self.device is not None and self.device not in DEVICES:
             raise ValueError(f"merge device {self.device!r}: choose one of {sorted(DEVICES)}")
         device = DEVICES.get(self.device or ir.device_type, DEVICES["cpu"])

@@ -193,9 +193,10 @@ def group_selection(ir: SupernetIR, op: MixedOp, members: Sequence[int], exact: 
     return Selection(group, ratios)
 
 
-def rebuild_selection(ir: SupernetIR, op: MixedOp, members: Sequence[int], group_out: str,
-                      selection: Selection, tag: dict) -> str:
-    """Replace the terms of ``members`` in ``op`` by one term ``w_S * group_out`` (Eq. 4).
+def rebuild_selection(ir: SupernetIR, op: MixedOp, members: Sequence[int],
+                      group_out: str | None, selection: Selection | None, tag: dict) -> str:
+    """Replace the terms of ``members`` in ``op`` by one term ``w_S * group_out`` (Eq. 4),
+    or by nothing when ``group_out`` is None (the members contribute zero).
 
     The other candidates keep their weights; the summing nodes are rebuilt in candidate
     order and the old ones removed.  Returns the new output node of the mixed op.
@@ -204,7 +205,7 @@ def rebuild_selection(ir: SupernetIR, op: MixedOp, members: Sequence[int], group
     first = min(members)
     terms: list[tuple[str | None, str]] = []
     for i, cand in enumerate(op.candidates):
-        if i == first:
+        if i == first and group_out is not None:
             terms.append((selection.group_weight, group_out))
         elif i not in members:
             terms.append((weight_node(ir, op, i, tag), cand.output))

@@ -17,7 +17,7 @@ from topo_compiler.passes.reparameterization import Reparameterization
 from topo_compiler.spaces import build, default_input
 from topo_compiler.tracer import trace_supernet
 
-FORMS = ("dense", "depthwise", "separable")
+FORMS = ("dense", "depthwise", "separable", "folded")
 
 
 def _merged(model, args, form=None, exact=True, passes=("merge",)):
@@ -36,9 +36,8 @@ def test_exact_merge_keeps_outputs_and_gradients(spec, form):
     unmerged weighted sum: outputs and gradients, fp32 tolerance."""
     model, x = strategies.build_linear(spec)
     compiled = _merged(model, x, form)
-    if _decisions(compiled):
-        assert compiled.report.final.counts.conv < compiled.report.input.counts.conv or \
-            len(spec.candidates) - spec.candidates.count(("zero",)) <= 2
+    if any("merged" in d for d in _decisions(compiled)):
+        assert "merged_conv" in compiled.code or "folded_conv" in compiled.code
     assert_same_step(model, compiled, (x,), rtol=1e-4, atol=1e-5)
 
 
@@ -148,9 +147,14 @@ def test_depthwise_form_for_per_channel_candidates():
                                               ("conv", 5, 1, "depthwise", True),
                                               ("identity",), ("avgpool", True), ("zero",)), 2)
     model, x = strategies.build_linear(spec)
-    compiled = compile_supernet(model, x, passes=("merge",), exact=True)
-    (decision,) = _decisions(compiled)
-    assert "depthwise" in decision and "5 candidates" in decision
+    # on a GPU depthwise convs are cheap; on a CPU a dense kernel of 8 channels is faster
+    gpu = compile_supernet(model, x, passes=("merge",), exact=True,
+                           pass_options={"merge": {"device": "cuda"}})
+    (decision,) = _decisions(gpu)
+    assert "into one depthwise" in decision
+    assert_same_step(model, gpu, (x,), rtol=1e-4, atol=1e-5)
+    compiled = compile_supernet(model, x, passes=("merge",), exact=True,
+                                pass_options={"merge": {"form": "depthwise"}})
     assert compiled.report.final.counts.conv == 3  # stem, merged conv, linear head
     assert_same_step(model, compiled, (x,), rtol=1e-4, atol=1e-5)
 
@@ -201,7 +205,7 @@ def _normalized_copy(model):
     return ref
 
 
-@given(strategies.linear_specs(), st.sampled_from((None, "dense", "separable")))
+@given(strategies.linear_specs(), st.sampled_from((None, "dense", "separable", "folded")))
 def test_kn_equals_the_model_with_normalized_kernels(spec, form):
     model, x = strategies.build_linear(spec)
     opts = {"merge": {"form": form}} if form else None
