@@ -25,6 +25,7 @@ sharing with KN and no merge.  KN changes the function on purpose: ``exact=True`
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch.nn.functional as F
 
@@ -32,7 +33,7 @@ from ..analysis import find_mixed_ops
 from ..descriptors import Kind, Ref
 from ..ir import SupernetIR
 from ..pass_manager import Pass, PassContext
-from .kernels import normalize_kernel
+from .kernels import normalize_kernel, normalize_kernels
 from .reparameterization import linear_candidate
 
 __all__ = ["KernelNormalization"]
@@ -42,35 +43,62 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 def _is_normalized(ir: SupernetIR, name: str) -> bool:
     node = ir.node(name)
-    return node.opcode == "call_function" and node.target is normalize_kernel
+    if node.opcode == "call_function" and node.target is normalize_kernel:
+        return True
+    return node.desc.op == "getitem" and isinstance(node.args[0], Ref) and \
+        ir.node(node.args[0].name).target is normalize_kernels
 
 
-def _normalize(ir: SupernetIR, kernel: str, notes: dict) -> str:
-    return ir.add_node("call_function", normalize_kernel, (Ref(kernel),), origin="kn",
-                       notes={**notes, "role": "kernel"}, name=f"{kernel}_normalized").name
+class _Requests:
+    """Kernels to normalize and the nodes that must read the normalized version.
+
+    All kernels of one shape and dtype are normalized by a single call
+    (:func:`~.kernels.normalize_kernels`): a DARTS supernet has about a thousand small
+    kernels, and one op per kernel would cost more than the convolutions they feed.
+    """
+
+    def __init__(self, ir: SupernetIR):
+        self.ir = ir
+        self.readers: dict[str, list[str]] = {}
+
+    def add(self, kernel: str, readers: list[str]) -> None:
+        self.readers.setdefault(kernel, []).extend(readers)
+
+    def apply(self) -> int:
+        groups: dict[tuple, list[str]] = {}
+        for kernel in self.readers:
+            val = self.ir.node(kernel).val
+            groups.setdefault((tuple(val.shape), val.dtype), []).append(kernel)
+        for (shape, _), kernels in groups.items():
+            label = "x".join(map(str, shape))
+            batch = self.ir.add_node("call_function", normalize_kernels,
+                                     ([Ref(k) for k in kernels],), origin="kn",
+                                     notes={"role": "kernel"}, name=f"normalized_{label}")
+            for i, kernel in enumerate(kernels):
+                one = self.ir.add_node("call_function", operator.getitem, (Ref(batch.name), i),
+                                       origin="kn", notes={"role": "kernel"},
+                                       name=f"{kernel}_normalized").name
+                readers = set(self.readers[kernel])
+                self.ir.replace_all_uses(kernel, one, skip=[u for u in self.ir.users(kernel)
+                                                            if u not in readers])
+        return len(self.readers)
 
 
-def normalize_merged(ir: SupernetIR, name: str) -> int:
-    """Normalize the learnable components of a merged convolution; returns how many."""
+def request_merged(ir: SupernetIR, name: str, requests: _Requests) -> bool:
+    """Ask for the learnable components of a merged convolution to be normalized."""
     node = ir.node(name)
     if node.notes.get("kn"):
-        return 0
-    count = 0
+        return False
     for kernel in node.notes.get("kernels", []):
-        if kernel not in ir or _is_normalized(ir, kernel):
-            continue
-        users = ir.users(kernel)
-        builders = [u for u in users if ir.node(u).origin == "merge"]
-        normalized = _normalize(ir, kernel, {"mixed_op": node.notes.get("mixed_op")})
-        ir.replace_all_uses(kernel, normalized,
-                            skip=[u for u in users if u not in builders] + [normalized])
-        count += 1
+        if kernel in ir and not _is_normalized(ir, kernel):
+            requests.add(kernel, [u for u in ir.users(kernel) if ir.node(u).origin == "merge"])
     node.notes["kn"] = True
-    return count
+    return True
 
 
-def normalize_conv(ir: SupernetIR, name: str) -> bool:
-    """A linear candidate's own convolution now reads its normalized kernel."""
+def request_conv(ir: SupernetIR, name: str, requests: _Requests) -> bool:
+    """A linear candidate's own convolution is to read its normalized kernel (a module call
+    becomes the functional convolution it computes)."""
     node = ir.node(name)
     if node.notes.get("kn") or node.notes.get("merged"):
         return False
@@ -86,21 +114,17 @@ def normalize_conv(ir: SupernetIR, name: str) -> bool:
             kwargs["bias"] = Ref(ir.add_node("get_attr", f"{node.target}.bias", origin="kn",
                                              notes={**tag, "role": "kernel"}).name)
         (data,) = [r for r in node.inputs]
-        conv = ir.add_node("call_function", _CONV[spatial],
-                           (Ref(data), Ref(_normalize(ir, weight, tag))), kwargs,
+        conv = ir.add_node("call_function", _CONV[spatial], (Ref(data), Ref(weight)), kwargs,
                            origin="kn", module_path=node.module_path, source=node.source,
                            notes={**node.notes, "kn": True}, name=f"{name}_kn")
         ir.replace_all_uses(name, conv.name)
         ir.remove_node(name)
+        requests.add(weight, [conv.name])
         return True
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     if not isinstance(weight, Ref) or _is_normalized(ir, weight.name):
         return False
-    normalized = Ref(_normalize(ir, weight.name, tag))
-    if len(node.args) > 1:
-        ir.set_args(name, (node.args[0], normalized) + tuple(node.args[2:]), node.kwargs)
-    else:
-        ir.set_args(name, node.args, {**node.kwargs, "weight": normalized})
+    requests.add(weight.name, [name])
     node.notes["kn"] = True
     return True
 
@@ -114,20 +138,23 @@ class KernelNormalization(Pass):
     def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
         if ctx.exact:
             return False
+        requests = _Requests(ir)
         merged = [n.name for n in ir.nodes() if n.notes.get("kernels") is not None]
-        normalized = sum(normalize_merged(ir, m) for m in merged)
-        convs: dict[str, None] = {}  # find them all first: normalizing replaces nodes
+        merges = sum(request_merged(ir, m, requests) for m in merged)
+        convs: dict[str, None] = {}  # find them all first: requesting replaces nodes
         for op in find_mixed_ops(ir):
             for i, cand in enumerate(op.candidates):
                 lc = linear_candidate(ir, op, i, exact=False)
                 if lc is not None and any(p.learnable for p in lc.pieces):
                     convs.update((n, None) for n in cand.branch
                                  if ir.node(n).kind is Kind.CONV)
-        kept_apart = sum(normalize_conv(ir, name) for name in convs)
-        if normalized:
-            ctx.decide(f"normalized {normalized} kernels entering {len(merged)} merged "
-                       f"convolutions")
+        kept_apart = sum(request_conv(ir, name, requests) for name in convs)
+        count = requests.apply()
+        if merges:
+            ctx.decide(f"normalized the kernels entering {merges} merged convolutions")
         if kept_apart:
             ctx.decide(f"normalized the kernels of {kept_apart} linear candidate convolutions "
                        f"kept apart")
-        return bool(normalized or kept_apart)
+        if count:
+            ctx.decide(f"{count} kernels normalized by one call per kernel shape")
+        return bool(merges or kept_apart)

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["place", "depthwise_to_dense", "separable_to_dense", "group_to_dense",
            "weighted_kernel_sum", "stack_depthwise", "stack_pointwise", "weighted_bias_sum",
-           "normalize_kernel", "KN_EPS"]
+           "normalize_kernel", "normalize_kernels", "KN_EPS"]
 
 
 def place(kernel: torch.Tensor, dilation: Sequence[int], start: Sequence[int],
@@ -26,12 +27,19 @@ def place(kernel: torch.Tensor, dilation: Sequence[int], start: Sequence[int],
     index ``(start + j * dilation) / frame_dilation + (frame - 1) / 2``.
     """
     spatial = kernel.dim() - 2
-    out = kernel.new_zeros(kernel.shape[:2] + tuple(frame))
-    index = [slice(None), slice(None)]
+    firsts, steps = [], []
     for d in range(spatial):
-        first = start[d] // frame_dilation[d] + (frame[d] - 1) // 2
-        step = max(dilation[d] // frame_dilation[d], 1)  # one tap: its dilation is moot
-        index.append(slice(first, first + step * (kernel.shape[2 + d] - 1) + 1, step))
+        firsts.append(start[d] // frame_dilation[d] + (frame[d] - 1) // 2)
+        steps.append(max(dilation[d] // frame_dilation[d], 1))  # one tap: dilation is moot
+    sizes = kernel.shape[2:]
+    if all(step == 1 or k == 1 for step, k in zip(steps, sizes)):
+        pad = []  # contiguous taps: one F.pad, last dimension first
+        for d in reversed(range(spatial)):
+            pad += [firsts[d], frame[d] - firsts[d] - sizes[d]]
+        return F.pad(kernel, pad) if any(pad) else kernel
+    out = kernel.new_zeros(kernel.shape[:2] + tuple(frame))
+    index = [slice(None), slice(None)] + [
+        slice(f, f + s * (k - 1) + 1, s) for f, s, k in zip(firsts, steps, sizes)]
     out[tuple(index)] = kernel
     return out
 
@@ -93,6 +101,31 @@ KN_EPS = 1e-6
 normalizes to zeros, finite in forward and backward."""
 
 
+class _Standardize(torch.autograd.Function):
+    """Row-wise ``(x - mean) / std`` that keeps only its output and the std for backward.
+
+    ``dx = (dy - mean(dy) - y * mean(dy * y)) / std`` row by row (zero on constant rows).
+    Autograd's own graph of the same formula would keep two more copies of every kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=1, keepdim=True)
+        var = x.var(dim=1, keepdim=True, unbiased=False)
+        flat = var <= KN_EPS * KN_EPS  # constant (up to rounding): no direction to keep
+        std = var.clamp_min(KN_EPS * KN_EPS).sqrt()
+        y = torch.where(flat, torch.zeros_like(x), (x - mean) / std)
+        ctx.save_for_backward(y, std, flat)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
+        y, std, flat = ctx.saved_tensors
+        dx = (dy - dy.mean(dim=1, keepdim=True)
+              - y * (dy * y).mean(dim=1, keepdim=True)) / std
+        return torch.where(flat, torch.zeros_like(dx), dx)
+
+
 def normalize_kernel(kernel: torch.Tensor) -> torch.Tensor:
     """Kernel normalization (Eq. 28): ``(K - mean) / std`` per output filter.
 
@@ -101,17 +134,20 @@ def normalize_kernel(kernel: torch.Tensor) -> torch.Tensor:
     to an epsilon, as long as the filter's std exceeds ``KN_EPS`` -- which removes the
     coupling of Eq. 19 between weights and kernels.  A filter whose std is below ``KN_EPS``
     (constant up to rounding) normalizes to zeros, with zero gradient instead of NaN.
-    Statistics are computed in float32, so fp16 / bf16 kernels neither overflow (their
-    squares would) nor lose the variance.
+    Statistics are computed in float32 at least, so fp16 / bf16 kernels neither overflow
+    (their squares would) nor lose the variance.
     """
-    k32 = kernel.float()
-    dims = tuple(range(1, kernel.dim()))
-    mean = k32.mean(dim=dims, keepdim=True)
-    var = k32.var(dim=dims, keepdim=True, unbiased=False)
-    flat = var <= KN_EPS * KN_EPS  # constant (up to rounding): no direction to keep
-    std = var.clamp_min(KN_EPS * KN_EPS).sqrt()
-    normalized = torch.where(flat, torch.zeros_like(k32), (k32 - mean) / std)
-    return normalized.to(kernel.dtype)
+    compute = torch.promote_types(kernel.dtype, torch.float32)
+    rows = kernel.to(compute).reshape(kernel.shape[0], -1)
+    return _Standardize.apply(rows).reshape(kernel.shape).to(kernel.dtype)
+
+
+def normalize_kernels(kernels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """:func:`normalize_kernel` of many kernels of one shape, in one batch of ops."""
+    stacked = torch.stack(list(kernels))
+    n, c = stacked.shape[:2]
+    flat = normalize_kernel(stacked.reshape(n * c, -1))
+    return tuple(flat.reshape(stacked.shape).unbind(0))
 
 
 # Shape rules: the compiler infers the meta value of every node it adds; these are exact and
@@ -137,6 +173,7 @@ def _register_shape_rules() -> None:
         lambda ws, ks: _meta((ks[0].shape[0], ks[0].shape[1] * len(ks)) + ks[0].shape[2:],
                              ks[0]))
     shape_rule(normalize_kernel)(lambda k: _meta(k.shape, k))
+    shape_rule(normalize_kernels)(lambda ks: tuple(_meta(k.shape, k) for k in ks))
 
 
 _register_shape_rules()

@@ -48,11 +48,12 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..analysis import MixedOp
 from ..descriptors import Kind, Ref
-from ..ir import SupernetIR
-from ..meta import leaf_function
+from ..ir import IRNode, SupernetIR
+from ..meta import leaf_function, shape_rule
 from ..pass_manager import Pass, PassContext
 from . import kernels, sharing
 from .selection import data_inputs, group_selection, rebuild_selection, weighted_sum
@@ -385,25 +386,41 @@ def _apart(cands: Sequence[LinearCandidate], sh: Shapes) -> Estimate:
     return total
 
 
+def _kernels(sh: Shapes, elements: float, ops: int) -> Estimate:
+    """Kernel arithmetic: ``ops`` small ops over kernels of ``elements`` values in all.
+
+    Autograd keeps the kernels it multiplies by weights and the merged kernel the conv reads;
+    unlike activations they do not grow with the batch, so a merge that keeps nothing else can
+    still cost memory when the batch is small and the kernels large.
+    """
+    nbytes = elements * sh.itemsize
+    return sh.tiny(ops) + Estimate(_TRAIN * 2 * nbytes / sh.device.bytes_per_s, 0.0, nbytes)
+
+
 def _merged(form: str, cands: Sequence[LinearCandidate], frame: Sequence[int],
             sh: Shapes) -> Estimate:
     pieces = [p for c in cands for p in c.pieces]
-    taps = math.prod(frame)
-    building = sh.tiny(3 * len(pieces) + 2)  # kernel arithmetic on tiny tensors
+    n, taps = len(pieces), math.prod(frame)
     out, z = sh.act(sh.c_out), sh.act(sh.c_in, False)
     if form == "folded":  # each candidate's convs, its weight folded into its last kernel
-        total = building + sh.elementwise(out, len(cands) - 1)
+        total = sh.elementwise(out, len(cands) - 1)
         for c in cands:
             convs, kept = _candidate_convs(c, sh)
-            total += convs + Estimate(0.0, 0.0, kept)
+            (p,) = c.pieces
+            last = p.out_channels * (p.in_channels if p.structure == "separable" else
+                                     p.in_channels // p.groups * math.prod(p.kernel_size))
+            total += convs + Estimate(0.0, 0.0, kept) + _kernels(sh, last, 2)
         return total
     if form == "dense":
-        return building + sh.conv(sh.c_in, sh.c_out, 1, taps, z, out)
+        return (_kernels(sh, (n + 1) * sh.c_out * sh.c_in * taps, 3 * n + 2)
+                + sh.conv(sh.c_in, sh.c_out, 1, taps, z, out))
     if form == "depthwise":
-        return building + sh.conv(sh.c_in, sh.c_in, sh.c_in, taps, z, out)
-    stacked = sh.act(len(pieces) * sh.c_in)
-    return (building + sh.conv(sh.c_in, len(pieces) * sh.c_in, sh.c_in, taps, z, stacked)
-            + sh.conv(len(pieces) * sh.c_in, sh.c_out, 1, 1, stacked, out)
+        return (_kernels(sh, (n + 1) * sh.c_in * taps, 3 * n + 2)
+                + sh.conv(sh.c_in, sh.c_in, sh.c_in, taps, z, out))
+    stacked = sh.act(n * sh.c_in)
+    return (_kernels(sh, n * sh.c_in * taps + sh.c_out * n * sh.c_in, 3 * n + 4)
+            + sh.conv(sh.c_in, n * sh.c_in, sh.c_in, taps, z, stacked)
+            + sh.conv(n * sh.c_in, sh.c_out, 1, 1, stacked, out)
             + Estimate(0.0, 0.0, stacked))
 
 
@@ -499,7 +516,7 @@ def _best_form(cands, sh) -> tuple[float, Estimate, str, tuple] | None:
 
 
 def match_merge(ir: SupernetIR, op: MixedOp, exact: bool, device: DeviceModel,
-                form: str | None = None) -> MergePlan | None:
+                form: str | None = None, batch: int | None = None) -> MergePlan | None:
     """The cheapest merge of ``op``'s linear candidates, or None (never edits the IR).
 
     ``form`` forces one form (see :class:`Reparameterization`) and skips the cost model:
@@ -510,7 +527,10 @@ def match_merge(ir: SupernetIR, op: MixedOp, exact: bool, device: DeviceModel,
         return None
     linear = [lc for i in range(len(op.candidates))
               if (lc := linear_candidate(ir, op, i, exact)) is not None]
-    plan = _merge_plan(linear, _shapes(ir, op, device), form) if len(linear) >= 2 else None
+    sh = _shapes(ir, op, device)
+    if batch is not None:
+        sh = dataclasses.replace(sh, batch=batch)
+    plan = _merge_plan(linear, sh, form) if len(linear) >= 2 else None
     zeros = tuple(c for c in linear if c.zero and (plan is None or c.index not in plan.members))
     if zeros and plan is not None:
         return dataclasses.replace(plan, members=plan.members + tuple(c.index for c in zeros),
@@ -764,6 +784,102 @@ def _eye_pointwise(like: torch.Tensor, channels: int, spatial: int) -> torch.Ten
     return eye.view(channels, channels, *([1] * spatial))
 
 
+# --------------------------------------------------------------------------------------
+# Folding the weight of a term into the module that computes it
+# --------------------------------------------------------------------------------------
+
+@leaf_function
+def scaled_batch_norm(bn: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale * bn(x)``, computed as BatchNorm with its affine transform scaled.
+
+    The same function, the same running-statistics update; but autograd keeps only ``x``
+    (BatchNorm keeps it anyway) instead of also keeping ``bn(x)`` for the gradient of
+    ``scale``.  Mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward``.
+    """
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    weight = scale.expand(x.shape[1]) if bn.weight is None else scale * bn.weight
+    bias = None if bn.bias is None else scale * bn.bias
+    return F.batch_norm(x, bn.running_mean if track else None,
+                        bn.running_var if track else None, weight, bias, use_batch, factor,
+                        bn.eps)
+
+
+shape_rule(scaled_batch_norm)(lambda bn, x, scale: x)
+
+_FOLDABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def fold_weights(ir: SupernetIR) -> list[str]:
+    """Fold the weight of ``w * conv(z)`` into the kernel and of ``w * bn(u)`` into the
+    normalization's affine transform, where the product is the module's only use.
+
+    Exact, and it removes the product of full tensors together with the output autograd
+    kept for ``w``'s gradient.  Runs in program order, so nested products (``w_F * (w' *
+    conv)``) fold one after the other.
+    """
+    folded = []
+    for name in ir.topological_order():
+        if name not in ir:
+            continue
+        node = ir.node(name)
+        if node.desc.op != "mul" or node.kind is not Kind.ARITH or node.kwargs or \
+                len(node.args) != 2 or not all(isinstance(a, Ref) for a in node.args):
+            continue
+        a, b = (ir.node(r.name) for r in node.args)
+        weight, term = (a, b) if _is_weight(a) else (b, a) if _is_weight(b) else (None, None)
+        if weight is None or ir.users(term.name) != [name]:
+            continue
+        new = _fold_into(ir, term, weight.name)
+        if new is not None:
+            ir.replace_all_uses(name, new)
+            ir.remove_dead([name])
+            folded.append(name)
+    return folded
+
+
+def _is_weight(node: IRNode) -> bool:
+    return node.notes.get("role") == "weight" and isinstance(node.val, torch.Tensor) and \
+        node.val.numel() == 1
+
+
+def _fold_into(ir: SupernetIR, term: IRNode, weight: str) -> str | None:
+    tag = {k: v for k, v in term.notes.items() if k == "mixed_op"}
+    notes = {**term.notes, "folded_weight": True}
+    if term.opcode == "call_module" and isinstance(ir.modules[term.target], _FOLDABLE_NORMS):
+        module = ir.add_node("get_attr", term.target, origin="merge",
+                             notes={**tag, "role": "kernel"})
+        return ir.add_node("call_function", scaled_batch_norm,
+                           (Ref(module.name), term.args[0], Ref(weight)), origin="merge",
+                           module_path=term.module_path, source=term.source, notes=notes,
+                           name=f"{term.name}_scaled").name
+    got = _conv_piece(ir, term.name) if term.kind is Kind.CONV else None
+    if got is None:
+        return None
+    piece, stride = got
+    if not isinstance(term.args[0], Ref):
+        return None
+    data = term.args[0].name
+    b = _Builder(ir, None, data, {"origin": "merge", "notes": tag})
+    kernel = b.call(kernels.weighted_kernel_sum, [Ref(weight)], [Ref(b.tensor(piece.kernel))],
+                    name="folded_kernel")
+    kwargs = {"stride": stride, "padding": tuple(-s for s in piece.start),
+              "dilation": piece.dilation, "groups": piece.groups}
+    if piece.bias:
+        kwargs["bias"] = Ref(b.call(kernels.weighted_bias_sum, [Ref(weight)],
+                                    [Ref(b.tensor(piece.bias, learnable=False))],
+                                    name="folded_bias"))
+    if term.opcode == "call_module":
+        notes["kernels"] = list(b.learnable)
+    return ir.add_node("call_function", _CONV[len(stride)], (Ref(data), Ref(kernel)), kwargs,
+                       origin="merge", module_path=term.module_path, source=term.source,
+                       notes=notes, name=f"{term.name}_scaled").name
+
+
 @dataclasses.dataclass(frozen=True)
 class Reparameterization(Pass):
     """``merge``: merge the linear candidates of each selection into one convolution."""
@@ -771,6 +887,10 @@ class Reparameterization(Pass):
     name = "merge"
     device: str | None = None
     """Cost model to use ('cpu', 'cuda'); default: the device of the example inputs."""
+    batch: int | None = None
+    """Batch size the cost model assumes (default: the example inputs'). Activations grow
+    with it, merged kernels do not: compile with the training batch (tracing only uses
+    shapes, so a large example batch costs nothing) or say it here."""
     form: str | None = None
     """Force one merge form ('dense', 'depthwise', 'separable', 'folded') instead of the
     cost model."""
@@ -782,7 +902,13 @@ class Reparameterization(Pass):
         if self.device is not None and self.device not in DEVICES:
             raise ValueError(f"merge device {self.device!r}: choose one of {sorted(DEVICES)}")
         device = DEVICES.get(self.device or ir.device_type, DEVICES["cpu"])
-        return sharing.run_on_mixed_ops(
-            ir, ctx, lambda op: match_merge(ir, op, ctx.exact, device, self.form),
+        merged = sharing.run_on_mixed_ops(
+            ir, ctx, lambda op: match_merge(ir, op, ctx.exact, device, self.form, self.batch),
             lambda op, plan: rewrite_merge(ir, op, plan, ctx.exact), nested=True)
+        folded = fold_weights(ir)
+        if folded:
+            ctx.decide(f"folded {len(folded)} weights into the convolution or BatchNorm "
+                       f"that computes their term (w * conv(z) = conv(z, w K), w * bn(u) = "
+                       f"bn(u) with its affine transform scaled)")
+        return merged or bool(folded)
 

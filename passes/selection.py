@@ -9,7 +9,7 @@ one that picks ``i`` inside S with the conditional probability ``w'_i`` (Eq. 7-8
 
 No new architecture parameters appear: both are derived from the original weights on every
 forward.  Where ``w_S == 0`` (one-hot or pruned weights, as GDAS produces) the ratio is 0/0;
-:func:`conditional_weight` divides by 1 there instead, which keeps forward and backward finite
+:func:`nonzero_or_one` divides by 1 there instead, which keeps forward and backward finite
 and changes nothing, because the group's term is multiplied by ``w_S = 0``.
 
 This module holds the pieces both sharing passes need: views of a candidate as a chain of
@@ -30,7 +30,7 @@ from ..descriptors import Kind, Ref
 from ..ir import IRNode, SupernetIR
 from ..meta import shape_rule
 
-__all__ = ["conditional_weight", "CandidateView", "view_candidate", "SHAREABLE_KINDS",
+__all__ = ["nonzero_or_one", "CandidateView", "view_candidate", "SHAREABLE_KINDS",
            "share_key", "Selection", "rebuild_selection", "weighted_sum",
            "make_out_of_place"]
 
@@ -39,15 +39,15 @@ SHAREABLE_KINDS = (Kind.CONV, Kind.LINEAR, Kind.NORM, Kind.ACT, Kind.POOL, Kind.
 one input are not the same function)."""
 
 
-def conditional_weight(w_i: torch.Tensor, w_group: torch.Tensor) -> torch.Tensor:
-    """``w_i / w_S`` (Eq. 8), with ``w_S == 0`` read as 1 so one-hot weights stay finite."""
-    return w_i / torch.where(w_group == 0, torch.ones_like(w_group), w_group)
+def nonzero_or_one(w_group: torch.Tensor) -> torch.Tensor:
+    """The denominator of ``w'_i = w_i / w_S`` (Eq. 8): ``w_S``, or 1 where ``w_S == 0`` so
+    that one-hot weights stay finite in forward and backward."""
+    return torch.where(w_group == 0, 1.0, w_group)
 
 
-@shape_rule(conditional_weight)
-def _conditional_weight_shape(w_i: torch.Tensor, w_group: torch.Tensor) -> torch.Tensor:
-    shape = torch.broadcast_shapes(w_i.shape, w_group.shape)
-    return torch.empty(shape, dtype=torch.result_type(w_i, w_group), device="meta")
+@shape_rule(nonzero_or_one)
+def _nonzero_or_one_shape(w_group: torch.Tensor) -> torch.Tensor:
+    return torch.empty(w_group.shape, dtype=w_group.dtype, device="meta")
 
 
 def share_key(node: IRNode) -> tuple | None:
@@ -186,8 +186,11 @@ def group_selection(ir: SupernetIR, op: MixedOp, members: Sequence[int], exact: 
     if len(raw) == 1:
         group = ir.add_node("call_function", operator.pos, (Ref(acc),), origin=tag["origin"],
                             notes=_weight_notes(tag), name="w_group").name
+    denominator = ir.add_node("call_function", nonzero_or_one, (Ref(group),),
+                              origin=tag["origin"], notes=_weight_notes(tag),
+                              name="w_group_safe").name
     ratios = tuple(
-        ir.add_node("call_function", conditional_weight, (Ref(w), Ref(group)),
+        ir.add_node("call_function", operator.truediv, (Ref(w), Ref(denominator)),
                     origin=tag["origin"], notes=_weight_notes(tag), name="w_cond").name
         for w in raw)
     return Selection(group, ratios)

@@ -152,7 +152,7 @@ _ALIASES = {
 _CONV_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
              "conv_transpose3d"}
 _NORM_OPS = {"batch_norm", "layer_norm", "group_norm", "instance_norm", "local_response_norm",
-             "rms_norm"}
+             "rms_norm", "scaled_batch_norm"}
 _ACT_OPS = {"relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish",
             "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh", "softplus", "softsign",
             "prelu", "glu", "logsigmoid", "softmax", "log_softmax", "softmin", "threshold",
