@@ -242,3 +242,4 @@ def make_out_of_place(ir: SupernetIR, name: str) -> None:
     else:
         return
     node.desc = ir.describe(node.opcode, node.target, node.args, node.kwargs)
+    ir.generation += 1

@@ -280,6 +280,10 @@ class _Finder:
 
 def find_mixed_ops(ir: SupernetIR) -> list[MixedOp]:
     """Every mixed op of the IR, in program order, named by its place in the network."""
+    return list(ir.cached("mixed_ops", lambda: _find_mixed_ops(ir)))
+
+
+def _find_mixed_ops(ir: SupernetIR) -> tuple[MixedOp, ...]:
     finder = _Finder(ir)
     found: list[MixedOp] = []
     absorbed: set[str] = set()
@@ -296,7 +300,7 @@ def find_mixed_ops(ir: SupernetIR) -> list[MixedOp]:
             found.append(op)
             absorbed.update(op.sum_nodes)
     found.sort(key=lambda m: ir.node(m.output).order)
-    return _name_mixed_ops(ir, found)
+    return tuple(_name_mixed_ops(ir, found))
 
 
 def mixed_op_at(ir: SupernetIR, output: str, name: str = "") -> MixedOp | None:

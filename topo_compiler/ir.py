@@ -36,31 +36,52 @@ class IRVerificationError(AssertionError):
     """The IR broke an invariant (names the pass and the node)."""
 
 
+_LEAVES = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
 def map_refs(value: Any, fn: Callable[[Ref], Any]) -> Any:
     """Apply ``fn`` to every :class:`Ref` inside an argument structure."""
-    if isinstance(value, Ref):
+    kind = type(value)
+    if kind is Ref:
         return fn(value)
-    if isinstance(value, tuple):
-        mapped = tuple(map_refs(v, fn) for v in value)
-        return type(value)(*mapped) if hasattr(value, "_fields") else mapped
-    if isinstance(value, list):
+    if kind in _LEAVES:
+        return value
+    if kind is tuple:
+        return tuple([map_refs(v, fn) for v in value])
+    if kind is list:
+        return [map_refs(v, fn) for v in value]
+    if kind is dict:
+        return {k: map_refs(v, fn) for k, v in value.items()}
+    if kind is slice:
+        return slice(map_refs(value.start, fn), map_refs(value.stop, fn),
+                     map_refs(value.step, fn))
+    if isinstance(value, tuple):  # named tuples
+        mapped = [map_refs(v, fn) for v in value]
+        return kind(*mapped) if hasattr(value, "_fields") else kind(mapped)
+    if isinstance(value, list):  # fx's immutable_list
         return [map_refs(v, fn) for v in value]
     if isinstance(value, dict):
         return {k: map_refs(v, fn) for k, v in value.items()}
-    if isinstance(value, slice):
-        return slice(map_refs(value.start, fn), map_refs(value.stop, fn),
-                     map_refs(value.step, fn))
     return value
 
 
-def _refs_in(value: Any) -> list[str]:
-    found: list[str] = []
-
-    def visit(ref: Ref) -> Ref:
-        found.append(ref.name)
-        return ref
-
-    map_refs(value, visit)
+def _refs_in(value: Any, found: list[str] | None = None) -> list[str]:
+    """Names of the nodes an argument structure refers to, in order."""
+    found = [] if found is None else found
+    kind = type(value)
+    if kind is Ref:
+        found.append(value.name)
+    elif kind in _LEAVES:
+        pass
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _refs_in(v, found)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _refs_in(v, found)
+    elif kind is slice:
+        for v in (value.start, value.stop, value.step):
+            _refs_in(v, found)
     return found
 
 
@@ -129,6 +150,9 @@ class SupernetIR:
         self.tensor_attrs: dict[str, torch.Tensor] = dict(traced.tensor_attrs) if traced else {}
         self.traced = traced
         self._seq = itertools.count()
+        self.generation = 0
+        """Bumped by every edit: analyses of an unchanged IR can be reused."""
+        self.cache: dict[str, tuple[int, Any]] = {}
         self._name_counters: dict[str, int] = {}
         self._meta_cache: dict[int, nn.Module] = {}
         self.codegen = None
@@ -231,6 +255,7 @@ class SupernetIR:
             module_path = self.node(refs[0]).module_path if refs else ""
         node = IRNode(name, opcode, target, tuple(args), kwargs, desc, val, module_path,
                       source, order, origin, dict(notes or {}))
+        self.generation += 1
         self.graph.add_node(name, node=node)
         for r in set(refs):
             self.graph.add_edge(r, name)
@@ -239,6 +264,7 @@ class SupernetIR:
     def set_args(self, name: str, args: tuple, kwargs: dict | None = None) -> None:
         """Replace a node's arguments, keeping edges in sync (descriptor recomputed)."""
         node = self.node(name)
+        self.generation += 1
         for r in node.inputs:
             self.graph.remove_edge(r, name)
         node.args = tuple(args)
@@ -264,6 +290,7 @@ class SupernetIR:
         if any(True for _ in self.graph.successors(name)):
             raise IRVerificationError(f"cannot remove {name!r}: still read by "
                                       f"{self.users(name)}")
+        self.generation += 1
         self.graph.remove_node(name)
 
     def remove_dead(self, names: Iterable[str]) -> int:
@@ -278,10 +305,20 @@ class SupernetIR:
             if node.opcode in ("placeholder", "output") or node.desc.inplace:
                 continue
             preds = list(self.graph.predecessors(name))
+            self.generation += 1
             self.graph.remove_node(name)
             removed += 1
             stack.extend(preds)
         return removed
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, reused while the IR is unchanged (see :attr:`generation`)."""
+        hit = self.cache.get(key)
+        if hit is not None and hit[0] == self.generation:
+            return hit[1]
+        value = compute()
+        self.cache[key] = (self.generation, value)
+        return value
 
     # -- descriptors and meta values -----------------------------------------------------
     def describe(self, opcode: str, target: Any, args: tuple, kwargs: dict) -> OpDesc:
@@ -330,6 +367,7 @@ class SupernetIR:
             cycle = nx.find_cycle(self.graph)
             fail(f"cycle through {[u for u, _ in cycle]}")
         outputs = 0
+        resolved: set[str] = set()
         for name, data in self.graph.nodes(data=True):
             node = data.get("node")
             if not isinstance(node, IRNode) or node.name != name:
@@ -349,11 +387,12 @@ class SupernetIR:
                 fail(f"placeholder {name!r} reads other nodes")
             elif node.opcode == "call_module" and node.target not in self.modules:
                 fail(f"node {name!r} calls unknown module {node.target!r}")
-            elif node.opcode == "get_attr":
+            elif node.opcode == "get_attr" and node.target not in resolved:
                 try:
                     self.attr(node.target)
                 except AttributeError:
                     fail(f"node {name!r} reads unknown attribute {node.target!r}")
+                resolved.add(node.target)
         if outputs != 1:
             fail(f"expected exactly one output node, found {outputs}")
 
