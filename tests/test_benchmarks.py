@@ -1,8 +1,6 @@
 """Fast tests of the benchmark instrument's measuring functions (no timing assertions)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,17 +8,16 @@ from torch import nn
 
 from topo_compiler.passes import PASSES
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not installed
-
-from benchmarks import run  # noqa: E402
-from benchmarks.configs import CONFIGURATIONS, Configuration, full_method, select  # noqa: E402
-from benchmarks.measure import (  # noqa: E402
+from benchmarks import run
+from benchmarks.configs import CONFIGURATIONS, Configuration, full_method, select
+from benchmarks.measure import (
     TrainingStep,
     interleaved_times,
     saved_activation_bytes,
     saved_activations_and_flops,
     step_peak_bytes,
 )
+
 
 class SaveThrice(torch.autograd.Function):
     """``h @ w`` that saves ``h`` three times (itself, again, a view) and the parameter ``w``."""
