@@ -573,17 +573,16 @@ def _guard_random(tracer: SupernetTracer):
         patches.append((owner, name, original))
         setattr(owner, name, recording)
 
-    for name in _RANDOM_FUNCS:
-        wrap(random, name, f"random.{name}")
-    np = sys.modules.get("numpy")
-    if np is not None:
-        for name in _NUMPY_RANDOM_FUNCS:
-            wrap(np.random, name, f"numpy.random.{name}")
-    for name in _TORCH_RANDOM_FUNCS:
-        wrap(torch, name, f"torch.{name}", only_eager=True)
-
     states = _rng_states()
-    try:
+    try:  # every patch is undone, however tracing (or patching) ends
+        for name in _RANDOM_FUNCS:
+            wrap(random, name, f"random.{name}")
+        np = sys.modules.get("numpy")
+        if np is not None:
+            for name in _NUMPY_RANDOM_FUNCS:
+                wrap(np.random, name, f"numpy.random.{name}")
+        for name in _TORCH_RANDOM_FUNCS:
+            wrap(torch, name, f"torch.{name}", only_eager=True)
         yield
     finally:
         for owner, name, original in reversed(patches):
@@ -619,12 +618,14 @@ def _has_proxy(args: Any, kwargs: Any) -> bool:
 
 
 def _rng_states() -> tuple[Any, ...]:
+    """Python's, numpy's (when imported) and torch's CPU generator states, comparable."""
     np = sys.modules.get("numpy")
     np_state = None
     if np is not None:
         s = np.random.get_state()
         np_state = (s[0], s[1].tobytes(), s[2], s[3], s[4])
-    return (random.getstate(), np_state, torch.random.get_rng_state().numpy().tobytes())
+    torch_state = bytes(torch.random.get_rng_state().tolist())  # numpy may be absent
+    return (random.getstate(), np_state, torch_state)
 
 
 # --------------------------------------------------------------------------------------
