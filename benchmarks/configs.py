@@ -41,6 +41,7 @@ _ABLATION = {
     "pms": ("pms",),                    # partial module sharing
     "fms": ("fms",),                    # floating module sharing
     "pms+fms": ("pms", "fms"),          # the paper's "sharing"
+    "pms+fms+kn": ("pms", "fms", "kn"),  # Table V's "+Sharing+KN" (no merge)
     "pms+fms+merge": ("pms", "fms", "merge"),
     "all": PIPELINE,                    # sharing, merged kernels, kernel normalization
 }
@@ -88,6 +89,7 @@ class PaperFigure(NamedTuple):
 PAPER: dict[tuple[str, str], PaperFigure] = {
     # NB201 with DARTS (Tables III and V): +Sharing, +Sharing+Reparam, +All
     ("nb201", "pms+fms"): PaperFigure(3414 / 3626, 10761 / 11386, "Table V, +Sharing"),
+    ("nb201", "pms+fms+kn"): PaperFigure(3422 / 3626, 11774 / 11386, "Table V, +Sharing+KN"),
     ("nb201", "pms+fms+merge"): PaperFigure(3000 / 3626, 8145 / 11386,
                                             "Table V, +Sharing+Reparam"),
     ("nb201", "all"): PaperFigure(3006 / 3626, 8620 / 11386, "Table III/V, DARTS+Ours"),

@@ -62,7 +62,8 @@ def group_to_dense(kernel: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def separable_to_dense(depthwise: torch.Tensor, pointwise: torch.Tensor) -> torch.Tensor:
-    """Depthwise ``D (C, 1, *k)`` then pointwise ``P (C_out, C, 1...)``: ``W[o, c] = P[o, c] D[c]``."""
+    """Depthwise ``D (C, 1, *k)`` then pointwise ``P (C_out, C, 1...)``:
+    ``W[o, c] = P[o, c] D[c]``."""
     return pointwise * depthwise.transpose(0, 1)
 
 

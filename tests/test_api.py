@@ -2,7 +2,6 @@
 import copy
 import inspect
 import json
-import warnings
 
 import pytest
 import torch

@@ -26,7 +26,7 @@ from topo_compiler.api import analyze
 from topo_compiler.ir import lift
 from topo_compiler.tracer import trace_supernet
 from topo_compiler.viz import (INSTALL_DOT, DumpHook, View, cells_of, draw_network, edges_of,
-                               have_dot, report_html)
+                               report_html)
 
 EXIT_USAGE = 2
 

@@ -230,19 +230,18 @@ class _Finder:
         return MixedOp("", input_, candidates, tuple(sum_order), output, form)
 
     # -- the two forms ------------------------------------------------------------------
-    def sum_form(self, root: str) -> tuple[MixedOp | None, list[str]]:
+    def sum_form(self, root: str) -> MixedOp | None:
         adds, leaves = self.sum_tree(root)
         if "<literal>" in leaves:
-            return None, adds
+            return None
         terms = []
         for leaf in sorted(leaves, key=lambda n: self.ir.node(n).order):
             wt = self.weighted_term(leaf)
             if wt is None:
-                return None, adds
+                return None
             terms.append((WeightRef(wt[0]), wt[1], leaf))
-        op = self.build(terms, lambda term, out: term, adds + [t for _, _, t in terms],
-                        root, "sum")
-        return op, adds
+        return self.build(terms, lambda term, out: term, adds + [t for _, _, t in terms],
+                          root, "sum")
 
     def stack_form(self, name: str) -> MixedOp | None:
         """``sum(mul(stack([o...]), w_view), dim=0)`` -> MixedOp."""
@@ -293,9 +292,9 @@ def _find_mixed_ops(ir: SupernetIR) -> tuple[MixedOp, ...]:
         if finder.is_add(name):
             if finder.is_zero_start(name):
                 continue
-            op, adds = finder.sum_form(name)
+            op = finder.sum_form(name)
         else:
-            op, adds = finder.stack_form(name), []
+            op = finder.stack_form(name)
         if op is not None:
             found.append(op)
             absorbed.update(op.sum_nodes)
@@ -308,7 +307,7 @@ def mixed_op_at(ir: SupernetIR, output: str, name: str = "") -> MixedOp | None:
     if output not in ir:
         return None
     finder = _Finder(ir)
-    op = finder.sum_form(output)[0] if finder.is_add(output) else finder.stack_form(output)
+    op = finder.sum_form(output) if finder.is_add(output) else finder.stack_form(output)
     return None if op is None else dataclasses.replace(op, name=name)
 
 

@@ -20,7 +20,6 @@ ideas:
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import copy
 import dataclasses
