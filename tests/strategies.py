@@ -106,6 +106,7 @@ class RandomSupernet(nn.Module):
         super().__init__()
         torch.manual_seed(spec.seed)
         C = spec.channels
+        self.resolution = spec.resolution
         self.stem = nn.Conv2d(3, C, 3, padding=1, bias=False)
         self.edges = nn.ModuleList(MixedOp(C, chains, s)
                                    for chains, s in zip(spec.candidates, spec.strides))
@@ -167,9 +168,9 @@ def cell_specs(draw, max_edges: int = 2, max_candidates: int = 5) -> CellSpec:
     )
 
 
-def build(spec: CellSpec) -> tuple[RandomSupernet, torch.Tensor]:
-    model = RandomSupernet(spec)
-    model.resolution = spec.resolution
+def build(spec: CellSpec, supernet: type = RandomSupernet) -> tuple[nn.Module, torch.Tensor]:
+    """The supernet of ``spec`` and an example input (seeded by the spec)."""
+    model = supernet(spec)
     gen = torch.Generator().manual_seed(spec.seed)
     x = torch.randn(2, 3, spec.resolution, spec.resolution, generator=gen)
     return model, x
@@ -186,12 +187,8 @@ class RandomSupernetWithWeights(RandomSupernet):
         return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
-def build_with_weights(spec: CellSpec) -> tuple[RandomSupernetWithWeights, torch.Tensor]:
-    model = RandomSupernetWithWeights(spec)
-    model.resolution = spec.resolution
-    gen = torch.Generator().manual_seed(spec.seed)
-    x = torch.randn(2, 3, spec.resolution, spec.resolution, generator=gen)
-    return model, x
+def build_with_weights(spec: CellSpec) -> tuple[nn.Module, torch.Tensor]:
+    return build(spec, RandomSupernetWithWeights)
 
 
 def one_hot_rows(spec: CellSpec) -> list[torch.Tensor]:
