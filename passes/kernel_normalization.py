@@ -27,19 +27,14 @@ from __future__ import annotations
 import dataclasses
 import operator
 
-import torch.nn.functional as F
-
 from ..analysis import find_mixed_ops
 from ..descriptors import Kind, Ref
 from ..ir import SupernetIR
 from ..pass_manager import Pass, PassContext
 from .kernels import normalize_kernel, normalize_kernels
-from .reparameterization import linear_candidate
+from .reparameterization import conv_piece, functional_conv, linear_candidate
 
 __all__ = ["KernelNormalization"]
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
 
 def _is_normalized(ir: SupernetIR, name: str) -> bool:
     node = ir.node(name)
@@ -103,23 +98,22 @@ def request_conv(ir: SupernetIR, name: str, requests: _Requests) -> bool:
     if node.notes.get("kn") or node.notes.get("merged"):
         return False
     tag = {k: v for k, v in node.notes.items() if k == "mixed_op"}
-    spatial = node.val.dim() - 2
     if node.opcode == "call_module":
-        module = ir.modules[node.target]
-        weight = ir.add_node("get_attr", f"{node.target}.weight", origin="kn",
-                             notes={**tag, "role": "kernel"}).name
-        kwargs = {"stride": module.stride, "padding": module.padding,
-                  "dilation": module.dilation, "groups": module.groups}
-        if module.bias is not None:
-            kwargs["bias"] = Ref(ir.add_node("get_attr", f"{node.target}.bias", origin="kn",
-                                             notes={**tag, "role": "kernel"}).name)
-        (data,) = [r for r in node.inputs]
-        conv = ir.add_node("call_function", _CONV[spatial], (Ref(data), Ref(weight)), kwargs,
-                           origin="kn", module_path=node.module_path, source=node.source,
-                           notes={**node.notes, "kn": True}, name=f"{name}_kn")
-        ir.replace_all_uses(name, conv.name)
+        piece, stride = conv_piece(ir, name)  # linear candidates' convs always have one
+
+        def read(ref: tuple | None) -> str | None:
+            return None if ref is None else ir.add_node(
+                "get_attr", f"{ref[1]}.{ref[2]}", origin="kn",
+                notes={**tag, "role": "kernel"}).name
+
+        weight = read(piece.kernel)
+        (data,) = node.inputs
+        conv = functional_conv(ir, data, weight, read(piece.bias), stride, piece, like=node,
+                               origin="kn", notes={**node.notes, "kn": True},
+                               name=f"{name}_kn")
+        ir.replace_all_uses(name, conv)
         ir.remove_node(name)
-        requests.add(weight, [conv.name])
+        requests.add(weight, [conv])
         return True
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     if not isinstance(weight, Ref) or _is_normalized(ir, weight.name):

@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import reduce
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,8 @@ from ..pass_manager import Pass, PassContext
 from . import kernels, sharing
 from .selection import data_inputs, group_selection, rebuild_selection, weighted_sum
 
-__all__ = ["Reparameterization", "MergePlan", "match_merge", "DEVICES", "DeviceModel"]
+__all__ = ["Reparameterization", "MergePlan", "match_merge", "DEVICES", "DeviceModel",
+           "functional_conv", "conv_piece"]
 
 
 # --------------------------------------------------------------------------------------
@@ -112,7 +113,7 @@ class LinearCandidate:
         return not self.pieces
 
 
-def _conv_piece(ir: SupernetIR, name: str) -> tuple[Piece, tuple[int, ...]] | None:
+def conv_piece(ir: SupernetIR, name: str) -> tuple[Piece, tuple[int, ...]] | None:
     """(piece, stride) of a convolution node, or None if it is not a plain zero-padded conv."""
     node = ir.node(name)
     desc = node.desc
@@ -190,7 +191,7 @@ def linear_candidate(ir: SupernetIR, op: MixedOp, index: int,
         return LinearCandidate(index, (piece,), (1,) * spatial, True, "identity")
     kinds = [ir.node(n).kind for n in data]
     if len(data) == 1 and kinds[0] is Kind.CONV:
-        got = _conv_piece(ir, data[0])
+        got = conv_piece(ir, data[0])
         if got is None or data_inputs(ir, data[0]) != [op.input]:
             return None
         return LinearCandidate(index, (got[0],), got[1], True, ir.node(data[0]).desc.label())
@@ -205,7 +206,7 @@ def linear_candidate(ir: SupernetIR, op: MixedOp, index: int,
 
 
 def _separable(ir, op, index, data) -> LinearCandidate | None:
-    first, second = (_conv_piece(ir, n) for n in data)
+    first, second = (conv_piece(ir, n) for n in data)
     if first is None or second is None or data_inputs(ir, data[0]) != [op.input] or \
             data_inputs(ir, data[1]) != [data[0]]:
         return None
@@ -223,20 +224,20 @@ def _separable(ir, op, index, data) -> LinearCandidate | None:
 def _factorized_reduce(ir, op, index, data) -> LinearCandidate | None:
     """``cat([conv_a(z), conv_b(z[:, :, 1:, 1:])], 1)`` with 1x1 stride-2 convs: one 2x2
     stride-2 kernel whose halves sit at offsets 0 and 1 (DARTS's FactorizedReduce core)."""
-    nodes = {ir.node(n).desc.op: n for n in data}
-    if len(data) != 4 or set(nodes) - {"cat", "getitem"} - {o for o in nodes
-                                                             if o.startswith("conv")}:
-        return None
-    cat = nodes.get("cat")
+    cats = [n for n in data if ir.node(n).desc.op == "cat"]
     convs = [n for n in data if ir.node(n).kind is Kind.CONV]
-    if cat is None or len(convs) != 2 or ir.node(cat).desc.hparam("dim") not in (1, -3):
+    slices = [n for n in data if ir.node(n).desc.op == "getitem"]
+    if len(data) != 4 or len(cats) != 1 or len(convs) != 2 or len(slices) != 1:
+        return None
+    (cat,) = cats
+    if ir.node(cat).desc.hparam("dim") not in (1, -3):
         return None
     items = ir.node(cat).args[0]
     if not isinstance(items, (list, tuple)) or [r.name for r in items] != convs:
         return None
     pieces, rows, strides = [], 0, set()
     for conv in convs:
-        got = _conv_piece(ir, conv)
+        got = conv_piece(ir, conv)
         if got is None:
             return None
         piece, stride = got
@@ -261,8 +262,7 @@ def _factorized_reduce(ir, op, index, data) -> LinearCandidate | None:
         strides.add(stride)
     if len(strides) != 1:
         return None
-    total = rows
-    pieces = [dataclasses.replace(p, out_channels=total) for p in pieces]
+    pieces = [dataclasses.replace(p, out_channels=rows) for p in pieces]
     return LinearCandidate(index, tuple(pieces), strides.pop(), True, "factorized reduce")
 
 
@@ -498,20 +498,27 @@ def _shapes(ir: SupernetIR, op: MixedOp, device: DeviceModel) -> Shapes:
                   math.prod(out.shape[2:]), z.element_size(), device)
 
 
+def _mergeable(cands: Sequence[LinearCandidate]) -> tuple[list, tuple] | None:
+    """(the non-zero candidates, their frame) when they can be one convolution: a learnable
+    kernel among them, one stride, aligned outputs."""
+    live = [c for c in cands if not c.zero]
+    if not any(p.learnable for c in live for p in c.pieces) or \
+            len({c.stride for c in live}) != 1:
+        return None
+    frame = _frame(live)
+    return None if frame is None else (live, frame)
+
+
 def _best_form(cands, sh) -> tuple[float, Estimate, str, tuple] | None:
-    if sum(1 for c in cands if not c.zero) < 1 or len(cands) < 2 or \
-            not any(p.learnable for c in cands for p in c.pieces):
+    got = _mergeable(cands) if len(cands) >= 2 else None
+    if got is None:
         return None
-    frame = _frame([c for c in cands if not c.zero])
-    strides = {c.stride for c in cands if not c.zero}
-    if frame is None or len(strides) != 1:
-        return None
+    live, frame = got
     best = None
-    for form in _forms([c for c in cands if not c.zero]):
-        est = _merged(form, [c for c in cands if not c.zero], frame[0], sh)
-        cost = est.seconds
-        if best is None or cost < best[0]:
-            best = (cost, est, form, frame)
+    for form in _forms(live):
+        est = _merged(form, live, frame[0], sh)
+        if best is None or est.seconds < best[0]:
+            best = (est.seconds, est, form, frame)
     return best
 
 
@@ -545,7 +552,7 @@ def match_merge(ir: SupernetIR, op: MixedOp, exact: bool, device: DeviceModel,
 def _merge_plan(linear: list[LinearCandidate], sh: Shapes,
                 form: str | None) -> MergePlan | None:
     if form is not None:
-        return _forced(linear, form, sh)
+        return _forced(linear, form)
 
     def score(group):
         best = _best_form(group, sh)
@@ -567,7 +574,7 @@ def _merge_plan(linear: list[LinearCandidate], sh: Shapes,
     if current is None:
         return None
     apart_all = _apart(linear, sh)
-    _, (cost, merged, form, frame), rest = current
+    _, (_, merged, form, frame), rest = current
     total = merged + rest
     before = apart_all.seconds
     after = total.seconds
@@ -583,13 +590,11 @@ def _merge_plan(linear: list[LinearCandidate], sh: Shapes,
                      tuple(group), estimate, inexact)
 
 
-def _forced(linear: list[LinearCandidate], form: str, sh: Shapes) -> MergePlan | None:
-    live = [c for c in linear if not c.zero]
-    frame = _frame(live)
-    if frame is None or len({c.stride for c in live}) != 1 or form not in _forms(live) or \
-            not any(p.learnable for c in live for p in c.pieces):
+def _forced(linear: list[LinearCandidate], form: str) -> MergePlan | None:
+    got = _mergeable(linear)
+    if got is None or form not in _forms(got[0]):
         return None
-    size, dil, pad = frame
+    live, (size, dil, pad) = got
     return MergePlan(tuple(c.index for c in linear), form, size, dil, pad, live[0].stride,
                      tuple(linear), "form forced, cost model skipped",
                      tuple(c.label for c in linear if not c.exact))
@@ -676,12 +681,12 @@ def _embed_rows(kernel: torch.Tensor, first: int, total: int) -> torch.Tensor:
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def rewrite_merge(ir: SupernetIR, op: MixedOp, plan: MergePlan, exact: bool) -> str:
+def rewrite_merge(ir: SupernetIR, op: MixedOp, plan: MergePlan) -> str:
     """Replace the planned candidates by one merged convolution (Eq. 14-16)."""
     tag = sharing.tag_for(ir, op, "merge")
-    b = _Builder(ir, plan, op.input, tag)
     if plan.form == "drop":
         return rebuild_selection(ir, op, plan.members, None, None, tag)
+    b = _Builder(ir, plan, op.input, tag)
     # the raw weights go into the kernel: sum_S w_i K_i = w_S sum_S w'_i K_i is the same
     # function, and without the product by w_S the conv output need not be kept for backward
     selection = group_selection(ir, op, plan.members, True, tag)
@@ -690,7 +695,7 @@ def rewrite_merge(ir: SupernetIR, op: MixedOp, plan: MergePlan, exact: bool) -> 
     conv = _CONV[len(plan.frame)]
     z = Ref(op.input)
     if plan.form == "folded":
-        merged = _folded(ir, b, live, weights, tag, conv)
+        merged = _folded(ir, b, live, weights, tag)
         return rebuild_selection(ir, op, plan.members, merged, selection, tag)
     biases = [(weights[c.index], b.tensor(p.bias, learnable=False))
               for c in live for p in c.pieces if p.bias]  # KN leaves biases alone
@@ -736,44 +741,64 @@ def rewrite_merge(ir: SupernetIR, op: MixedOp, plan: MergePlan, exact: bool) -> 
     if tuple(merged.val.shape) != tuple(ir.node(op.output).val.shape):
         raise AssertionError(f"merge of {op.name} produced {tuple(merged.val.shape)}, "
                              f"expected {tuple(ir.node(op.output).val.shape)}")
-    # paper form: w_S * conv(z, sum_i w'_i K_i); exact form: conv(z, sum_i w_i K_i)
     return rebuild_selection(ir, op, plan.members, merged.name, selection, tag)
 
 
+def functional_conv(ir: SupernetIR, data: str, kernel: str, bias: str | None,
+                    stride: Sequence[int], piece: Piece, *, like: IRNode | None = None,
+                    **node: Any) -> str:
+    """``F.convNd(data, kernel, bias)`` with the piece's own geometry (padding, dilation,
+    groups); ``like`` lends its module path and source line; ``node`` goes to ``add_node``."""
+    kwargs = {"stride": tuple(stride), "padding": tuple(-s for s in piece.start),
+              "dilation": piece.dilation, "groups": piece.groups}
+    if bias is not None:
+        kwargs["bias"] = Ref(bias)
+    if like is not None:
+        node.setdefault("module_path", like.module_path)
+        node.setdefault("source", like.source)
+    return ir.add_node("call_function", _CONV[len(kwargs["stride"])], (Ref(data), Ref(kernel)),
+                       kwargs, **node).name
+
+
+def _scaled_conv(b: _Builder, data: str, weight: str, kernel: tuple, bias: tuple | None,
+                 stride: Sequence[int], piece: Piece, **node: Any) -> str:
+    """``w * conv(data, K, b)`` computed as ``conv(data, w K, w b)``."""
+    scaled = b.call(kernels.weighted_kernel_sum, [Ref(weight)], [Ref(b.tensor(kernel))],
+                    name="folded_kernel")
+    scaled_bias = None
+    if bias is not None:
+        scaled_bias = b.call(kernels.weighted_bias_sum, [Ref(weight)],
+                             [Ref(b.tensor(bias, learnable=False))], name="folded_bias")
+    return functional_conv(b.ir, data, scaled, scaled_bias, stride, piece, origin="merge",
+                           **node)
+
+
 def _folded(ir: SupernetIR, b: _Builder, live: Sequence[LinearCandidate],
-            weights: dict[int, str], tag: dict, conv) -> str:
+            weights: dict[int, str], tag: dict) -> str:
     """Each candidate keeps its convolutions, its weight folded into its last kernel
     (``w_i * conv(z, K) = conv(z, w_i K)``): no product of full tensors, nothing kept for
     the weight's gradient but what the convolutions keep anyway."""
     outs = []
     for c in live:
         (p,) = c.pieces
-        w = Ref(weights[c.index])
-        own = {"stride": c.stride, "padding": tuple(-s for s in p.start),
-               "dilation": p.dilation}
         first = len(b.learnable)
-        data, groups = Ref(b.z), p.groups
+        data, stride, last = b.z, c.stride, p
         if p.structure == "separable":
-            data = Ref(ir.add_node("call_function", conv, (data, Ref(b.tensor(p.kernel))),
-                                   {**own, "groups": p.in_channels}, origin="merge",
-                                   name="folded_depthwise",
+            dw = dataclasses.replace(p, structure="depthwise", groups=p.in_channels)
+            data = functional_conv(ir, b.z, b.tensor(p.kernel), None, c.stride, dw,
+                                   origin="merge", name="folded_depthwise",
                                    notes={**tag["notes"], "merged": [c.label],
-                                          "merge_form": "folded (depthwise half)"}).name)
-            kernel, own, groups = p.pointwise, {}, 1
-        else:
-            kernel = p.kernel
-        scaled = b.call(kernels.weighted_kernel_sum, [w], [Ref(b.tensor(kernel))],
-                        name="folded_kernel")
-        kwargs = {**own, "groups": groups}
-        if p.bias:
-            kwargs["bias"] = Ref(b.call(kernels.weighted_bias_sum, [w],
-                                        [Ref(b.tensor(p.bias, learnable=False))],
-                                        name="folded_bias"))
-        outs.append(ir.add_node(
-            "call_function", conv, (data, Ref(scaled)), kwargs, origin="merge",
-            name="folded_conv",
-            notes={**tag["notes"], "merged": [c.label], "merge_form": "folded",
-                   "kernels": b.learnable[first:], "frame": p.kernel_size}).name)
+                                          "merge_form": "folded (depthwise half)"})
+            last = dataclasses.replace(p, kernel=p.pointwise, kernel_size=(1,) * len(c.stride),
+                                       dilation=(1,) * len(c.stride),
+                                       start=(0,) * len(c.stride), groups=1)
+            stride = (1,) * len(c.stride)
+        out = _scaled_conv(b, data, weights[c.index], last.kernel, p.bias, stride, last,
+                           name="folded_conv",
+                           notes={**tag["notes"], "merged": [c.label], "merge_form": "folded",
+                                  "frame": p.kernel_size})
+        ir.node(out).notes["kernels"] = b.learnable[first:]
+        outs.append(out)
     return weighted_sum(ir, [(None, o) for o in outs], tag, name="folded_sum")
 
 
@@ -857,27 +882,18 @@ def _fold_into(ir: SupernetIR, term: IRNode, weight: str) -> str | None:
                            (Ref(module.name), term.args[0], Ref(weight)), origin="merge",
                            module_path=term.module_path, source=term.source, notes=notes,
                            name=f"{term.name}_scaled").name
-    got = _conv_piece(ir, term.name) if term.kind is Kind.CONV else None
+    got = conv_piece(ir, term.name) if term.kind is Kind.CONV else None
     if got is None:
         return None
     piece, stride = got
     if not isinstance(term.args[0], Ref):
         return None
-    data = term.args[0].name
-    b = _Builder(ir, None, data, {"origin": "merge", "notes": tag})
-    kernel = b.call(kernels.weighted_kernel_sum, [Ref(weight)], [Ref(b.tensor(piece.kernel))],
-                    name="folded_kernel")
-    kwargs = {"stride": stride, "padding": tuple(-s for s in piece.start),
-              "dilation": piece.dilation, "groups": piece.groups}
-    if piece.bias:
-        kwargs["bias"] = Ref(b.call(kernels.weighted_bias_sum, [Ref(weight)],
-                                    [Ref(b.tensor(piece.bias, learnable=False))],
-                                    name="folded_bias"))
+    b = _Builder(ir, None, term.args[0].name, {"origin": "merge", "notes": tag})
+    out = _scaled_conv(b, b.z, weight, piece.kernel, piece.bias, stride, piece, like=term,
+                       notes=notes, name=f"{term.name}_scaled")
     if term.opcode == "call_module":
-        notes["kernels"] = list(b.learnable)
-    return ir.add_node("call_function", _CONV[len(stride)], (Ref(data), Ref(kernel)), kwargs,
-                       origin="merge", module_path=term.module_path, source=term.source,
-                       notes=notes, name=f"{term.name}_scaled").name
+        ir.node(out).notes["kernels"] = list(b.learnable)  # for KN, as merged kernels
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -904,7 +920,7 @@ class Reparameterization(Pass):
         device = DEVICES.get(self.device or ir.device_type, DEVICES["cpu"])
         merged = sharing.run_on_mixed_ops(
             ir, ctx, lambda op: match_merge(ir, op, ctx.exact, device, self.form, self.batch),
-            lambda op, plan: rewrite_merge(ir, op, plan, ctx.exact), nested=True)
+            lambda op, plan: rewrite_merge(ir, op, plan), nested=True)
         folded = fold_weights(ir)
         if folded:
             ctx.decide(f"folded {len(folded)} weights into the convolution or BatchNorm "
