@@ -54,13 +54,11 @@ def match_fms(ir: SupernetIR, op: MixedOp, exact: bool) -> FloatingPlan | None:
     if exact:
         return None
     runs: dict[tuple, dict[int, int]] = {}
-    chains = {}
     for i in range(len(op.candidates)):
         chain = view_candidate(ir, op, i).chain
         if chain is None or len(chain) < 3:
             continue
         keys = [share_key(ir.node(n)) for n in chain]
-        chains[i] = chain
         for start in range(1, len(chain) - 1):
             for stop in range(start + 1, len(chain)):
                 run = tuple(keys[start:stop])

@@ -56,7 +56,7 @@ from ..ir import IRNode, SupernetIR
 from ..meta import leaf_function, shape_rule
 from ..pass_manager import Pass, PassContext
 from . import kernels, sharing
-from .selection import data_inputs, group_selection, rebuild_selection, weighted_sum
+from .selection import data_inputs, group_selection, is_data, rebuild_selection, weighted_sum
 
 __all__ = ["Reparameterization", "MergePlan", "match_merge", "DEVICES", "DeviceModel",
            "functional_conv", "conv_piece"]
@@ -179,9 +179,7 @@ def linear_candidate(ir: SupernetIR, op: MixedOp, index: int,
     if cand.kind == "zero":
         return LinearCandidate(index, (), None, True, "zero")
     data = [n for n in cand.branch
-            if ir.node(n).opcode != "get_attr" and isinstance(ir.node(n).val, torch.Tensor)
-            and ir.node(n).notes.get("role") != "weight"]
-    data = [n for n in data if ir.node(n).kind is not Kind.IDENTITY]
+            if is_data(ir.node(n)) and ir.node(n).kind is not Kind.IDENTITY]
     C = z.val.shape[1]
     if cand.kind == "identity" or not data:
         if tuple(ir.node(cand.output).val.shape) != tuple(z.val.shape):

@@ -19,6 +19,7 @@ which replaces a group of candidates' terms in a mixed op by one new term.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import operator
 from typing import Sequence
@@ -80,15 +81,15 @@ class CandidateView:
     chain: tuple[str, ...] | None
 
 
+def is_data(node: IRNode) -> bool:
+    """Whether a node holds data: a tensor that is neither a parameter nor a weight."""
+    return node.opcode != "get_attr" and isinstance(node.val, torch.Tensor) and \
+        node.notes.get("role") != "weight"
+
+
 def data_inputs(ir: SupernetIR, name: str) -> list[str]:
-    """Tensor-valued inputs that are not parameters (the data a node computes on)."""
-    out = []
-    for r in ir.node(name).inputs:
-        node = ir.node(r)
-        if node.opcode != "get_attr" and isinstance(node.val, torch.Tensor) and \
-                node.notes.get("role") != "weight":
-            out.append(r)
-    return out
+    """Inputs that are data (see :func:`is_data`): what a node computes on."""
+    return [r for r in ir.node(name).inputs if is_data(ir.node(r))]
 
 
 def view_candidate(ir: SupernetIR, op: MixedOp, index: int) -> CandidateView:
@@ -178,13 +179,10 @@ def group_selection(ir: SupernetIR, op: MixedOp, members: Sequence[int], exact: 
     raw = [weight_node(ir, op, i, tag) for i in members]
     if exact:
         return Selection(None, tuple(raw))
-    acc = raw[0]
-    for w in raw[1:]:
-        acc = ir.add_node("call_function", operator.add, (Ref(acc), Ref(w)),
-                          origin=tag["origin"], notes=_weight_notes(tag), name="w_group").name
-    group = acc
+    weight_tag = {**tag, "notes": _weight_notes(tag)}
+    group = weighted_sum(ir, [(None, w) for w in raw], weight_tag, name="w_group")
     if len(raw) == 1:
-        group = ir.add_node("call_function", operator.pos, (Ref(acc),), origin=tag["origin"],
+        group = ir.add_node("call_function", operator.pos, (Ref(group),), origin=tag["origin"],
                             notes=_weight_notes(tag), name="w_group").name
     denominator = ir.add_node("call_function", nonzero_or_one, (Ref(group),),
                               origin=tag["origin"], notes=_weight_notes(tag),
@@ -228,18 +226,10 @@ def make_out_of_place(ir: SupernetIR, name: str) -> None:
     if not node.desc.inplace:
         return
     if node.opcode == "call_module":
-        module = ir.modules[node.target]
-        clone = type(module).__new__(type(module))
-        clone.__dict__.update(module.__dict__)
+        clone = copy.copy(ir.modules[node.target])
         clone.inplace = False
-        target = f"{node.target}_out_of_place"
-        ir.modules[target] = clone
-        node.target = target
+        ir.set_target(name, f"{node.target}_out_of_place", module=clone)
     elif node.opcode == "call_method" and str(node.target).endswith("_"):
-        node.target = str(node.target)[:-1]
+        ir.set_target(name, str(node.target)[:-1])
     elif "inplace" in node.kwargs:
-        node.kwargs = {**node.kwargs, "inplace": False}
-    else:
-        return
-    node.desc = ir.describe(node.opcode, node.target, node.args, node.kwargs)
-    ir.generation += 1
+        ir.set_args(name, node.args, {**node.kwargs, "inplace": False})

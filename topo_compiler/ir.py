@@ -193,10 +193,6 @@ class SupernetIR:
     def _all(self) -> Iterator[IRNode]:
         return (data["node"] for _, data in self.graph.nodes(data=True))
 
-    def module(self, name: str) -> nn.Module:
-        node = self.node(name)
-        return self.modules[node.target]
-
     def attr(self, target: str) -> Any:
         """The tensor a get_attr target names (parameter, buffer or tensor attribute)."""
         if target in self.tensor_attrs:
@@ -275,6 +271,16 @@ class SupernetIR:
             self.graph.add_edge(r, name)
         if node.opcode in ("call_function", "call_method"):
             node.desc = self.describe(node.opcode, node.target, node.args, node.kwargs)
+
+    def set_target(self, name: str, target: Any, *, module: nn.Module | None = None) -> None:
+        """Make a node call ``target`` instead (registering ``module`` under that name for a
+        call_module), descriptor recomputed; arguments and edges stay."""
+        node = self.node(name)
+        if module is not None:
+            self.modules[target] = module
+        node.target = target
+        node.desc = self.describe(node.opcode, node.target, node.args, node.kwargs)
+        self.generation += 1
 
     def replace_all_uses(self, old: str, new: str, *, skip: Iterable[str] = ()) -> None:
         """Make every user of ``old`` (except ``skip``) read ``new`` instead."""

@@ -231,6 +231,7 @@ class SupernetTracer(fx.Tracer):
         self._module_stack: list[tuple[str, nn.Module]] = []
         self._meta_modules: dict[int, nn.Module] = {}
         self._example: dict[str, Any] = {}
+        self._concrete: dict[str, Any] = {}
         self._tensor_attr_targets: dict[int, str] = {}
         self.plain_tensor_attrs: dict[str, torch.Tensor] = {}
         self._attr_proxies: dict[str, fx.Proxy] = {}
