@@ -89,6 +89,12 @@ def test_descriptors_normalise_functional_and_method_forms():
             _desc_of(torch.relu), _desc_of(nn.ReLU(inplace=True))}
     assert len({d.signature for d in relu}) == 1
     assert next(iter(relu)).kind is Kind.ACT
+    inplace = [_desc_of(nn.ReLU(inplace=True)), _desc_of(lambda x: F.relu(x, inplace=True)),
+               _desc_of(lambda x: F.relu(x, True)), _desc_of(lambda x: x.relu_())]
+    assert all(d.inplace for d in inplace)
+    out_of_place = [_desc_of(nn.ReLU()), _desc_of(F.relu), _desc_of(lambda x: x.relu()),
+                    _desc_of(lambda x: F.relu(x, inplace=False))]
+    assert not any(d.inplace for d in out_of_place)
     pools = [_desc_of(nn.AvgPool2d(3, 1, 1, count_include_pad=False)),
              _desc_of(lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)),
              _desc_of(lambda x: F.avg_pool2d(x, (3, 3), stride=1, padding=(1, 1),

@@ -298,6 +298,36 @@ def test_inplace_modules_never_clobber_a_shared_input():
     assert len(shared) == 1, "only the ReLU on the third candidate's own conv stays in place"
 
 
+@pytest.mark.parametrize("relu_", [lambda x: F.relu(x, inplace=True), lambda x: x.relu_()],
+                         ids=["F.relu(inplace=True)", "Tensor.relu_"])
+def test_inplace_functions_never_clobber_a_shared_input(relu_):
+    """The functional and method forms of an in-place leading module, once shared, compute out
+    of place: the compiled step equals the out-of-place supernet's (the in-place original
+    clobbers the edge input the third candidate reads, and cannot even backpropagate)."""
+    class Edge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1),
+                                        nn.Conv2d(4, 4, 1)])
+            self.alpha = nn.Parameter(torch.randn(3))
+            self.act = relu_
+
+        def forward(self, x):
+            x = x * 1.0
+            w = self.alpha.softmax(0)
+            return w[0] * self.convs[0](self.act(x)) + w[1] * self.convs[1](self.act(x)) + \
+                w[2] * self.convs[2](x)
+
+    x = torch.randn(2, 4, 6, 6)
+    model = Edge()
+    compiled = compile_supernet(model, x, passes=SHARING, exact=True)
+    assert "share their leading module" in compiled.report.stages[1].decisions[0]
+    ir = _ir(compiled, x)
+    assert not [n.name for n in ir.nodes() if n.desc.inplace]
+    model.act = F.relu  # the reference: the same supernet computing out of place
+    assert_same_step(model, compiled, (x,))
+
+
 def test_each_shared_module_is_annotated_for_the_pictures():
     model, x = darts_edge()
     ir = _ir(model, x)

@@ -462,6 +462,7 @@ def describe_call(target: Any, opcode: str, args: tuple, kwargs: dict,
         return OpDesc(kind, name, tuple((f"operand{i}", v) for _, i, v in literals) + extra,
                       inplace=inplace)
     bound = _bind(target, opcode, name, args, kwargs, arg_types)
+    inplace = inplace or bound.get("inplace") is True  # F.relu(x, inplace=True), as modules
     hp = {k: v for k, v in bound.items() if not _contains_data(v, is_data)}
     for k, v in bound.items():
         if k not in hp and not is_data(v):
