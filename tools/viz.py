@@ -22,9 +22,6 @@ import torch
 from torch import nn
 
 from topo_compiler import TraceError, compile_supernet, spaces
-from topo_compiler.api import analyze
-from topo_compiler.ir import lift
-from topo_compiler.tracer import trace_supernet
 from topo_compiler.viz import (INSTALL_DOT, DumpHook, View, cells_of, draw_network, edges_of,
                                report_html)
 
@@ -163,20 +160,14 @@ def run(argv: list[str] | None = None) -> int:
     if size and args.model not in spaces.SPACES:
         raise VizError("--C and --layers apply to the built-in spaces only")
     model, inputs, name = load_model(args.model, args.input_shape, size)
-    try:
-        ir = lift(trace_supernet(model, inputs))
-    except TraceError as exc:
-        shape = "x".join(str(v) for v in inputs[0].shape)
-        raise VizError(f"the input shape {shape} does not fit {name}: "
-                       f"{str(exc).splitlines()[0]}") from None
-    analyze(ir)
-    view = _choose_view(ir, args)
     out = Path(args.out)
     formats = () if args.format == "dot" else (args.format,)
-    hook = DumpHook(out, formats=formats, view=view, detail=args.detail)
+    hook = DumpHook(out, formats=formats, detail=args.detail)
     stages: list[str] = []
 
     def keep(index, stage, ir_):
+        if index == 0:  # the analysed input: pick what the pictures show before drawing
+            hook.view = _choose_view(ir_, args)
         stages.append(f"{index:02d}-{stage.name.replace('#', '-')}")
         if args.all_stages or index == 0:
             hook(index, stage, ir_)
@@ -189,6 +180,10 @@ def run(argv: list[str] | None = None) -> int:
         try:
             compiled = compile_supernet(model, inputs, passes=passes, exact=args.exact,
                                         hooks=[keep])
+        except TraceError as exc:
+            shape = "x".join(str(v) for v in inputs[0].shape)
+            raise VizError(f"the input shape {shape} does not fit {name}: "
+                           f"{str(exc).splitlines()[0]}") from None
         except (ValueError, NotImplementedError, TypeError) as exc:
             raise VizError(str(exc)) from None
     index, stage, final_ir = last[0]
@@ -205,7 +200,7 @@ def run(argv: list[str] | None = None) -> int:
                     encoding="utf-8")
     elapsed = time.perf_counter() - start
     print(compiled.report.to_markdown(max_mixed_ops=8))
-    print(f"topo-viz: {view.title()} of {name}, {len(stages)} stages, {elapsed:.1f} s")
+    print(f"topo-viz: {hook.view.title()} of {name}, {len(stages)} stages, {elapsed:.1f} s")
     for f in [page] + hook.files:
         print(f"  wrote {f}")
     if not hook.rendered and args.format != "dot":
