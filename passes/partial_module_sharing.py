@@ -79,11 +79,11 @@ def match_pms(ir: SupernetIR, op: MixedOp, exact: bool) -> SharingPlan | None:
     trail_groups: dict[tuple, list[int]] = {}
     for v in views:
         if v.lead is not None:
-            lead_groups.setdefault(share_key(ir.node(v.lead)), []).append(v.index)
+            lead_groups.setdefault(share_key(ir.node(v.lead), exact), []).append(v.index)
         # a one-module candidate (lead == trail) can join a sibling group only
         if v.trail is not None and v.trail != v.lead and \
                 (not exact or _trail_is_exact(v, ir)):
-            trail_groups.setdefault(share_key(ir.node(v.trail)), []).append(v.index)
+            trail_groups.setdefault(share_key(ir.node(v.trail), exact), []).append(v.index)
     options: list[SharingPlan] = []
     for members in lead_groups.values():
         options.append(SharingPlan(tuple(members), True, False, len(members) - 1))

@@ -51,15 +51,19 @@ def _nonzero_or_one_shape(w_group: torch.Tensor) -> torch.Tensor:
     return torch.empty(w_group.shape, dtype=w_group.dtype, device="meta")
 
 
-def share_key(node: IRNode) -> tuple | None:
+def share_key(node: IRNode, exact: bool = False) -> tuple | None:
     """What makes two basic modules "the same module" (None: never shared).
 
     Same canonical op and hyperparameters, and the very same learnable parameters (none for
-    ReLU, pools and ``BatchNorm(affine=False)``); buffers such as BN running statistics are
-    state, not part of the function.
+    ReLU, pools and ``BatchNorm(affine=False)``).  Buffers such as BN running statistics are
+    state: in training they do not change the output, so the paper's form shares modules
+    whatever their state; the exact form also needs the very same buffers, since eval-mode
+    outputs read them and every module's buffers must keep being updated.
     """
     if node.kind not in SHAREABLE_KINDS or node.opcode == "get_attr":
         return None
+    if exact:
+        return node.desc.signature + (node.desc.state,)
     return node.desc.signature  # canonical: F.relu(x), x.relu() and nn.ReLU() agree
 
 

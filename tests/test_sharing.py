@@ -328,6 +328,62 @@ def test_inplace_functions_never_clobber_a_shared_input(relu_):
     assert_same_step(model, compiled, (x,))
 
 
+def test_functional_convs_with_their_own_weights_are_never_shared():
+    """``F.conv2d(x, self.w1)`` and ``F.conv2d(x, self.w2)`` agree in every hyperparameter
+    but are different functions: the weights they are handed tell them apart."""
+    class Edge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(4, 4, 3, 3))
+            self.w2 = nn.Parameter(torch.randn(4, 4, 3, 3))
+            self.alpha = nn.Parameter(torch.randn(2))
+
+        def forward(self, x):
+            w = F.softmax(self.alpha, 0)
+            return w[0] * F.conv2d(x, self.w1, padding=1).relu() + \
+                w[1] * F.conv2d(x, self.w2, padding=1).sigmoid()
+
+    torch.manual_seed(0)
+    model, x = Edge(), torch.randn(2, 4, 8, 8)
+    for exact in (True, False):
+        compiled = compile_supernet(model, x, passes=SHARING, exact=exact)
+        assert not compiled.report.stages[1].decisions
+        assert_same_step(model, compiled, (x,))
+
+
+def test_exact_sharing_keeps_modules_with_their_own_running_statistics_apart():
+    """Two ``BatchNorm(affine=False)`` siblings compute the same training-mode function, but in
+    eval mode each reads its own running statistics: the exact form keeps them apart (and
+    both keep being updated); the paper's form shares them, as Table II counts."""
+    class Edge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.ModuleList([nn.BatchNorm2d(4, affine=False) for _ in range(2)])
+            self.conv = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)])
+            self.alpha = nn.Parameter(torch.randn(2))
+
+        def forward(self, x):
+            w = F.softmax(self.alpha, 0)
+            return w[0] * self.conv[0](self.bn[0](x)) + w[1] * self.conv[1](self.bn[1](x))
+
+    torch.manual_seed(0)
+    model, x = Edge(), torch.randn(2, 4, 8, 8)
+    with torch.no_grad():  # as a warm-up or a loaded checkpoint would leave them
+        model.bn[1].running_mean.fill_(0.5)
+        model.bn[1].running_var.fill_(2.0)
+    paper = compile_supernet(model, x, passes=("pms",))
+    assert "share their leading module" in paper.report.stages[1].decisions[0]
+    compiled = compile_supernet(model, x, passes=("pms",), exact=True)
+    assert not compiled.report.stages[1].decisions
+    model.eval()
+    compiled.eval()
+    assert_same_step(model, compiled, (x,))
+    model.train()
+    compiled.train()
+    compiled(x + 1.0)
+    assert model.bn[1].running_mean[0].item() != 0.5
+
+
 def test_each_shared_module_is_annotated_for_the_pictures():
     model, x = darts_edge()
     ir = _ir(model, x)

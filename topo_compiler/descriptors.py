@@ -61,8 +61,9 @@ class Ref:
 class OpDesc:
     """A typed, canonical description of one node's computation.
 
-    ``params`` are the learnable tensors a module reads (qualified names); ``state`` the
-    buffers it reads and may update (BatchNorm's running statistics).  ``inplace`` is kept
+    ``params`` are the learnable tensors a module reads (qualified names), or the attribute
+    tensors a function is passed; ``state`` the buffers a module reads and may update
+    (BatchNorm's running statistics).  ``inplace`` is kept
     for lowering but never makes two computations different.
     """
 

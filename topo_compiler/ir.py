@@ -343,8 +343,13 @@ class SupernetIR:
                 arg_types = tuple(type(v) for v in vals)
         except KeyError:
             pass
-        return describe_call(target, opcode, tuple(args), dict(kwargs),
+        desc = describe_call(target, opcode, tuple(args), dict(kwargs),
                              lambda a: isinstance(a, Ref), arg_types)
+        # the tensors a function is handed as attributes (F.conv2d(x, self.w1)) are its
+        # parameters: two calls differing only there are different functions
+        reads = tuple(self.node(r).target for r in _refs_in((args, kwargs))
+                      if r in self.graph and self.node(r).opcode == "get_attr")
+        return dataclasses.replace(desc, params=reads) if reads else desc
 
     def infer_val(self, opcode: str, target: Any, args: tuple, kwargs: dict) -> Any:
         if opcode in ("placeholder", "output"):
