@@ -138,6 +138,12 @@ def test_verifier_catches_broken_invariants():
     with pytest.raises(IRVerificationError, match="edges"):
         ir.verify("test")
     ir = _small_ir()
+    some = next(n for n in ir.nodes() if n.desc.op == "mul")
+    assert some.inputs  # read once, so a cached answer exists to go stale
+    some.kwargs["alpha"] = Ref(ir.placeholders()[0].name)  # an edit behind the IR's back
+    with pytest.raises(IRVerificationError, match="edges"):
+        ir.verify("test")
+    ir = _small_ir()
     out = ir.output()
     ir.graph.add_edge(out.name, ir.placeholders()[0].name)
     with pytest.raises(IRVerificationError):

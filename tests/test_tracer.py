@@ -246,3 +246,32 @@ def test_non_tensor_inputs_are_baked_and_reported():
 
     compiled = _compile_quiet(Tau(), (torch.randn(2, 3), 0.5))
     assert compiled.report.baked_inputs == {"tau": "0.5"}
+
+
+def test_baked_list_and_tuple_inputs_bind_each_item():
+    """Single-path supernets take the sampled architecture as a list (SPOS, FairNAS): fx makes
+    one placeholder per item, and each must see its own value, not the whole list."""
+    class SinglePath(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.choices = nn.ModuleList([nn.ModuleList([nn.Conv2d(3, 3, k, padding=k // 2)
+                                                         for k in (1, 3, 5)])
+                                          for _ in range(2)])
+
+        def forward(self, x, architecture, scale):
+            for layer, choice in zip(self.choices, architecture):
+                x = layer[choice](x) * scale[0] + scale[1]
+            return x
+
+    model, x = SinglePath(), torch.randn(2, 3, 8, 8)
+    compiled = _compile_quiet(model, (x, [2, 0], (2, 1)))
+    torch.testing.assert_close(compiled(x, [2, 0], (2, 1)), model(x, [2, 0], (2, 1)))
+    assert compiled.report.baked_inputs == {"architecture": "[2, 0]", "scale": "(2, 1)"}
+
+    class Defaulted(SinglePath):
+        def forward(self, x, architecture, scale=(2, 1)):
+            return super().forward(x, architecture, scale)
+
+    with pytest.raises(TraceError, match="container argument.*architecture.*scale"):
+        trace_supernet(Defaulted(), (x, [2, 0]))
+

@@ -385,7 +385,7 @@ class SupernetIR:
                 fail(f"node key {name!r} does not hold its IRNode")
             if not isinstance(node.desc, OpDesc):
                 fail(f"node {name!r} has no descriptor")
-            refs = set(node.inputs)
+            refs = set(_refs_in((node.args, node.kwargs)))  # not the cache: catch edits in place
             preds = self.graph.pred[name]
             if len(refs) != len(preds) or any(r not in preds for r in refs):
                 fail(f"node {name!r}: arguments read {sorted(refs)} but edges say "

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches, _orig_module_call
 
@@ -231,7 +232,8 @@ class SupernetTracer(fx.Tracer):
         self._module_stack: list[tuple[str, nn.Module]] = []
         self._meta_modules: dict[int, nn.Module] = {}
         self._example: dict[str, Any] = {}
-        self._concrete: dict[str, Any] = {}
+        self._concrete_leaves: dict[str, Any] = {}
+        """fx's placeholder for each leaf of a baked argument (``arch_1``...) -> its value."""
         self._tensor_attr_targets: dict[int, str] = {}
         self.plain_tensor_attrs: dict[str, torch.Tensor] = {}
         self._attr_proxies: dict[str, fx.Proxy] = {}
@@ -375,9 +377,8 @@ class SupernetTracer(fx.Tracer):
             name = node.target.lstrip("*")
             if name in self._example:
                 return self._example[name]
-            base = name.rsplit("_", 1)[0]  # fx names a concrete argument's placeholder x_1
-            if base in self._concrete:
-                return self._concrete[base]
+            if name in self._concrete_leaves:
+                return self._concrete_leaves[name]
             return to_meta(node.args[0]) if node.args else UNKNOWN
         if node.op == "get_attr":
             if node.target in self.plain_tensor_attrs:
@@ -456,16 +457,35 @@ class SupernetTracer(fx.Tracer):
                 concrete[p.name] = value
         for p in positional[len(example_inputs):]:
             concrete[p.name] = p.default
-        self._concrete = concrete
+        # fx makes one placeholder per pytree leaf, numbered from 1 (Tracer._proxy_placeholder)
+        self._concrete_leaves = {f"{name}_{i}": leaf for name, value in concrete.items()
+                                 for i, leaf in enumerate(pytree.tree_leaves(value), 1)}
 
         with _guard_random(self):
             graph = self.trace(root, concrete_args=concrete or None)
+        _check_fx_can_generate(graph, root, concrete)
         _drop_dead_python_values(graph)
         return TracedSupernet(graph=graph, root=root, leaf_paths=frozenset(self.leaf_paths),
                               tensor_attrs=dict(self.plain_tensor_attrs),
                               example_inputs=tuple(example_inputs), baked_inputs=concrete,
                               specializations=list(self.specializations),
                               device_type=_device_type(example_inputs))
+
+
+def _check_fx_can_generate(graph: fx.Graph, root: nn.Module, concrete: dict[str, Any]) -> None:
+    """torch.fx writes a list, tuple or dict argument as one placeholder per item, and then
+    emits code that does not parse when the forward also has arguments with defaults."""
+    if not isinstance(graph._codegen, fx.graph._PyTreeCodeGen):
+        return
+    defaulted = [n.target for n in graph.nodes if n.op == "placeholder" and n.args]
+    if defaulted:
+        nested = [k for k, v in concrete.items() if not pytree.tree_flatten(v)[1].is_leaf()]
+        raise TraceError(
+            f"torch.fx cannot generate code for a forward that takes the container argument(s) "
+            f"{', '.join(nested)} beside arguments with defaults ({', '.join(defaulted)})",
+            module_path="", module_type=type(root).__name__,
+            way_out="wrap the model in a module whose forward has no defaulted arguments and "
+                    "passes them explicitly")
 
 
 def _device_type(example_inputs: Sequence[Any]) -> str:
