@@ -11,6 +11,7 @@ import networkx as nx
 from torch import nn
 
 from .analysis import MixedOp, find_mixed_ops
+from .cuda_graphs import CudaGraphOptions
 from .ir import CompiledSupernet, SupernetIR, lift, lower
 from .pass_manager import Hook, PassManager
 from .report import CompileReport, MixedOpReport
@@ -51,7 +52,8 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
                      dump_formats: Sequence[str] = ("svg",), dump_view: str = "cell",
                      leaf_modules: Iterable[type | str] = (),
                      pass_options: Mapping[str, Mapping[str, Any]] | None = None,
-                     hooks: Sequence[Hook] = ()) -> CompiledSupernet:
+                     hooks: Sequence[Hook] = (),
+                     cuda_graphs: bool | CudaGraphOptions = False) -> CompiledSupernet:
     """Compile a one-shot NAS supernet into a cheaper, equivalent-by-design GraphModule.
 
     Args:
@@ -71,6 +73,10 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         pass_options: per-pass options, e.g. ``{"merge": {"device": "cuda"}}`` (the cost
             model's machine) or ``{"merge": {"form": "dense"}}``.
         hooks: extra callables ``hook(stage_index, stage_report, ir)`` run after each stage.
+        cuda_graphs: run forward and backward as captured CUDA graphs (``True``, or a
+            :class:`~topo_compiler.cuda_graphs.CudaGraphOptions`); calls that do not fit a
+            capture (CPU tensors, grad disabled, a new shape's first call...) run uncaptured.
+            ``compiled.cuda_graphs.stats`` (also ``report.cuda_graphs``) counts both.
 
     Returns:
         A :class:`~topo_compiler.ir.CompiledSupernet` sharing ``model``'s parameters and
@@ -82,6 +88,8 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         raise TypeError(f"compile_supernet expects an nn.Module, got {type(model).__name__}")
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be True or False, got {exact!r}")
+    if not isinstance(cuda_graphs, (bool, CudaGraphOptions)):
+        raise TypeError(f"cuda_graphs must be a bool or CudaGraphOptions, got {cuda_graphs!r}")
     names = normalize_names(passes)
     pipeline = build_pipeline(names, pass_options)
     all_hooks = list(hooks)
@@ -123,6 +131,10 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         timings=timings, warnings=report_warnings,
         specializations=traced.specializations,
         baked_inputs={k: repr(v) for k, v in traced.baked_inputs.items()})
+    if cuda_graphs:
+        from .cuda_graphs import install
+        options = cuda_graphs if isinstance(cuda_graphs, CudaGraphOptions) else None
+        compiled.report.cuda_graphs = install(compiled, options).stats
     if dump_dir is not None:
         dump.write_report(compiled.report)
     return compiled

@@ -118,6 +118,8 @@ class CompileReport:
     warnings: list[str] = dataclasses.field(default_factory=list)
     specializations: list[str] = dataclasses.field(default_factory=list)
     baked_inputs: dict[str, str] = dataclasses.field(default_factory=dict)
+    cuda_graphs: Any = None
+    """The live :class:`~topo_compiler.cuda_graphs.CudaGraphStats` with ``cuda_graphs=True``."""
 
     @property
     def input(self) -> StageReport:
@@ -140,7 +142,8 @@ class CompileReport:
                 "mixed_ops": [m.as_dict() for m in self.mixed_ops],
                 "timings": dict(self.timings), "warnings": list(self.warnings),
                 "specializations": list(self.specializations),
-                "baked_inputs": dict(self.baked_inputs)}
+                "baked_inputs": dict(self.baked_inputs),
+                "cuda_graphs": None if self.cuda_graphs is None else self.cuda_graphs.as_dict()}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.as_dict(), indent=indent)
@@ -189,6 +192,9 @@ class CompileReport:
         if self.baked_inputs:
             lines += ["", "### Baked (non-tensor) inputs", ""]
             lines += [f"- `{k}` = {v}" for k, v in self.baked_inputs.items()]
+        if self.cuda_graphs is not None:
+            lines += ["", "### CUDA graphs", ""]
+            lines += [f"- {line}" for line in self.cuda_graphs.summary()]
         if self.warnings:
             lines += ["", "### Warnings", ""]
             lines += [f"- {w}" for w in self.warnings]
