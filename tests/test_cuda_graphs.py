@@ -321,3 +321,83 @@ def test_option_is_checked():
         compile_supernet(model, torch.randn(2, 3, 8, 8), cuda_graphs="yes")
     with pytest.raises(ValueError):
         CudaGraphOptions(capture_on_call=0)
+
+
+def _logits(out):
+    return out[-1] if isinstance(out, tuple) else out
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_bf16_autocast_uncaptured(exact):
+    """Under CPU bf16 autocast the compiled graph runs in bf16 like the eager supernet, and its
+    outputs and gradients drift from its own fp32 ones no more than the eager supernet's drift
+    from its fp32 ones (bf16 keeps ~3 significant digits; at batch 2 BatchNorm amplifies it)."""
+    model = fresh_model("darts", "cpu")
+    x, y = batches("darts", 1, batch=2, resolution=8, device="cpu")[0]
+    compiled = compile_supernet(model, x, exact=exact)
+    drift = {}
+    for name, module in (("eager", model), ("compiled", compiled)):
+        runs = []
+        for amp in (False, True):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out = _logits(module(x))
+                loss = F.cross_entropy(out, y)
+            loss.backward()
+            grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+            runs.append((out, torch.cat(grads), len(grads)))
+        (out32, g32, n32), (out16, g16, n16) = runs
+        assert out32.dtype == torch.float32 and out16.dtype == torch.bfloat16 and n32 == n16
+        drift[name] = (_cosine(out16, out32), _cosine(g16, g32))
+    assert drift["compiled"][0] > 0.999
+    assert drift["compiled"][1] > min(0.9, drift["eager"][1] - 0.05), drift
+
+
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+def test_channels_last_uncaptured(space):
+    """channels_last parameters and inputs give the contiguous run's outputs and gradients."""
+    model = fresh_model(space, "cpu")
+    x, y = batches(space, 1, batch=2, resolution=8, device="cpu")[0]
+    compiled = compile_supernet(model, x)
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model.to(memory_format=fmt)
+        model.zero_grad(set_to_none=True)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        out = _logits(compiled(x.contiguous(memory_format=fmt)))
+        F.cross_entropy(out, y).backward()
+        results.append((out.detach(), [p.grad.contiguous() for p in model.parameters()
+                                       if p.grad is not None]))
+        model.load_state_dict(state)
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+               and not p.is_contiguous() for p in model.parameters())
+    (out0, g0), (out1, g1) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-4, atol=1e-5)
+    assert len(g0) == len(g1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_and_channels_last_through_emulated_capture():
+    """The capture specializes to the autocast state and the memory format; the loop through
+    it matches the uncaptured loop under the same autocast and layout."""
+    data = batches("nb201", 2, batch=2, resolution=8, device="cpu")
+    runs = []
+    for captured in (False, True):
+        model = fresh_model("nb201", "cpu").to(memory_format=torch.channels_last)
+        compiled = compile_supernet(model, data[0][0])
+        runner = install(compiled, CudaGraphOptions(warmup=1, capture_on_call=1),
+                         Emulated()) if captured else None
+
+        def module(x, compiled=compiled):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return compiled(x)
+        runs.append(run_loop(model, module, data, memory_format=torch.channels_last))
+    assert_same_runs(runs[0], runs[1], rtol=1e-2, atol=1e-3)
+    key = next(iter(runner._captures))
+    assert key.autocast == (True, torch.bfloat16)
+    assert runner.stats.replays == len(data)

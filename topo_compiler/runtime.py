@@ -211,7 +211,9 @@ def scaled_batch_norm(bn: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> to
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
-    weight = scale.expand(x.shape[1]) if bn.weight is None else scale * bn.weight
+    # why contiguous: torch's CPU batch_norm backward reads a stride-0 (expanded) weight wrongly
+    # for channels_last inputs (garbage gradients, torch 2.13)
+    weight = scale.expand(x.shape[1]).contiguous() if bn.weight is None else scale * bn.weight
     bias = None if bn.bias is None else scale * bn.bias
     return F.batch_norm(x, bn.running_mean if track else None,
                         bn.running_var if track else None, weight, bias, use_batch, factor,
