@@ -401,3 +401,36 @@ def test_autocast_and_channels_last_through_emulated_capture():
     key = next(iter(runner._captures))
     assert key.autocast == (True, torch.bfloat16)
     assert runner.stats.replays == len(data)
+
+
+def test_gpu_script_ratios_and_table():
+    """benchmarks/gpu_cuda_graphs.py: ratios to the eager row of the same precision/layout and
+    to the hand-captured eager row; rows that did not run say why."""
+    from benchmarks.gpu_cuda_graphs import _ratios, section
+
+    rows = [{"name": "eager", "status": "measured", "note": "", "step_s": 0.4, "peak_bytes": 100},
+            {"name": "eager, captured by hand", "status": "measured", "note": "",
+             "step_s": 0.1, "peak_bytes": 120},
+            {"name": "compiled, cuda_graphs", "status": "measured", "note": "", "step_s": 0.08,
+             "peak_bytes": 50, "cuda_graphs": {"captures": [{"status": "captured"}],
+                                               "replays": 7, "fallbacks": {"x": 1}}},
+            {"name": "eager, bf16", "status": "measured", "note": "", "step_s": 0.2},
+            {"name": "compiled, bf16", "status": "measured", "note": "", "step_s": 0.1},
+            {"name": "exact, cuda_graphs", "status": "failed", "note": "RuntimeError: boom"}]
+    _ratios(rows)
+    assert rows[2]["time_ratio"] == pytest.approx(0.2)
+    assert rows[2]["time_vs_eager_captured"] == pytest.approx(0.8)
+    assert rows[2]["peak_ratio"] == pytest.approx(0.5)
+    assert rows[4]["time_ratio"] == pytest.approx(0.5)  # to eager, bf16
+    assert rows[5]["time_ratio"] is None
+    result = {"meta": {"machine": {"device": "cpu", "cpu": "x", "cores": 2, "torch": "t",
+                                   "date": "d"}, "command": "c", "revision": "r", "steps": 5,
+                       "warmup": 1, "seconds": 1.0},
+              "spaces": [{"space": "darts", "sizes_text": "s", "rows": rows}],
+              "check": ["darts: ok"], "peers": [{"space": "darts", "peer": "torch.compile(x)",
+                                                 "status": "timed out", "note": "no result"}],
+              "peers_note": "n"}
+    text = section(result)
+    assert "| darts | compiled, cuda_graphs | 80.0 | 0.20 | 0.80 |" in text
+    assert "1 capture(s), 7 replays, 1 uncaptured: x x1" in text
+    assert "failed: RuntimeError: boom" in text and "| timed out |" in text
