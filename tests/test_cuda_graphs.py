@@ -434,3 +434,20 @@ def test_gpu_script_ratios_and_table():
     assert "| darts | compiled, cuda_graphs | 80.0 | 0.20 | 0.80 |" in text
     assert "1 capture(s), 7 replays, 1 uncaptured: x x1" in text
     assert "failed: RuntimeError: boom" in text and "| timed out |" in text
+
+
+def test_key_follows_eval_of_the_source_model():
+    """``model.eval()`` on the source switches the shared BatchNorm leaves, not the compiled
+    module's own flag: the key must still change (a train-mode capture would be wrong)."""
+    model, compiled, data = _compiled()
+    runner = install(compiled, CudaGraphOptions(warmup=0, capture_on_call=1), Emulated())
+    x = data[0][0]
+    k_train = runner.key((x,), {})
+    model.eval()
+    k_eval = runner.key((x,), {})
+    assert compiled.training and k_train != k_eval
+    ref = type(compiled).forward(compiled, x)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref)
+    assert runner.stats.captured == 1 and runner.stats.replays == 1

@@ -18,6 +18,7 @@ from .pass_manager import Hook, PassManager
 from .passes import build_pipeline, normalize_names
 from .report import CompileReport, MixedOpReport
 from .tracer import trace_supernet
+from .vectorize import drop_identity_arithmetic, vectorize_weights
 
 __all__ = ["compile_supernet", "NoMixedOpWarning", "analyze"]
 
@@ -110,6 +111,17 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
     stages = PassManager(pipeline, exact=exact, hooks=all_hooks).run(ir)
     timings["passes"] = time.perf_counter() - start
 
+    lowering: list[str] = []
+    if names:  # why: with no pass, the compiled graph is the traced one, regenerated as is
+        start = time.perf_counter()
+        dropped = drop_identity_arithmetic(ir)
+        if dropped:
+            lowering.append(f"{dropped} additions of 0 / multiplications by 1 dropped")
+        vectorized = vectorize_weights(ir)
+        if vectorized:
+            lowering.append(vectorized)
+        timings["vectorize"] = time.perf_counter() - start
+
     start = time.perf_counter()
     compiled = lower(ir)
     timings["lower"] = time.perf_counter() - start
@@ -119,7 +131,8 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         mixed_ops=mixed_reports,
         timings=timings, warnings=report_warnings,
         specializations=traced.specializations,
-        baked_inputs={k: repr(v) for k, v in traced.baked_inputs.items()})
+        baked_inputs={k: repr(v) for k, v in traced.baked_inputs.items()},
+        lowering=lowering)
     if cuda_graphs:
         from .cuda_graphs import install
         options = cuda_graphs if isinstance(cuda_graphs, CudaGraphOptions) else None

@@ -92,6 +92,9 @@ class CaptureKey:
     """What a capture is specialized to."""
 
     training: bool
+    submodules_training: tuple[bool, ...]
+    """``training`` of every submodule: BatchNorm shared with the source model follows
+    ``model.eval()`` even when the compiled module's own flag does not."""
     inputs: tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, str, bool], ...]
     """Per positional input: shape, stride, dtype, device, requires_grad."""
     autocast: tuple[bool, torch.dtype]
@@ -403,6 +406,7 @@ class CudaGraphs:
         self._seen: collections.Counter = collections.Counter()
         self._warned: set[str] = set()
         self._surface: tuple[list[nn.Parameter], list[torch.Tensor]] | None = None
+        self._submodules: list[nn.Module] | None = None
         self._pointers: tuple[int, ...] = ()
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -439,7 +443,10 @@ class CudaGraphs:
             return "nothing requires grad"
         guards = self.options.guard_values() if self.options.guard_values else None
         program = (id(type(self.module).forward), id(getattr(self.module, "graph", None)))
+        if self._submodules is None:
+            self._submodules = list(self.module.modules())
         return CaptureKey(bool(self.module.training),
+                          tuple(m.training for m in self._submodules),
                           tuple((tuple(a.shape), tuple(a.stride()), a.dtype, str(a.device),
                                  a.requires_grad) for a in args),
                           autocast, grad_flags, guards, program)

@@ -118,6 +118,8 @@ class CompileReport:
     warnings: list[str] = dataclasses.field(default_factory=list)
     specializations: list[str] = dataclasses.field(default_factory=list)
     baked_inputs: dict[str, str] = dataclasses.field(default_factory=dict)
+    lowering: list[str] = dataclasses.field(default_factory=list)
+    """What lowering preparation did (the weight program, dropped identities)."""
     cuda_graphs: Any = None
     """The live :class:`~topo_compiler.cuda_graphs.CudaGraphStats` with ``cuda_graphs=True``."""
 
@@ -142,7 +144,7 @@ class CompileReport:
                 "mixed_ops": [m.as_dict() for m in self.mixed_ops],
                 "timings": dict(self.timings), "warnings": list(self.warnings),
                 "specializations": list(self.specializations),
-                "baked_inputs": dict(self.baked_inputs),
+                "baked_inputs": dict(self.baked_inputs), "lowering": list(self.lowering),
                 "cuda_graphs": None if self.cuda_graphs is None else self.cuda_graphs.as_dict()}
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -192,6 +194,9 @@ class CompileReport:
         if self.baked_inputs:
             lines += ["", "### Baked (non-tensor) inputs", ""]
             lines += [f"- `{k}` = {v}" for k, v in self.baked_inputs.items()]
+        if self.lowering:
+            lines += ["", "### Lowering", ""]
+            lines += [f"- {line}" for line in self.lowering]
         if self.cuda_graphs is not None:
             lines += ["", "### CUDA graphs", ""]
             lines += [f"- {line}" for line in self.cuda_graphs.summary()]
