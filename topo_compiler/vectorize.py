@@ -33,7 +33,7 @@ import networkx as nx
 import torch
 
 from .descriptors import Ref
-from .ir import SupernetIR
+from .ir import NodeNotes, Role, SupernetIR
 from .meta import UNKNOWN
 from .runtime import WeightProgram, nonzero_or_one
 
@@ -191,15 +191,16 @@ def vectorize_weights(ir: SupernetIR) -> str | None:
     early = set(roots).union(*(nx.ancestors(ir.graph, r) for r in roots))
     for n in early:
         ir.node(n).order = (-1,) + ir.node(n).order
-    ir.generation += 1
+    ir.generation += 1  # why: program order changed (no IR method edits it)
+    ir.graph_generation += 1
     meta = tuple(torch.empty((), dtype=dtype, device="meta") for _ in exports)
     node = ir.add_node("call_module", target, tuple(Ref(r) for r in roots), module=program,
                        name="weights", order=(-1, _LAST), val=meta, origin="vectorize",
-                       notes={"role": "weight"})
+                       notes=NodeNotes(role=Role.WEIGHT))
     for i, n in enumerate(exports):
         item = ir.add_node("call_function", operator.getitem, (Ref(node.name), i),
                            name=n, order=(-1, _LAST, i), val=meta[i], origin="vectorize",
-                           notes={"role": "weight"})
+                           notes=NodeNotes(role=Role.WEIGHT))
         ir.replace_all_uses(n, item.name)
     ir.remove_dead(chosen)
     levels_ops = sum(len(level) for level in levels)
