@@ -3,9 +3,10 @@ the lowering preparation of issue 13 (weight program, dropped identities), again
 
 One process, one supernet per space, the three modules timed round-robin
 (``benchmarks.measure.interleaved_times``), medians; sizes are ``benchmarks.run``'s CPU
-sizes.  "before" compiles with :func:`topo_compiler.vectorize.vectorize_weights` and
-:func:`~topo_compiler.vectorize.drop_identity_arithmetic` switched off, so the two compiled
-modules differ only there.
+sizes.  "before" compiles with :func:`topo_compiler.vectorize.vectorize_weights`,
+:func:`~topo_compiler.vectorize.drop_identity_arithmetic` and the lowering's one-attribute
+module access (``lower._shorten_attribute_chains``) switched off, so the two compiled modules
+differ only there.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from topo_compiler import compile_supernet
 
-from .configs import full_method, CONFIGURATIONS
+from .configs import CONFIGURATIONS, full_method
 from .measure import TrainingStep, interleaved_times
 from .run import DEFAULT_SIZES
 from .suite import Settings, build_supernet
@@ -40,8 +41,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         model, x, y = build_supernet(space, DEFAULT_SIZES["cpu"][space], settings)
         kw = dict(passes=config.passes, exact=args.exact)
         with mock.patch("topo_compiler.api.vectorize_weights", lambda ir: None), \
-                mock.patch("topo_compiler.api.drop_identity_arithmetic", lambda ir: 0):
+                mock.patch("topo_compiler.api.drop_identity_arithmetic", lambda ir: 0), \
+                mock.patch("topo_compiler.lower._shorten_attribute_chains",
+                           lambda gm, graph: None):
             before = compile_supernet(model, x, **kw)
+        assert "getattr(" in before.code and "getattr(" not in \
+            compile_supernet(model, x, **kw).code
         after = compile_supernet(model, x, **kw)
         steps = {name: TrainingStep(m, model, x, y)
                  for name, m in (("eager", model), ("before", before), ("after", after))}
