@@ -12,9 +12,13 @@ import torch
 from torch import nn
 
 from helpers import flat_outputs
-from supernets.capture_idioms import CAPTURE
+from supernets import UNTRACEABLE, gdas_autodl
+from supernets.capture_idioms import C as C_IN
+from supernets.capture_idioms import CAPTURE, PARTIAL_CULPRIT, GumbelLoopRoot
+from supernets.capture_idioms import _candidates as _candidate_list
 from topo_compiler import TraceError, compile_supernet, trace_supernet
 from topo_compiler.capture import OpaqueCall
+from topo_compiler.partial import PartialCompileWarning
 
 TESTS = os.path.dirname(__file__)
 
@@ -221,3 +225,115 @@ def test_trace_time_randomness_way_out_never_names_the_root():
         trace_supernet(Spos(), torch.randn(2, 3, 4, 4))
     assert "leaf_modules=['']" not in str(info.value)
     assert "random.randint" in str(info.value)
+
+
+# -- partial compile --------------------------------------------------------------------------
+def _partial(model, args, **kw):
+    with pytest.warns(PartialCompileWarning):
+        return compile_supernet(model, args, **kw)
+
+
+def test_partial_compile_untraceable_root_with_traceable_cells():
+    """The root's Gumbel redraw loop runs eagerly; the cells (and their mixed ops) are
+    compiled; two training steps equal eager from the same RNG state."""
+    model = GumbelLoopRoot()
+    (x,) = CAPTURE["ste_gate"].example_inputs()
+    compiled = _partial(model, (x,), exact=True)
+    report = compiled.report
+    assert PARTIAL_CULPRIT in report.root_error and "capture_idioms.py" in report.root_error
+    assert {"stem", "cells.0", "cells.1"} <= set(report.compiled)
+    assert report.outcomes["cells.0"].mixed_ops == 2
+    assert not any(p.startswith("cells.0.") for p in report.outcomes)
+    assert_partial_trains_like_eager(GumbelLoopRoot, lambda: (x,))
+
+
+def assert_partial_trains_like_eager(factory, example_inputs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return assert_trains_like_eager(factory, example_inputs)
+
+
+def test_partial_compile_gdas():
+    """AutoDL's GDAS: the redraw loop in the root forward, cells reading each edge's argmax
+    with .item() through forward_gdas; compiles without error, trains like eager."""
+    model = gdas_autodl.build()
+    args = gdas_autodl.example_inputs()
+    compiled = _partial(model, args, exact=True)
+    report = compiled.report
+    assert gdas_autodl.CULPRIT_SUBSTRING in report.root_error
+    assert {"stem", "cells.1", "lastact"} <= set(report.compiled)  # cells.1: ResNet block
+    cell_ops = [p for p in report.compiled if p.startswith("cells.0.edges.")]
+    assert cell_ops, "the candidate ops of a search cell are compiled"
+    assert "not called through __call__" in report.outcomes["cells.0"].reason
+    assert "Partial compile of TinyNetworkGDAS" in report.to_markdown()
+    assert_partial_trains_like_eager(gdas_autodl.build, gdas_autodl.example_inputs)
+    compiled.eval()
+    assert all(not m.training for m in compiled.modules())
+
+
+def test_partial_compile_keeps_the_model_and_its_state():
+    model = GumbelLoopRoot()
+    (x,) = CAPTURE["ste_gate"].example_inputs()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    compiled = _partial(model, (x,))
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert type(model.cells[0].forward).__name__ == "method"  # the user's tree is untouched
+    assert compiled.state_dict().keys() == model.state_dict().keys()
+    assert all(a is b for a, b in zip(compiled.parameters(), model.parameters()))
+
+
+def test_partial_compile_many_signatures_stay_eager():
+    """A submodule that gets a new non-tensor argument on every call would need a graph per
+    value: past max_variants it stays eager (no cache thrash) and the report says so."""
+    class Pick(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ops = _candidate_list()
+
+        def forward(self, x, index):
+            return self.ops[index](x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pick = Pick()
+            self.alpha = nn.Parameter(torch.zeros(4))
+
+        def forward(self, x):
+            return self.pick(x, int(self.alpha.argmax()))  # value-dependent: root eager
+
+    model = Net()
+    (x,) = CAPTURE["ste_gate"].example_inputs()
+    compiled = _partial(model, (x,))
+    for i in range(4):
+        with torch.no_grad():
+            model.alpha.zero_()
+            model.alpha[i] = 1.0
+        torch.testing.assert_close(compiled(x), model(x))
+    outcome = compiled.report.outcomes["pick"]
+    assert not outcome.compiled and "input signatures" in outcome.reason
+
+
+def test_nothing_traceable_raises_the_trace_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(C_IN, C_IN, 1)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else x
+
+    with pytest.raises(TraceError, match="x.sum"):
+        compile_supernet(Branchy(), CAPTURE["ste_gate"].example_inputs())
+
+
+@pytest.mark.parametrize("name", sorted(UNTRACEABLE))
+def test_untraceable_models_compile_partially_with_the_reason(name):
+    case = UNTRACEABLE[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = compile_supernet(case.factory(), case.example_inputs(), passes=())
+    assert case.culprit_substring in compiled.report.root_error
+    assert compiled.report.compiled

@@ -105,7 +105,7 @@ class OpaqueCall:
         return self.fn(*args, **kwargs)
 
     def _meta_value(self, args: tuple, kwargs: dict) -> Any:
-        with _buffers_kept():  # a BatchNorm it runs counts a batch before failing on meta
+        with _buffers_kept(), rng_kept():  # a BatchNorm counts a batch before failing
             try:
                 with _maybe_revert_all_patches():  # modules it calls run, not record
                     return to_meta(self.fn(*args, **kwargs))
@@ -184,10 +184,21 @@ _ACTIVE: list[Any] = []
 
 
 @contextlib.contextmanager
-def computing_meta(tracer: Any) -> Iterator[None]:
-    """While the tracer computes a meta value: nothing it runs is the user's trace-time
-    randomness or a factory to record, and every random generator is left as it was."""
+def computing_meta(tracer: Any, run_user_code: bool = False) -> Iterator[None]:
+    """While the tracer computes a meta value nothing it runs is the user's trace-time
+    randomness or a factory to record.  When that runs user code (a leaf module's forward),
+    every random generator is left as it was, too."""
     tracer._computing_meta = getattr(tracer, "_computing_meta", 0) + 1
+    try:
+        with rng_kept() if run_user_code else contextlib.nullcontext():
+            yield
+    finally:
+        tracer._computing_meta -= 1
+
+
+@contextlib.contextmanager
+def rng_kept() -> Iterator[None]:
+    """Python's, numpy's and torch's CPU generators are left as they were."""
     py_state = random.getstate()
     np = sys.modules.get("numpy")
     np_state = np.random.get_state() if np is not None else None
@@ -195,7 +206,6 @@ def computing_meta(tracer: Any) -> Iterator[None]:
         with torch.random.fork_rng(devices=[]):
             yield
     finally:
-        tracer._computing_meta -= 1
         random.setstate(py_state)
         if np is not None:
             np.random.set_state(np_state)
@@ -221,8 +231,7 @@ def value_on_real_data(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any
         return v
 
     try:
-        with _buffers_kept(), torch.random.fork_rng(devices=[]), torch.no_grad(), \
-                _maybe_revert_all_patches():
+        with _buffers_kept(), rng_kept(), torch.no_grad(), _maybe_revert_all_patches():
             return to_meta(fn(*pytree.tree_map(realize, args), **pytree.tree_map(realize, kwargs)))
     except Exception:  # noqa: BLE001 - the shape stays unknown; asking for it raises later
         return UNKNOWN

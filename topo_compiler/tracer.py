@@ -386,7 +386,9 @@ class SupernetTracer(fx.Tracer):
         if frame is not None:
             node.meta["source"] = (frame.f_code.co_filename, frame.f_lineno,
                                    frame.f_code.co_name)
-        with capture.computing_meta(self):
+        user_leaf = kind == "call_module" and \
+            not _is_standard_leaf(self.root.get_submodule(target))
+        with capture.computing_meta(self, run_user_code=user_leaf):
             node.meta["val"] = self._meta_value(node)
         return proxy
 
@@ -425,7 +427,9 @@ class SupernetTracer(fx.Tracer):
         except Exception as exc:  # noqa: BLE001 - re-raised with context below
             name = getattr(node.target, "__name__", str(node.target))
             if module is not None:  # a leaf runs as is: no value check inside it
-                return _run_leaf_on_random_data(module, args, kwargs)
+                value = _run_leaf_on_random_data(module, args, kwargs)
+                if value is not UNKNOWN or _looks_data_dependent(exc):
+                    return value
             if name in _DATA_DEPENDENT or _looks_data_dependent(exc):
                 return UNKNOWN
             if node.op == "call_function":  # no meta kernel: small real tensors

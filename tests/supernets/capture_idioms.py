@@ -298,3 +298,58 @@ CAPTURE = {
     'attr_in_forward': Capture(AttrInForward, _x_only),
     'bookkeeping': Capture(Bookkeeping, _x_only),
 }
+
+
+# -- partial compile: an untraceable root forward around traceable cells ------------------------
+class MixedOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self._ops = _candidates()
+
+    def forward(self, x, weights):
+        return sum(w * op(x) for w, op in zip(weights, self._ops))
+
+
+class Cell(nn.Module):
+    """Two chained mixed ops, each reading its own row of the sampled weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.edges = nn.ModuleList([MixedOp(), MixedOp()])
+
+    def forward(self, x, weights):
+        for edge, w in zip(self.edges, weights):
+            x = edge(x, w)
+        return x
+
+
+class GumbelLoopRoot(nn.Module):
+    """GDAS-like root: Gumbel noise redrawn while any value is inf (a Python loop on tensor
+    values, so the root forward cannot be traced); the cells take the sampled weights as an
+    argument and are plain DARTS cells."""
+
+    def __init__(self, cells=2, tau=1.0):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(C, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+        self.cells = nn.ModuleList([Cell() for _ in range(cells)])
+        self.arch_parameters_ = nn.Parameter(1e-3 * torch.randn(2, 4))
+        self.classifier = nn.Linear(C, 3)
+        self.tau = tau
+
+    def arch_parameters(self):
+        return [self.arch_parameters_]
+
+    def forward(self, x):
+        while True:
+            gumbels = -torch.empty_like(self.arch_parameters_).exponential_().log()
+            weights = F.softmax((self.arch_parameters_ + gumbels) / self.tau, dim=-1)
+            if torch.isinf(gumbels).any() or torch.isnan(weights).any():
+                continue
+            break
+        x = self.stem(x)
+        for cell in self.cells:
+            x = cell(x, weights)
+        return self.classifier(x.mean((2, 3)))
+
+
+PARTIAL_CULPRIT = 'if torch.isinf(gumbels).any() or torch.isnan(weights).any():'

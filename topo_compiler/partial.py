@@ -1,0 +1,261 @@
+"""Partial compile: graph breaks at module granularity.
+
+When a supernet's forward cannot be traced (a Gumbel redraw loop ``while True: ... if
+inf.any(): continue``, ``.item()`` of an argmax used as an index, Python-level sampling),
+its submodules often can: the cells or candidate ops take the sampled weights as tensors.
+:func:`compile_partially` runs the untraceable forwards eagerly and the traceable submodules
+compiled::
+
+    root.forward            eager   (search_model_gdas.py:120 `if torch.isinf(...).any()`)
+      stem                  compiled
+      cells.0.forward_gdas  eager   (not called through __call__; its ops are reached below)
+        cells.0.edges.1<-0.0  compiled  (ReLUConvBN)
+      ...
+
+The returned module is a shallow copy of the model's module tree (same classes, the very
+same parameters and buffers) in which each submodule's ``forward`` dispatches to its compiled
+graph.  Untraceable modules keep their own forward and their children dispatch in turn.
+
+Granularity: a compiled graph is keyed by its input signature (shapes after the batch,
+dtypes, non-tensor argument values).  A module that sees more than ``max_variants``
+signatures (one per argmax, say) stops being compiled and stays eager, so the cache never
+thrashes; its children, whose keys are few, are compiled instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import sys
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .tracer import TraceError, _is_standard_leaf
+
+__all__ = ["PartialReport", "ModuleOutcome", "compile_partially", "PartialCompileWarning"]
+
+
+class PartialCompileWarning(UserWarning):
+    """The forward could not be traced; parts of the model run eagerly."""
+
+
+@dataclasses.dataclass
+class ModuleOutcome:
+    """What happened to one submodule."""
+
+    path: str
+    module_type: str
+    compiled: bool
+    reason: str
+    """Why it stayed eager (the construct and its source line), or what was compiled."""
+    variants: int = 0
+    mixed_ops: int = 0
+
+    def __str__(self) -> str:
+        state = "compiled" if self.compiled else "eager"
+        extra = f", {self.variants} variant(s), {self.mixed_ops} mixed op(s)" \
+            if self.compiled else ""
+        return f"{self.path or '<root>'} ({self.module_type}): {state}{extra} -- {self.reason}"
+
+
+@dataclasses.dataclass
+class PartialReport:
+    """The partial compile's report: the root's refusal and each submodule's outcome."""
+
+    model: str
+    root_error: str
+    outcomes: dict[str, ModuleOutcome]
+
+    @property
+    def compiled(self) -> list[str]:
+        return [p for p, o in self.outcomes.items() if o.compiled]
+
+    @property
+    def eager(self) -> list[str]:
+        return [p for p, o in self.outcomes.items() if not o.compiled]
+
+    def reports(self) -> dict[str, Any]:
+        """The :class:`~topo_compiler.report.CompileReport` of each compiled variant."""
+        return {p: o for p, o in self.outcomes.items() if o.compiled}
+
+    def to_markdown(self) -> str:
+        lines = [f"# Partial compile of {self.model}", "",
+                 f"The forward of `<root>` runs eagerly: {self.root_error}", "",
+                 f"{len(self.compiled)} module(s) compiled, {len(self.eager)} eager:", ""]
+        lines += [f"* {self.outcomes[p]}" for p in sorted(self.outcomes)]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+_MISSING = object()
+
+
+class _Dispatch:
+    """A submodule's ``forward`` in the partial model: its compiled graph for the input's
+    signature, compiled on first sight, or the module's own forward when it cannot be."""
+
+    def __init__(self, path: str, module: nn.Module, shadow: nn.Module,
+                 compile_fn: Callable[[nn.Module, tuple], nn.Module], max_variants: int,
+                 outcome: ModuleOutcome):
+        self.path = path
+        self.module = module
+        self.eager = type(module).forward.__get__(shadow)
+        self.compile_fn = compile_fn
+        self.max_variants = max_variants
+        self.variants: dict[Any, nn.Module | None] = {}
+        self.outcome = outcome
+        self.refused = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs or self.refused:
+            return self.eager(*args, **kwargs)
+        key = _signature(args)
+        compiled = self.variants.get(key, _MISSING)
+        if compiled is _MISSING:
+            compiled = self._compile(key, args)
+        if compiled is None:
+            return self.eager(*args)
+        return compiled(*args)
+
+    def _compile(self, key: Any, args: tuple) -> nn.Module | None:
+        if sum(v is not None for v in self.variants.values()) >= self.max_variants:
+            self.refused = True
+            self.outcome.compiled = False
+            self.outcome.reason = (f"saw more than {self.max_variants} input signatures "
+                                   f"(non-tensor arguments or shapes change from call to "
+                                   f"call); kept eager so the compiled-graph cache does not "
+                                   f"thrash")
+            return None
+        try:
+            compiled = self.compile_fn(self.module, args)
+        except TraceError as exc:
+            self.refused = True
+            self.outcome.compiled = False
+            self.outcome.reason = _short(exc)
+            return None
+        self.variants[key] = compiled
+        self.outcome.compiled = True
+        self.outcome.variants = len(self.variants)
+        report = getattr(compiled, "report", None)
+        self.outcome.mixed_ops = len(report.mixed_ops) if report is not None else 0
+        self.outcome.reason = "traced and compiled"
+        return compiled
+
+
+def _signature(args: tuple) -> Any:
+    def key(a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            return ("T", tuple(a.shape[1:]), a.dtype, a.device.type, a.requires_grad)
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, tuple(key(v) for v in a))
+        if isinstance(a, dict):
+            return ("dict", tuple((k, key(v)) for k, v in sorted(a.items())))
+        try:
+            hash(a)
+            return ("V", a)
+        except TypeError:
+            return ("id", id(a))
+    return tuple(key(a) for a in args)
+
+
+def _short(exc: TraceError) -> str:
+    where = f" at {exc.source}" if exc.source else ""
+    return f"{exc.problem}{where}"
+
+
+def _record_calls(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
+    """Run a copy of the model once, eagerly, and keep each submodule's first arguments.
+
+    The copy keeps the user's parameters, buffers and random generators untouched.
+    """
+    twin = copy.deepcopy(model)
+    calls: dict[str, tuple] = {}
+    handles = []
+    for path, module in twin.named_modules():
+        if path and not _is_standard_leaf(module):
+            def hook(mod, args, kwargs, path=path):
+                if path not in calls and not kwargs:
+                    calls[path] = args
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    py_state = random.getstate()
+    np = sys.modules.get("numpy")
+    np_state = np.random.get_state() if np is not None else None
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            twin(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        random.setstate(py_state)
+        if np is not None:
+            np.random.set_state(np_state)
+    return calls
+
+
+def compile_partially(model: nn.Module, example_inputs: tuple, root_error: TraceError,
+                      compile_fn: Callable[[nn.Module, tuple], nn.Module], *,
+                      max_variants: int = 4) -> nn.Module:
+    """The model with its untraceable forwards eager and its traceable submodules compiled.
+
+    ``compile_fn(module, args)`` compiles one submodule (raising :class:`TraceError` when it
+    cannot be traced).  Raises ``root_error`` when no submodule compiles.
+    """
+    outcomes: dict[str, ModuleOutcome] = {}
+    dispatchers: dict[str, _Dispatch] = {}
+    memo: dict[int, nn.Module] = {}
+
+    def shadow_tree(module: nn.Module, path: str) -> nn.Module:
+        if id(module) in memo:
+            return memo[id(module)]
+        shadow = object.__new__(type(module))
+        shadow.__dict__.update(module.__dict__)
+        memo[id(module)] = shadow
+        children = {}
+        for name, child in module._modules.items():
+            child_path = f"{path}.{name}" if path else name
+            if child is None or _is_standard_leaf(child):
+                children[name] = child
+            else:
+                children[name] = shadow_tree(child, child_path)
+        object.__setattr__(shadow, "_modules", children)
+        if path and type(module).forward is not nn.Module.forward:
+            outcome = ModuleOutcome(path, type(module).__name__, False,
+                                    "not called through __call__ in the example run")
+            outcomes[path] = outcome
+            dispatch = _Dispatch(path, module, shadow, compile_fn, max_variants, outcome)
+            shadow.__dict__["forward"] = dispatch
+            dispatchers[path] = dispatch
+        return shadow
+
+    root = shadow_tree(model, "")
+    report = PartialReport(type(model).__name__, _short(root_error), outcomes)
+
+    # compile up front what the example run reaches, top-down (a compiled module's children
+    # run inside its graph and are not tried)
+    calls = _record_calls(model, example_inputs)
+    compiled_paths: list[str] = []
+    for path in sorted(calls, key=lambda p: (p.count("."), p)):
+        if any(path.startswith(c + ".") for c in compiled_paths) or path not in dispatchers:
+            continue
+        d = dispatchers[path]
+        args = calls[path]
+        if d._compile(_signature(args), args) is not None:
+            compiled_paths.append(path)
+    for path in list(outcomes):
+        if any(path.startswith(c + ".") for c in compiled_paths):
+            del outcomes[path]  # never dispatched: its parent's graph runs it
+
+    if not compiled_paths:
+        raise root_error
+    root.__dict__["report"] = report
+    root.__dict__["source_model"] = model
+    warnings.warn(f"{type(model).__name__}.forward cannot be traced ({_short(root_error)}); "
+                  f"{len(compiled_paths)} submodule(s) compiled, the rest runs eagerly "
+                  f"(see .report)", PartialCompileWarning, stacklevel=3)
+    return root
