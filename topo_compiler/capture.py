@@ -17,10 +17,9 @@ It also records:
 * **distributions** built from traced values (``Dirichlet(c).rsample()``): each method or
   property read becomes an opaque node that builds the distribution at run time (argument
   validation included);
-* **checkpoints** (``torch.utils.checkpoint``, both kinds) are traced through: the
-  checkpointed function usually holds the mixed ops, which an opaque node would hide from
-  every pass; the compiled graph then keeps activations instead of recomputing them, and
-  the report says so.
+* **checkpoints** (``torch.utils.checkpoint``, both kinds) as one opaque call of the
+  checkpoint itself, so recomputation, and BatchNorm statistics updated by it, stay as in
+  eager code; the passes do not see inside the checkpointed function.
 
 Meta values of opaque nodes come from running the original on meta tensors or, when it has
 no meta kernel, on small real tensors made from the example shapes, with every RNG and every
@@ -47,8 +46,9 @@ from torch import nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
 from .meta import UNKNOWN, to_meta
+from .runtime import OpaqueCall
 
-__all__ = ["OpaqueCall", "CaptureNote", "capturing", "computing_meta", "value_on_real_data",
+__all__ = ["CaptureNote", "record_opaque", "capturing", "computing_meta", "value_on_real_data",
            "drop_bookkeeping", "call_unregistered_module", "FACTORIES"]
 
 
@@ -71,46 +71,14 @@ class CaptureNote:
 # Opaque calls
 # --------------------------------------------------------------------------------------
 
-class OpaqueCall:
-    """A graph-level function that runs ``fn`` on its arguments, rebuilt from the traced
-    tensors (the node's arguments) and the constants captured while tracing (functions,
-    modules, Python values), which fx could not write into generated code."""
-
-    def __init__(self, fn: Callable[..., Any], label: str, spec: pytree.TreeSpec,
-                 constants: list[Any], slots: list[int]):
-        self.fn = fn
-        self.__name__ = self.__qualname__ = label
-        self.__module__ = __name__
-        self.spec = spec
-        self.constants = constants
-        self.slots = slots
-
-    def __repr__(self) -> str:
-        return f"<opaque {self.__name__}>"
-
-    def _rebuild(self, tensors: tuple) -> tuple[tuple, dict]:
-        leaves = list(self.constants)
-        for slot, value in zip(self.slots, tensors):
-            leaves[slot] = value
-        return pytree.tree_unflatten(leaves, self.spec)
-
-    def __call__(self, *tensors: Any) -> Any:
-        proxy = next((t for t in tensors if isinstance(t, fx.Proxy)), None)
-        if proxy is not None:  # a compiled graph traced again: stay one node
-            return proxy.tracer.create_proxy("call_function", self, tensors, {})
-        args, kwargs = self._rebuild(tensors)
-        if any(isinstance(t, torch.Tensor) and t.device.type == "meta"
-               for t in pytree.tree_leaves(list(tensors))):
-            return self._meta_value(args, kwargs)
-        return self.fn(*args, **kwargs)
-
-    def _meta_value(self, args: tuple, kwargs: dict) -> Any:
-        with _buffers_kept(), rng_kept():  # a BatchNorm counts a batch before failing
-            try:
-                with _maybe_revert_all_patches():  # modules it calls run, not record
-                    return to_meta(self.fn(*args, **kwargs))
-            except Exception:  # noqa: BLE001 - no meta kernel, or code reading data
-                return value_on_real_data(self.fn, args, kwargs)
+def _opaque_meta_value(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """Meta value of an opaque call: ``fn`` on the meta arguments, else on small real ones."""
+    with _buffers_kept(), rng_kept():  # a BatchNorm counts a batch before failing on meta
+        try:
+            with _maybe_revert_all_patches():  # modules it calls run, not record
+                return to_meta(fn(*args, **kwargs))
+        except Exception:  # noqa: BLE001 - no meta kernel, or code reading data
+            return value_on_real_data(fn, args, kwargs)
 
 
 def _real(tracer: Any, value: Any) -> Any:
@@ -159,7 +127,8 @@ def record_opaque(tracer: Any, fn: Callable[..., Any], label: str, args: tuple,
     constants = [None if i in slots else _real(tracer, leaf) for i, leaf in enumerate(leaves)]
     counter = tracer.__dict__.setdefault("_opaque_count", {})
     n = counter[label] = counter.get(label, 0) + 1
-    target = OpaqueCall(fn, label if n == 1 else f"{label}_{n}", spec, constants, slots)
+    target = OpaqueCall(fn, label if n == 1 else f"{label}_{n}", spec, constants, slots,
+                        meta_rule=_opaque_meta_value)
     proxy = tracer.create_proxy("call_function", target, tuple(leaves[i] for i in slots), {})
     _note(tracer, what, f"`{label}` recorded as one opaque call `{proxy.node.name}`")
     return proxy
@@ -513,8 +482,10 @@ def drop_bookkeeping(graph: fx.Graph) -> list[CaptureNote]:
     dropped (the eager model's side effect of holding that copy is not reproduced).
     """
     notes: list[CaptureNote] = []
+    erased: set[fx.Node] = set()
     for node in reversed(list(graph.nodes)):
-        if node.users or node.op != "call_method" or node.target not in _COPY_OUT:
+        if node in erased or node.users or node.op != "call_method" or \
+                node.target not in _COPY_OUT:
             continue
         source = node.meta.get("source")
         where = f"{source[0]}:{source[1]}" if source else None
@@ -523,11 +494,12 @@ def drop_bookkeeping(graph: fx.Graph) -> list[CaptureNote]:
         graph.erase_node(node)
         while frontier:
             parent = frontier.pop()
-            if parent.users or not _pure(parent):
+            if parent in chain or parent.users or not _pure(parent):
                 continue
             chain.append(parent)
             frontier.extend(parent.all_input_nodes)
             graph.erase_node(parent)
+        erased.update(chain)
         notes.append(CaptureNote("dropped", f"`.{node.target}()` no output depends on "
                                  f"({len(chain)} node(s) removed)", where))
     return notes

@@ -200,7 +200,7 @@ def _record_calls(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
 
 def compile_partially(model: nn.Module, example_inputs: tuple, root_error: TraceError,
                       compile_fn: Callable[[nn.Module, tuple], nn.Module], *,
-                      max_variants: int = 4) -> nn.Module:
+                      max_variants: int = 8) -> nn.Module:
     """The model with its untraceable forwards eager and its traceable submodules compiled.
 
     ``compile_fn(module, args)`` compiles one submodule (raising :class:`TraceError` when it
