@@ -243,7 +243,7 @@ def test_partial_compile_untraceable_root_with_traceable_cells():
     assert PARTIAL_CULPRIT in report.root_error and "capture_idioms.py" in report.root_error
     assert {"stem", "cells.0", "cells.1"} <= set(report.compiled)
     assert report.outcomes["cells.0"].mixed_ops == 2
-    assert not any(p.startswith("cells.0.") for p in report.outcomes)
+    assert not any(p.startswith("cells.0.") for p in report.compiled + report.eager)
     assert_partial_trains_like_eager(GumbelLoopRoot, lambda: (x,))
 
 
@@ -345,3 +345,44 @@ def test_untraceable_models_compile_partially_with_the_reason(name):
             return
     assert case.culprit_substring in compiled.report.root_error
     assert compiled.report.compiled
+
+
+def test_checkpoint_through_an_imported_name():
+    """`from torch.utils.checkpoint import checkpoint` escapes the module patch: the reentrant
+    kind is still one opaque call (an autograd Function); the other kind is refused with a
+    way out that works."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        reentrant = True
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(C_IN, C_IN, 1)
+
+        def forward(self, x):
+            return checkpoint(self.conv, x, use_reentrant=self.reentrant)
+
+    (x,) = CAPTURE["ste_gate"].example_inputs()
+    model = Net()
+    compiled = _compile(model, (x,), exact=True)
+    torch.testing.assert_close(compiled(x), model(x))
+    model.reentrant = False
+    with pytest.raises(TraceError, match="torch.utils.checkpoint.checkpoint") as info:
+        trace_supernet(model, (x,))
+    assert "test_capture.py" in str(info.value)
+
+
+def test_legacy_constructor_keeps_isinstance_and_distributions_are_opaque():
+    class Net(nn.Module):
+        def forward(self, x):
+            assert not isinstance(x, torch.LongTensor)
+            n = torch.distributions.Normal(x, 1.0)
+            return n.rsample() + n.mean + torch.FloatTensor(x.size(0), 1, 1, 1).fill_(0)
+
+    (x,) = CAPTURE["ste_gate"].example_inputs()
+    traced = trace_supernet(Net(), (x,))
+    notes = traced.capture_notes
+    assert sum(n.startswith("distribution") for n in notes) == 2
+    assert any("torch.FloatTensor(sizes)" in n for n in notes)
+    assert torch.FloatTensor is not None and isinstance(torch.zeros(1), torch.FloatTensor)

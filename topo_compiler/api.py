@@ -65,7 +65,8 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         hooks: extra callables ``hook(stage_index, stage_report, ir)`` run after each stage.
         partial: when the forward cannot be traced, compile the submodules that can and run
             the rest eagerly (:mod:`~topo_compiler.partial`; ``.report`` is then a
-            :class:`~topo_compiler.partial.PartialReport`); ``False`` raises the
+            :class:`~topo_compiler.partial.PartialReport`; ``dump_dir`` and ``hooks`` are
+            not applied to the submodules); ``False`` raises the
             :class:`~topo_compiler.tracer.TraceError` instead.
 
     Returns:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import random
 import sys
 import types
@@ -357,7 +358,7 @@ def _distribution_property(cls: type, name: str, args: tuple, kwargs: dict) -> A
     return getattr(cls(*args, **kwargs), name)
 
 
-def _patch_distributions(tracer: Any, patch: Callable) -> None:
+def _patch_distributions(tracer: Any, patch: Callable) -> None:  # noqa: ARG001
     from torch.distributions import Distribution
 
     def new(cls, *args, **kwargs):
@@ -380,8 +381,14 @@ def _patch_factories(tracer: Any, patch: Callable) -> None:
         def factory(*args, **kwargs):
             if _computing(tracer) or not (_has_proxy((args, kwargs)) or _from_user_code()):
                 return original(*args, **kwargs)
+            try:
+                proxy = tracer.create_proxy("call_function", original, args, kwargs)
+            except NotImplementedError:  # an argument fx cannot write (a numpy array)
+                if _has_proxy((args, kwargs)):
+                    raise
+                return original(*args, **kwargs)
             _note(tracer, "factory", f"`torch.{label}` recorded as a graph node")
-            return tracer.create_proxy("call_function", original, args, kwargs)
+            return proxy
         return factory
 
     for name in FACTORIES:
@@ -395,7 +402,10 @@ def _patch_factories(tracer: Any, patch: Callable) -> None:
 
         class _Legacy(type):
             # isinstance(t, torch.FloatTensor) keeps its meaning while tracing
-            def __instancecheck__(cls, obj, legacy=legacy):
+            def __instancecheck__(cls, obj, legacy=legacy, dtype=dtype):
+                if isinstance(obj, fx.Proxy):  # the C check would read it as a tensor
+                    val = obj.node.meta.get("val")
+                    return isinstance(val, torch.Tensor) and val.dtype == dtype
                 return isinstance(obj, legacy)
 
             def __call__(cls, *args, legacy=legacy, dtype=dtype, name=name, **kwargs):
@@ -432,7 +442,7 @@ def call_unregistered_module(tracer: Any, m: nn.Module, forward: Callable[..., A
     of the caller when it holds no parameters or buffers (building it again each call gives
     the same function); refuse otherwise, since eager code would re-initialise it."""
     from .tracer import TraceError, _describe_frame, _user_frame
-    state = [n for n, _ in itertools_chain(m.named_parameters(), m.named_buffers())]
+    state = [n for n, _ in itertools.chain(m.named_parameters(), m.named_buffers())]
     if state:
         path, mtype = tracer.current_module()
         raise TraceError(
@@ -443,11 +453,6 @@ def call_unregistered_module(tracer: Any, m: nn.Module, forward: Callable[..., A
     _note(tracer, "made-in-forward", f"{type(m).__name__} built in forward traced as its "
           f"function")
     return forward(*args, **kwargs)
-
-
-def itertools_chain(*its: Any) -> Iterator[Any]:
-    for it in its:
-        yield from it
 
 
 # --------------------------------------------------------------------------------------

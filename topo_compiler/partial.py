@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .report import ModuleCounts
 from .tracer import TraceError, _is_standard_leaf
 
 __all__ = ["PartialReport", "ModuleOutcome", "compile_partially", "PartialCompileWarning"]
@@ -54,6 +55,8 @@ class ModuleOutcome:
     """Why it stayed eager (the construct and its source line), or what was compiled."""
     variants: int = 0
     mixed_ops: int = 0
+    reports: list[Any] = dataclasses.field(default_factory=list, repr=False)
+    """The :class:`~topo_compiler.report.CompileReport` of each compiled variant."""
 
     def __str__(self) -> str:
         state = "compiled" if self.compiled else "eager"
@@ -70,23 +73,38 @@ class PartialReport:
     root_error: str
     outcomes: dict[str, ModuleOutcome]
 
+    def _visible(self) -> list[ModuleOutcome]:
+        """Outcomes of modules not inside a compiled one (whose graph runs them)."""
+        compiled = [p for p, o in self.outcomes.items() if o.compiled]
+        return [o for p, o in sorted(self.outcomes.items())
+                if not any(p.startswith(c + ".") for c in compiled)]
+
     @property
     def compiled(self) -> list[str]:
-        return [p for p, o in self.outcomes.items() if o.compiled]
+        """Modules running a compiled graph (compiled on first call when the example run
+        did not reach them)."""
+        return [o.path for o in self._visible() if o.compiled]
 
     @property
     def eager(self) -> list[str]:
-        return [p for p, o in self.outcomes.items() if not o.compiled]
+        """Modules with a forward of their own that run it eagerly."""
+        return [o.path for o in self._visible() if not o.compiled]
 
-    def reports(self) -> dict[str, Any]:
-        """The :class:`~topo_compiler.report.CompileReport` of each compiled variant."""
-        return {p: o for p, o in self.outcomes.items() if o.compiled}
+    def counts(self) -> tuple[ModuleCounts, ModuleCounts]:
+        """Basic modules of the compiled parts before and after the passes (first variant
+        of each compiled module)."""
+        firsts = [self.outcomes[p].reports[0] for p in self.compiled]
+        return (_sum_counts(r.input.counts for r in firsts),
+                _sum_counts(r.final.counts for r in firsts))
 
     def to_markdown(self) -> str:
+        before, after = self.counts()
         lines = [f"# Partial compile of {self.model}", "",
                  f"The forward of `<root>` runs eagerly: {self.root_error}", "",
-                 f"{len(self.compiled)} module(s) compiled, {len(self.eager)} eager:", ""]
-        lines += [f"* {self.outcomes[p]}" for p in sorted(self.outcomes)]
+                 f"{len(self.compiled)} module(s) compiled, {len(self.eager)} eager; "
+                 f"basic modules (conv/non-conv/total) of the compiled parts: {before} "
+                 f"before the passes, {after} after.", ""]
+        lines += [f"* {o}" for o in self._visible()]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -144,14 +162,21 @@ class _Dispatch:
         self.outcome.variants = len(self.variants)
         report = getattr(compiled, "report", None)
         self.outcome.mixed_ops = len(report.mixed_ops) if report is not None else 0
+        if report is not None:
+            self.outcome.reports.append(report)
         self.outcome.reason = "traced and compiled"
         return compiled
+
+
+def _sum_counts(counts: Any) -> ModuleCounts:
+    counts = list(counts)
+    return ModuleCounts(sum(c.conv for c in counts), sum(c.non_conv for c in counts))
 
 
 def _signature(args: tuple) -> Any:
     def key(a: Any) -> Any:
         if isinstance(a, torch.Tensor):
-            return ("T", tuple(a.shape[1:]), a.dtype, a.device.type, a.requires_grad)
+            return ("T", tuple(a.shape[1:]), a.dtype, a.device.type)
         if isinstance(a, (list, tuple)):
             return (type(a).__name__, tuple(key(v) for v in a))
         if isinstance(a, dict):
@@ -215,6 +240,8 @@ def compile_partially(model: nn.Module, example_inputs: tuple, root_error: Trace
             return memo[id(module)]
         shadow = object.__new__(type(module))
         shadow.__dict__.update(module.__dict__)
+        for field in ("_parameters", "_buffers"):  # same tensors, registries of its own
+            shadow.__dict__[field] = dict(module.__dict__[field])
         memo[id(module)] = shadow
         children = {}
         for name, child in module._modules.items():
@@ -238,7 +265,10 @@ def compile_partially(model: nn.Module, example_inputs: tuple, root_error: Trace
 
     # compile up front what the example run reaches, top-down (a compiled module's children
     # run inside its graph and are not tried)
-    calls = _record_calls(model, example_inputs)
+    try:
+        calls = _record_calls(model, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - the model does not run on these inputs either
+        raise root_error from exc
     compiled_paths: list[str] = []
     for path in sorted(calls, key=lambda p: (p.count("."), p)):
         if any(path.startswith(c + ".") for c in compiled_paths) or path not in dispatchers:
@@ -247,10 +277,6 @@ def compile_partially(model: nn.Module, example_inputs: tuple, root_error: Trace
         args = calls[path]
         if d._compile(_signature(args), args) is not None:
             compiled_paths.append(path)
-    for path in list(outcomes):
-        if any(path.startswith(c + ".") for c in compiled_paths):
-            del outcomes[path]  # never dispatched: its parent's graph runs it
-
     if not compiled_paths:
         raise root_error
     root.__dict__["report"] = report
