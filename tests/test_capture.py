@@ -14,7 +14,7 @@ from torch import nn
 from helpers import flat_outputs
 from supernets import UNTRACEABLE, gdas_autodl
 from supernets.capture_idioms import C as C_IN
-from supernets.capture_idioms import CAPTURE, PARTIAL_CULPRIT, GumbelLoopRoot
+from supernets.capture_idioms import CAPTURE, PARTIAL_CULPRIT, GumbelLoopRoot, MixedOp
 from topo_compiler import TraceError, compile_supernet, trace_supernet
 from topo_compiler.runtime import OpaqueCall
 from topo_compiler.partial import PartialCompileWarning
@@ -241,7 +241,7 @@ def test_partial_compile_untraceable_root_with_traceable_cells():
     compiled = _partial(model, (x,), exact=True)
     report = compiled.report
     assert PARTIAL_CULPRIT in report.root_error and "capture_idioms.py" in report.root_error
-    assert {"stem", "cells.0", "cells.1"} <= set(report.compiled)
+    assert {"cells.0", "cells.1"} <= set(report.compiled) and "stem" in report.traced
     assert report.outcomes["cells.0"].mixed_ops == 2
     assert not any(p.startswith("cells.0.") for p in report.compiled + report.eager)
     assert_partial_trains_like_eager(GumbelLoopRoot, lambda: (x,))
@@ -261,9 +261,12 @@ def test_partial_compile_gdas():
     compiled = _partial(model, args, exact=True)
     report = compiled.report
     assert gdas_autodl.CULPRIT_SUBSTRING in report.root_error
-    assert {"stem", "cells.1", "lastact"} <= set(report.compiled)  # cells.1: ResNet block
-    cell_ops = [p for p in report.compiled if p.startswith("cells.0.edges.")]
-    assert cell_ops, "the candidate ops of a search cell are compiled"
+    # one candidate per edge runs: nothing to merge, so the traced parts run their own forward
+    assert {"stem", "cells.1", "lastact"} <= set(report.traced)  # cells.1: ResNet block
+    cell_ops = [p for p in report.traced if p.startswith("cells.0.edges.")]
+    assert cell_ops, "the candidate ops of a search cell are reached and traced"
+    before, after = report.counts()
+    assert before == after and before.total > 0
     assert "not called through __call__" in report.outcomes["cells.0"].reason
     assert "Partial compile of TinyNetworkGDAS" in report.to_markdown()
     assert_partial_trains_like_eager(gdas_autodl.build, gdas_autodl.example_inputs)
@@ -286,34 +289,39 @@ def test_partial_compile_keeps_the_model_and_its_state():
 
 def test_partial_compile_many_signatures_stay_eager():
     """A submodule that gets a new non-tensor argument on every call would need a graph per
-    value: past max_variants it stays eager (no cache thrash) and the report says so."""
+    value: past max_variants it stays eager (no cache thrash), the report says so, and its
+    children are compiled instead."""
     class Pick(nn.Module):
         def __init__(self):
             super().__init__()
-            self.ops = nn.ModuleList([nn.Conv2d(C_IN, C_IN, 1) for _ in range(10)])
+            self.edge = MixedOp()
+            self.extra = nn.ModuleList([nn.Conv2d(C_IN, C_IN, 1) for _ in range(10)])
 
-        def forward(self, x, index):
-            return self.ops[index](x)
+        def forward(self, x, weights, index):
+            return self.edge(x, weights) + self.extra[index](x)
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.pick = Pick()
-            self.alpha = nn.Parameter(torch.zeros(10))
+            self.alpha = nn.Parameter(torch.zeros(4))
+            self.beta = nn.Parameter(torch.zeros(10))
 
-        def forward(self, x):
-            return self.pick(x, int(self.alpha.argmax()))  # value-dependent: root eager
+        def forward(self, x):  # int() of a tensor: the root runs eagerly
+            return self.pick(x, self.alpha.softmax(0), int(self.beta.argmax()))
 
-    model = Net()
+    model = Net().eval()
     (x,) = CAPTURE["ste_gate"].example_inputs()
-    compiled = _partial(model, (x,))
+    compiled = _partial(model, (x,), exact=True)
     for i in range(10):
         with torch.no_grad():
-            model.alpha.zero_()
-            model.alpha[i] = 1.0
-        torch.testing.assert_close(compiled(x), model(x))
-    outcome = compiled.report.outcomes["pick"]
-    assert not outcome.compiled and "more than 8 input signatures" in outcome.reason
+            model.beta.zero_()
+            model.beta[i] = 1.0
+            torch.testing.assert_close(compiled(x), model(x))
+    report = compiled.report
+    outcome = report.outcomes["pick"]
+    assert outcome.state == "eager" and "more than 8 input signatures" in outcome.reason
+    assert "pick.edge" in report.compiled
 
 
 def test_nothing_traceable_raises_the_trace_error():
@@ -344,7 +352,7 @@ def test_untraceable_models_compile_partially_with_the_reason(name):
             assert case.culprit_substring in str(error)
             return
     assert case.culprit_substring in compiled.report.root_error
-    assert compiled.report.compiled
+    assert compiled.report.traced
 
 
 def test_checkpoint_through_an_imported_name():

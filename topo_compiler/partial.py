@@ -4,13 +4,16 @@ When a supernet's forward cannot be traced (a Gumbel redraw loop ``while True: .
 inf.any(): continue``, ``.item()`` of an argmax used as an index, Python-level sampling),
 its submodules often can: the cells or candidate ops take the sampled weights as tensors.
 :func:`compile_partially` runs the untraceable forwards eagerly and the traceable submodules
-compiled::
+compiled (GDAS, ``tests/supernets/gdas_autodl.py``)::
 
-    root.forward            eager   (search_model_gdas.py:120 `if torch.isinf(...).any()`)
-      stem                  compiled
-      cells.0.forward_gdas  eager   (not called through __call__; its ops are reached below)
-        cells.0.edges.1<-0.0  compiled  (ReLUConvBN)
-      ...
+    <root>                 eager     gdas_autodl.py:139 `if (torch.isinf(gumbels).any()) ...`
+      cells.0              eager     called through forward_gdas, not __call__: its ops below
+        cells.0.edges.1<-0.2  traced  ReLUConvBN: nothing to simplify, runs its own forward
+      stem                 traced    ...
+
+A submodule that traces is ``compiled`` when the passes change its graph (a DARTS cell taking
+the sampled weights as an argument) and ``traced`` when they change nothing (a single
+candidate op): it then runs its own forward, which costs no dispatch.
 
 The returned module is a shallow copy of the model's module tree (same classes, the very
 same parameters and buffers) in which each submodule's ``forward`` dispatches to its compiled
@@ -44,25 +47,34 @@ class PartialCompileWarning(UserWarning):
     """The forward could not be traced; parts of the model run eagerly."""
 
 
+COMPILED, TRACED, EAGER = "compiled", "traced", "eager"
+
+
 @dataclasses.dataclass
 class ModuleOutcome:
-    """What happened to one submodule."""
+    """What happened to one submodule: ``compiled`` (runs its compiled graph), ``traced``
+    (traces, but the passes change nothing, so it runs its own forward and saves the
+    dispatch) or ``eager`` (cannot be traced, or not reached yet)."""
 
     path: str
     module_type: str
-    compiled: bool
+    state: str
     reason: str
     """Why it stayed eager (the construct and its source line), or what was compiled."""
     variants: int = 0
     mixed_ops: int = 0
     reports: list[Any] = dataclasses.field(default_factory=list, repr=False)
-    """The :class:`~topo_compiler.report.CompileReport` of each compiled variant."""
+    """The :class:`~topo_compiler.report.CompileReport` of each traced variant."""
+
+    @property
+    def compiled(self) -> bool:
+        return self.state == COMPILED
 
     def __str__(self) -> str:
-        state = "compiled" if self.compiled else "eager"
         extra = f", {self.variants} variant(s), {self.mixed_ops} mixed op(s)" \
-            if self.compiled else ""
-        return f"{self.path or '<root>'} ({self.module_type}): {state}{extra} -- {self.reason}"
+            if self.state != EAGER else ""
+        return f"{self.path or '<root>'} ({self.module_type}): {self.state}{extra} -- " \
+               f"{self.reason}"
 
 
 @dataclasses.dataclass
@@ -74,26 +86,34 @@ class PartialReport:
     outcomes: dict[str, ModuleOutcome]
 
     def _visible(self) -> list[ModuleOutcome]:
-        """Outcomes of modules not inside a compiled one (whose graph runs them)."""
-        compiled = [p for p, o in self.outcomes.items() if o.compiled]
+        """Outcomes of modules not inside a traced one (whose graph or forward runs them)."""
+        whole = [p for p, o in self.outcomes.items() if o.state != EAGER]
         return [o for p, o in sorted(self.outcomes.items())
-                if not any(p.startswith(c + ".") for c in compiled)]
+                if not any(p.startswith(c + ".") for c in whole)]
+
+    def _paths(self, state: str) -> list[str]:
+        return [o.path for o in self._visible() if o.state == state]
 
     @property
     def compiled(self) -> list[str]:
         """Modules running a compiled graph (compiled on first call when the example run
         did not reach them)."""
-        return [o.path for o in self._visible() if o.compiled]
+        return self._paths(COMPILED)
+
+    @property
+    def traced(self) -> list[str]:
+        """Modules that trace but gain nothing from the passes: they run their own forward."""
+        return self._paths(TRACED)
 
     @property
     def eager(self) -> list[str]:
-        """Modules with a forward of their own that run it eagerly."""
-        return [o.path for o in self._visible() if not o.compiled]
+        """Modules whose forward cannot be traced (or was not reached): it runs eagerly."""
+        return self._paths(EAGER)
 
     def counts(self) -> tuple[ModuleCounts, ModuleCounts]:
-        """Basic modules of the compiled parts before and after the passes (first variant
-        of each compiled module)."""
-        firsts = [self.outcomes[p].reports[0] for p in self.compiled]
+        """Basic modules of the traced parts before and after the passes (first variant of
+        each)."""
+        firsts = [self.outcomes[p].reports[0] for p in self.compiled + self.traced]
         return (_sum_counts(r.input.counts for r in firsts),
                 _sum_counts(r.final.counts for r in firsts))
 
@@ -101,9 +121,10 @@ class PartialReport:
         before, after = self.counts()
         lines = [f"# Partial compile of {self.model}", "",
                  f"The forward of `<root>` runs eagerly: {self.root_error}", "",
-                 f"{len(self.compiled)} module(s) compiled, {len(self.eager)} eager; "
-                 f"basic modules (conv/non-conv/total) of the compiled parts: {before} "
-                 f"before the passes, {after} after.", ""]
+                 f"{len(self.compiled)} module(s) compiled, {len(self.traced)} traced with "
+                 f"nothing to simplify (they run their own forward), {len(self.eager)} eager; "
+                 f"basic modules (conv/non-conv/total) of the traced parts: {before} before "
+                 f"the passes, {after} after.", ""]
         lines += [f"* {o}" for o in self._visible()]
         return "\n".join(lines)
 
@@ -116,13 +137,15 @@ _MISSING = object()
 
 class _Dispatch:
     """A submodule's ``forward`` in the partial model: its compiled graph for the input's
-    signature, compiled on first sight, or the module's own forward when it cannot be."""
+    signature, compiled on first sight, or the module's own forward when it cannot be traced
+    or the passes gain nothing on it."""
 
     def __init__(self, path: str, module: nn.Module, shadow: nn.Module,
                  compile_fn: Callable[[nn.Module, tuple], nn.Module], max_variants: int,
                  outcome: ModuleOutcome):
         self.path = path
         self.module = module
+        self.shadow = shadow
         self.eager = type(module).forward.__get__(shadow)
         self.compile_fn = compile_fn
         self.max_variants = max_variants
@@ -141,29 +164,37 @@ class _Dispatch:
             return self.eager(*args)
         return compiled(*args)
 
+    def _refuse(self, state: str, reason: str) -> None:
+        self.refused = True
+        self.outcome.state = state
+        self.outcome.reason = reason
+        if state == TRACED:  # the user's own module runs, its children need no dispatch
+            self.eager = self.module.forward
+            self.shadow.__dict__["forward"] = self.module.forward
+
     def _compile(self, key: Any, args: tuple) -> nn.Module | None:
         if sum(v is not None for v in self.variants.values()) >= self.max_variants:
-            self.refused = True
-            self.outcome.compiled = False
-            self.outcome.reason = (f"saw more than {self.max_variants} input signatures "
-                                   f"(non-tensor arguments or shapes change from call to "
-                                   f"call); kept eager so the compiled-graph cache does not "
-                                   f"thrash")
+            self._refuse(EAGER, f"saw more than {self.max_variants} input signatures "
+                                f"(non-tensor arguments or shapes change from call to call); "
+                                f"kept eager so the compiled-graph cache does not thrash")
             return None
         try:
             compiled = self.compile_fn(self.module, args)
         except TraceError as exc:
-            self.refused = True
-            self.outcome.compiled = False
-            self.outcome.reason = _short(exc)
+            self._refuse(EAGER, _short(exc))
             return None
-        self.variants[key] = compiled
-        self.outcome.compiled = True
-        self.outcome.variants = len(self.variants)
         report = getattr(compiled, "report", None)
-        self.outcome.mixed_ops = len(report.mixed_ops) if report is not None else 0
         if report is not None:
             self.outcome.reports.append(report)
+            self.outcome.mixed_ops = len(report.mixed_ops)
+        self.outcome.variants = len(self.variants) + 1
+        if not self.variants and report is not None and \
+                not any(st.changed for st in report.stages[1:]):
+            self._refuse(TRACED, "traced; the passes changed nothing, so it runs its own "
+                                 "forward")
+            return None
+        self.variants[key] = compiled
+        self.outcome.state = COMPILED
         self.outcome.reason = "traced and compiled"
         return compiled
 
@@ -229,7 +260,8 @@ def compile_partially(model: nn.Module, example_inputs: tuple, root_error: Trace
     """The model with its untraceable forwards eager and its traceable submodules compiled.
 
     ``compile_fn(module, args)`` compiles one submodule (raising :class:`TraceError` when it
-    cannot be traced).  Raises ``root_error`` when no submodule compiles.
+    cannot be traced).  Raises ``root_error`` when no submodule the example run reaches can
+    be traced (or the model does not run on ``example_inputs``).
     """
     outcomes: dict[str, ModuleOutcome] = {}
     dispatchers: dict[str, _Dispatch] = {}
@@ -252,8 +284,9 @@ def compile_partially(model: nn.Module, example_inputs: tuple, root_error: Trace
                 children[name] = shadow_tree(child, child_path)
         object.__setattr__(shadow, "_modules", children)
         if path and type(module).forward is not nn.Module.forward:
-            outcome = ModuleOutcome(path, type(module).__name__, False,
-                                    "not called through __call__ in the example run")
+            outcome = ModuleOutcome(path, type(module).__name__, EAGER,
+                                    "not called through __call__ so far (not reached, or its "
+                                    "parent calls another method of it)")
             outcomes[path] = outcome
             dispatch = _Dispatch(path, module, shadow, compile_fn, max_variants, outcome)
             shadow.__dict__["forward"] = dispatch
@@ -269,19 +302,20 @@ def compile_partially(model: nn.Module, example_inputs: tuple, root_error: Trace
         calls = _record_calls(model, example_inputs)
     except Exception as exc:  # noqa: BLE001 - the model does not run on these inputs either
         raise root_error from exc
-    compiled_paths: list[str] = []
+    traced: list[str] = []
     for path in sorted(calls, key=lambda p: (p.count("."), p)):
-        if any(path.startswith(c + ".") for c in compiled_paths) or path not in dispatchers:
+        if any(path.startswith(c + ".") for c in traced) or path not in dispatchers:
             continue
         d = dispatchers[path]
         args = calls[path]
-        if d._compile(_signature(args), args) is not None:
-            compiled_paths.append(path)
-    if not compiled_paths:
+        d._compile(_signature(args), args)
+        if d.outcome.state != EAGER:
+            traced.append(path)
+    if not traced:  # nothing the example run reaches can be traced
         raise root_error
     root.__dict__["report"] = report
     root.__dict__["source_model"] = model
     warnings.warn(f"{type(model).__name__}.forward cannot be traced ({_short(root_error)}); "
-                  f"{len(compiled_paths)} submodule(s) compiled, the rest runs eagerly "
+                  f"{len(report.compiled)} submodule(s) compiled, the rest runs eagerly "
                   f"(see .report)", PartialCompileWarning, stacklevel=3)
     return root
