@@ -394,3 +394,25 @@ def test_legacy_constructor_keeps_isinstance_and_distributions_are_opaque():
     assert sum(n.startswith("distribution") for n in notes) == 2
     assert any("torch.FloatTensor(sizes)" in n for n in notes)
     assert torch.FloatTensor is not None and isinstance(torch.zeros(1), torch.FloatTensor)
+
+
+_TABLE = torch.linspace(0, 1, 4)
+
+
+def test_tensor_constants_stay_off_the_model():
+    """A global tensor read in forward becomes a constant of the compiled module; torch.fx
+    would keep it as ``_tensor_constant0`` on the user's model."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(C_IN, C_IN, 1)
+
+        def forward(self, x):
+            return self.conv(x) * _TABLE.view(1, -1, 1, 1)
+
+    model = Net()
+    (x,) = CAPTURE["ste_gate"].example_inputs()
+    before = sorted(model.__dict__)
+    compiled = _compile(model, (x,), exact=True)
+    assert sorted(model.__dict__) == before
+    torch.testing.assert_close(compiled(x), model(x))

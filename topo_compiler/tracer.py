@@ -489,8 +489,11 @@ class SupernetTracer(fx.Tracer):
         self._concrete_leaves = {f"{name}_{i}": leaf for name, value in concrete.items()
                                  for i, leaf in enumerate(pytree.tree_leaves(value), 1)}
 
+        attrs_before = set(root.__dict__)
         with _guard_random(self), capture.capturing(self):
             graph = self.trace(root, concrete_args=concrete or None)
+        for name in set(root.__dict__) - attrs_before:  # fx keeps tensor constants on the root
+            self.plain_tensor_attrs[name] = root.__dict__.pop(name)
         _check_fx_can_generate(graph, root, concrete)
         self.capture_notes.extend(capture.drop_bookkeeping(graph))
         _drop_dead_python_values(graph)
