@@ -150,6 +150,9 @@ def test_bookkeeping_is_dropped_and_reported():
     # .cpu() is dropped within .numpy()'s chain
     assert len(dropped) == 2 and all("capture_idioms.py:" in n for n in dropped)
     assert model.history == [] and not hasattr(model, "last")
+    report = _compile(model, case.example_inputs()).report
+    assert report.captured == traced.capture_notes
+    assert "### Captured and dropped" in report.to_markdown()
 
 
 def test_made_in_forward_leaves_the_model_alone():
