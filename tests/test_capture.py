@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from helpers import flat_outputs
+from test_api import _assert_unchanged, _snapshot
 from supernets import UNTRACEABLE, gdas_autodl
 from supernets.capture_idioms import C as C_IN
 from supernets.capture_idioms import CAPTURE, PARTIAL_CULPRIT, GumbelLoopRoot, MixedOp
@@ -155,13 +156,26 @@ def test_bookkeeping_is_dropped_and_reported():
     assert "### Captured and dropped" in report.to_markdown()
 
 
-def test_made_in_forward_leaves_the_model_alone():
-    """Attributes assigned and modules built in forward stay local to the trace."""
-    for name in ("attr_in_forward", "module_in_forward", "bookkeeping"):
-        model = CAPTURE[name].factory()
-        before = sorted(model.__dict__), [n for n, _ in model.named_modules()]
-        _compile(model, CAPTURE[name].example_inputs())
-        assert (sorted(model.__dict__), [n for n, _ in model.named_modules()]) == before
+@pytest.mark.parametrize("name", ["attr_in_forward", "module_in_forward", "bookkeeping",
+                                  "arch_grad_function", "checkpoint_reentrant", "drop_path"])
+def test_compiling_leaves_the_model_alone(name):
+    """Attributes assigned and modules built in forward stay local to the trace; opaque
+    calls computing their meta values leave BatchNorm statistics and RNG as they were (the
+    snapshot of test_api)."""
+    model = CAPTURE[name].factory().train()
+    args = CAPTURE[name].example_inputs()
+    snap = _snapshot(model)
+    rng = torch.random.get_rng_state()
+    _compile(model, args)
+    _assert_unchanged(model, snap)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+
+
+def test_partial_compile_leaves_the_model_alone():
+    model = GumbelLoopRoot().train()
+    snap = _snapshot(model)
+    _partial(model, CAPTURE["ste_gate"].example_inputs())
+    _assert_unchanged(model, snap)
 
 
 def test_module_with_state_built_in_forward_is_refused():

@@ -243,7 +243,8 @@ def _record_calls(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
     np = sys.modules.get("numpy")
     np_state = np.random.get_state() if np is not None else None
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
             twin(*example_inputs)
     finally:
         for h in handles:
