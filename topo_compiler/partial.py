@@ -318,5 +318,5 @@ def compile_partially(model: nn.Module, example_inputs: tuple, root_error: Trace
     root.__dict__["source_model"] = model
     warnings.warn(f"{type(model).__name__}.forward cannot be traced ({_short(root_error)}); "
                   f"{len(report.compiled)} submodule(s) compiled, the rest runs eagerly "
-                  f"(see .report)", PartialCompileWarning, stacklevel=3)
+                  f"(see .report)", PartialCompileWarning, stacklevel=4)
     return root
