@@ -519,7 +519,7 @@ def declined_sums(ir: SupernetIR) -> list[DeclinedSum]:
 
 
 def _analyse(ir: SupernetIR) -> tuple[tuple[MixedOp, ...], tuple[DeclinedSum, ...]]:
-    return ir.cached("weighted_sums", lambda: _find(ir))
+    return ir.cached("weighted_sums", lambda: _find(ir), reads_notes=False)
 
 
 def _find(ir: SupernetIR) -> tuple[tuple[MixedOp, ...], tuple[DeclinedSum, ...]]:
