@@ -44,7 +44,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import math
+import json
+import os
 import shlex
 import statistics
 import sys
@@ -82,9 +83,9 @@ class Settings:
     n_train: int = 384
     n_val: int = 384
     n_test: int = 297
-    batch: int = 64
+    batch: int = 32
     epochs: int = 3
-    retrain_epochs: int = 10
+    retrain_epochs: int = 6
     seeds: tuple[int, ...] = (0, 1, 2)
     data_seed: int = 0
     w_lr: float = 0.025
@@ -467,22 +468,23 @@ def _spread(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(configs: Sequence[SearchConfig], per_seed: dict[int, dict[str, Any]]
+def summarize(configs: dict[str, str], per_seed: dict[Any, dict[str, Any]]
               ) -> dict[str, dict[str, Any]]:
-    """Per configuration, over seeds: the figures of the table."""
+    """Per configuration (name -> description, eager first), over seeds: the table's
+    figures."""
     seeds = list(per_seed)
-    eager = configs[0].name
+    eager = next(iter(configs))
     eager_epoch = statistics.median(t for s in seeds for t in per_seed[s][eager]["epoch_s"])
     eager_peak = per_seed[seeds[0]][eager]["peak_bytes"]
     out = {}
-    for c in configs:
-        rows = [per_seed[s][c.name] for s in seeds]
+    for name, description in configs.items():
+        rows = [per_seed[s][name] for s in seeds]
         epoch = statistics.median(t for r in rows for t in r["epoch_s"])
         peak = rows[0]["peak_bytes"]
         accs = [r["test_acc"] for r in rows]
         final_val = [r["val_acc"][-1] for r in rows]
-        out[c.name] = {
-            "describe": c.describe(),
+        out[name] = {
+            "describe": description,
             "epoch_s": epoch, "epoch_ratio": epoch / eager_epoch,
             "peak_bytes": peak,
             "peak_ratio": None if peak is None or not eager_peak else peak / eager_peak,
@@ -559,7 +561,8 @@ def markdown(result: dict[str, Any], figure: str | None) -> str:
         f"Command: `{meta['command']}` ({meta['machine']['cpu']}, {meta['machine']['threads']} "
         f"threads, torch {meta['machine']['torch']}, {meta['machine']['date']}, revision "
         f"{meta['revision']}; load average at start {meta['load_start']}, at end "
-        f"{meta['load_end']}; wall time {meta['wall_s']:.0f} s).", "",
+        f"{meta['load_end']}; wall time {meta['wall_s']:.0f} s, CPU time {meta['cpu_s']:.0f} s"
+        f"{_parallel(meta)}).", "",
         f"DARTS space, C={st['C']}, {st['layers']} cells, digits at {st['resolution']}x"
         f"{st['resolution']}: {st['n_train']} train / {st['n_val']} validation / "
         f"{st['n_test']} test images, batch {st['batch']}, {st['epochs']} search epochs, "
@@ -580,6 +583,11 @@ def markdown(result: dict[str, Any], figure: str | None) -> str:
             lines.append(f"- seed {seed}, {name}: normal {_edges(g['normal'])}; "
                          f"reduce {_edges(g['reduce'])}")
     return "\n".join(lines)
+
+
+def _parallel(meta: dict[str, Any]) -> str:
+    n = meta.get("parallel_processes")
+    return f", {n} processes side by side, one per seed, merged with --combine" if n else ""
 
 
 def _edges(gene: Sequence[Sequence[Any]]) -> str:
@@ -615,6 +623,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="directory for search-cpu.json and search-cpu.png")
     p.add_argument("--markdown", type=Path, help="(re)write the search section of this file")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                   help="merge the search-cpu.json of runs over different seeds (run one "
+                        "process per seed with --seeds N --out DIR) and write the summary")
     return p.parse_args(argv)
 
 
@@ -631,8 +642,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    command = " ".join(["python -m benchmarks.search",
+                        *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    if args.combine:
+        return finish(args, combine(args.combine, command))
+    torch.set_num_threads(args.threads)
     settings = _settings(args)
     data = load_digits_splits(settings)
     example_model = spaces.build("darts", C=settings.C, layers=settings.layers)
@@ -644,8 +658,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"unknown configuration(s) {sorted(unknown)}; known: "
                              f"{', '.join(c.name for c in configs)}")
         configs = [c for c in configs if c.eager or c.name in wanted]
-    command = " ".join(["python -m benchmarks.search",
-                        *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     revision, load_start = source_revision(), _load()
     clock, cpu_clock = time.perf_counter(), time.process_time()
     n = len(configs)
@@ -656,29 +668,62 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         per_seed[seed] = search_seed(configs, settings, seed, data, progress,
                                      measure_memory=i == 0)
     progress.close()
-    summary = summarize(configs, per_seed)
     meta = {"machine": machine_info(torch.device("cpu")), "command": command,
             "revision": revision, "load_start": load_start, "load_end": _load(),
             "wall_s": time.perf_counter() - clock, "cpu_s": time.process_time() - cpu_clock}
     result = {"meta": meta, "settings": dataclasses.asdict(settings),
               "configurations": {c.name: c.describe() for c in configs},
-              "summary": summary, "per_seed": per_seed}
+              "per_seed": per_seed}
+    return finish(args, result)
+
+
+def combine(paths: Sequence[Path], command: str) -> dict[str, Any]:
+    """Merge runs of the same settings over different seeds (e.g. one process per seed):
+    per-seed results side by side, CPU seconds added, wall time the longest."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    for part in parts[1:]:
+        if {k: v for k, v in part["settings"].items() if k != "seeds"} != \
+                {k: v for k, v in first["settings"].items() if k != "seeds"} or \
+                part["configurations"] != first["configurations"]:
+            raise SystemExit(f"--combine: {paths[0]} and another run differ in settings or "
+                             f"configurations")
+    per_seed: dict[str, Any] = {}
+    for part in parts:
+        per_seed.update(part["per_seed"])
+    meta = dict(first["meta"])
+    meta.update(command=" ; ".join([p["meta"]["command"] for p in parts] + [command]),
+                wall_s=max(p["meta"]["wall_s"] for p in parts),
+                cpu_s=sum(p["meta"]["cpu_s"] for p in parts),
+                load_start=" / ".join(p["meta"]["load_start"] for p in parts),
+                load_end=" / ".join(p["meta"]["load_end"] for p in parts),
+                parallel_processes=len(parts))
+    settings = dict(first["settings"], seeds=[int(s) for s in per_seed])
+    return {"meta": meta, "settings": settings, "configurations": first["configurations"],
+            "per_seed": per_seed}
+
+
+def finish(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
+    """Summarize; print the table; write the JSON, the figure (and the Markdown)."""
+    write_json(args.out / "search-cpu.json", result)  # why: kept even if summarizing fails
+    summary = summarize(result["configurations"], result["per_seed"])
+    result = dict(result, summary=summary)
     write_json(args.out / "search-cpu.json", result)
     figure = args.out / "search-cpu.png"
-    failure = plot(summary, figure, f"first-order DARTS on digits ({settings.resolution}x"
-                                    f"{settings.resolution}), {len(settings.seeds)} seed(s)")
+    st = result["settings"]
+    failure = plot(summary, figure, f"first-order DARTS on digits ({st['resolution']}x"
+                                    f"{st['resolution']}), {len(result['per_seed'])} seed(s)")
     print(table(summary))
     print(failure or f"wrote {figure}", file=sys.stderr)
-    print(f"wrote {args.out / 'search-cpu.json'} ({meta['wall_s']:.0f} s)", file=sys.stderr)
+    print(f"wrote {args.out / 'search-cpu.json'} ({result['meta']['wall_s']:.0f} s wall, "
+          f"{result['meta']['cpu_s']:.0f} s CPU)", file=sys.stderr)
     if args.markdown is not None:
         rel = None
         if failure is None:
-            import os
             rel = os.path.relpath(figure.resolve(), args.markdown.resolve().parent)
         write_markdown(args.markdown, {"search": markdown(result, rel)})
         print(f"wrote {args.markdown}", file=sys.stderr)
     return result
-
 
 if __name__ == "__main__":
     main()
