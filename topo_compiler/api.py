@@ -7,9 +7,10 @@ import time
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
+import torch
 from torch import nn
 
-from .analysis import MixedOp
+from .analysis import MixedOp, declined_sums
 from .cuda_graphs import CudaGraphOptions
 from .ir import SupernetIR
 from .lift import lift, tag_mixed_ops
@@ -17,7 +18,7 @@ from .lower import CompiledSupernet, lower
 from .pass_manager import Hook, PassManager
 from .passes import build_pipeline, normalize_names
 from .report import CompileReport, MixedOpReport
-from .tracer import trace_supernet
+from .tracer import TraceError, trace_supernet
 from .vectorize import drop_identity_arithmetic, vectorize_weights
 
 __all__ = ["compile_supernet", "NoMixedOpWarning", "analyze"]
@@ -44,8 +45,9 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
                      dump_formats: Sequence[str] = ("svg",), dump_view: str = "cell",
                      leaf_modules: Iterable[type | str] = (),
                      pass_options: Mapping[str, Mapping[str, Any]] | None = None,
-                     hooks: Sequence[Hook] = (),
-                     cuda_graphs: bool | CudaGraphOptions = False) -> CompiledSupernet:
+                     hooks: Sequence[Hook] = (), partial: bool = True,
+                     cuda_graphs: bool | CudaGraphOptions = False
+                     ) -> CompiledSupernet:
     """Compile a one-shot NAS supernet into a cheaper, equivalent-by-design GraphModule.
 
     Args:
@@ -66,6 +68,11 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         pass_options: per-pass options, e.g. ``{"merge": {"device": "cuda"}}`` (the cost
             model's machine) or ``{"merge": {"form": "dense"}}``.
         hooks: extra callables ``hook(stage_index, stage_report, ir)`` run after each stage.
+        partial: when the forward cannot be traced, compile the submodules that can and run
+            the rest eagerly (:mod:`~topo_compiler.partial`; ``.report`` is then a
+            :class:`~topo_compiler.partial.PartialReport`; ``dump_dir`` and ``hooks`` are
+            not applied to the submodules); ``False`` raises the
+            :class:`~topo_compiler.tracer.TraceError` instead.
         cuda_graphs: run forward and backward as captured CUDA graphs (``True``, or a
             :class:`~topo_compiler.cuda_graphs.CudaGraphOptions`); calls that do not fit a
             capture (CPU tensors, grad disabled, a new shape's first call...) run uncaptured.
@@ -91,12 +98,22 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    traced = trace_supernet(model, example_inputs, leaf_modules)
+    try:
+        traced = trace_supernet(model, example_inputs, leaf_modules)
+    except TraceError as error:
+        if not partial:
+            raise
+        if cuda_graphs:
+            warnings.warn("cuda_graphs is not applied to a partially compiled model: its "
+                          "compiled submodules run uncaptured", stacklevel=2)
+        return _compile_partially(model, example_inputs, error, passes=passes, exact=exact,
+                                  leaf_modules=leaf_modules, pass_options=pass_options)
     timings["trace"] = time.perf_counter() - start
 
     start = time.perf_counter()
     ir = lift(traced)
     mixed = tag_mixed_ops(ir)
+    declined = [d.describe() for d in declined_sums(ir)]  # for the report, not the console
     mixed_reports = [MixedOpReport(m.name, m.input, m.output, m.form, _candidate_summary(ir, m))
                      for m in mixed]
     timings["lift+analyze"] = time.perf_counter() - start
@@ -110,6 +127,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
 
     start = time.perf_counter()
     stages = PassManager(pipeline, exact=exact, hooks=all_hooks).run(ir)
+    stages[0].decisions.extend(declined)
     timings["passes"] = time.perf_counter() - start
 
     lowering: list[str] = []
@@ -133,7 +151,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         timings=timings, warnings=report_warnings,
         specializations=traced.specializations,
         baked_inputs={k: repr(v) for k, v in traced.baked_inputs.items()},
-        lowering=lowering)
+        captured=list(traced.capture_notes), lowering=lowering)
     if cuda_graphs:
         from .cuda_graphs import install
         options = cuda_graphs if isinstance(cuda_graphs, CudaGraphOptions) else None
@@ -141,3 +159,20 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
     if dump_dir is not None:
         dump.write_report(compiled.report)
     return compiled
+
+
+def _compile_partially(model: nn.Module, example_inputs: Any, error: TraceError,
+                       **options: Any) -> nn.Module:
+    """The model with its untraceable forwards eager and its traceable submodules compiled
+    with the same options (see :mod:`~topo_compiler.partial`)."""
+    from .partial import compile_partially
+
+    def compile_one(module: nn.Module, args: tuple) -> CompiledSupernet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoMixedOpWarning)  # a candidate op has none
+            return compile_supernet(module, args, partial=False, **options)
+
+    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs,
+                                                                  (tuple, list)):
+        example_inputs = (example_inputs,)
+    return compile_partially(model, tuple(example_inputs), error, compile_one)

@@ -118,6 +118,9 @@ class CompileReport:
     warnings: list[str] = dataclasses.field(default_factory=list)
     specializations: list[str] = dataclasses.field(default_factory=list)
     baked_inputs: dict[str, str] = dataclasses.field(default_factory=dict)
+    captured: list[str] = dataclasses.field(default_factory=list)
+    """Calls recorded as opaque nodes or factories, and bookkeeping dropped from the graph
+    (one line each, with the source line; see :mod:`topo_compiler.capture`)."""
     lowering: list[str] = dataclasses.field(default_factory=list)
     """What lowering preparation did (the weight program, dropped identities)."""
     cuda_graphs: Any = None
@@ -144,8 +147,10 @@ class CompileReport:
                 "mixed_ops": [m.as_dict() for m in self.mixed_ops],
                 "timings": dict(self.timings), "warnings": list(self.warnings),
                 "specializations": list(self.specializations),
-                "baked_inputs": dict(self.baked_inputs), "lowering": list(self.lowering),
-                "cuda_graphs": None if self.cuda_graphs is None else self.cuda_graphs.as_dict()}
+                "baked_inputs": dict(self.baked_inputs), "captured": list(self.captured),
+                "lowering": list(self.lowering),
+                "cuda_graphs": None if self.cuda_graphs is None else
+                self.cuda_graphs.as_dict()}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.as_dict(), indent=indent)
@@ -194,6 +199,9 @@ class CompileReport:
         if self.baked_inputs:
             lines += ["", "### Baked (non-tensor) inputs", ""]
             lines += [f"- `{k}` = {v}" for k, v in self.baked_inputs.items()]
+        if self.captured:
+            lines += ["", "### Captured and dropped", ""]
+            lines += [f"- {c}" for c in self.captured]
         if self.lowering:
             lines += ["", "### Lowering", ""]
             lines += [f"- {line}" for line in self.lowering]
