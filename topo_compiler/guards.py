@@ -209,6 +209,8 @@ class TraceOptions:
     """Accesses (attributes, arguments, globals) to read at run time instead of baking."""
     holders: dict = dataclasses.field(default_factory=dict)
     """access -> the 0-d tensor a dynamic attribute or global is read from at run time."""
+    retrace: bool = True
+    """A dispatcher's re-trace (it keeps the guards), not a compile made for the user."""
 
 
 class NotDynamic(Exception):
@@ -235,6 +237,10 @@ class GuardRecorder:
         self.arg_index: dict[str, tuple[int, int | None]] = {}
         """placeholder target -> (argument index, tensor leaf index or None)."""
         self._global_patches: list[tuple[dict, str, Any]] = []
+        entry = _user_frame()
+        self._entry_code = entry.f_code if entry is not None else None
+        """The code that called the compiler: ops issued by library code (torch.nn, the
+        built-in spaces) are attributed to it and say nothing about the model's code."""
 
     # -- lifetime --------------------------------------------------------------------
     @contextlib.contextmanager
@@ -341,7 +347,7 @@ class GuardRecorder:
     def on_frame(self, frame: types.FrameType) -> None:
         """A user frame issued a graph op: its globals and closure variables get looked at."""
         code = frame.f_code
-        if code not in self._codes:
+        if code not in self._codes and code is not self._entry_code:
             free = {name: frame.f_locals.get(name, _MISSING) for name in code.co_freevars}
             self._codes[code] = (frame.f_globals, free)
 
@@ -486,6 +492,13 @@ class GuardRecorder:
     # -- the end of the trace ----------------------------------------------------------------
     def finish(self, graph: fx.Graph) -> None:
         """Globals and closure variables read by traced code; baked numbers in the graph."""
+        self._constants_at: dict[tuple[str, int], set] = {}
+        for node in graph.nodes:
+            source = node.meta.get("source")
+            if source is not None and node.op in ("call_function", "call_method"):
+                self._constants_at.setdefault(source[:2], set()).update(
+                    v for v in pytree.tree_leaves((node.args, node.kwargs))
+                    if type(v) in (int, float))
         for code, (namespace, free) in self._codes.items():
             self._scan_code(code, namespace, free)
         self._find_baked_constants(graph)
@@ -513,9 +526,11 @@ class GuardRecorder:
                     access = ("global", module_name, chain)
                     self._add(access, value, where,
                               dynamic=access in self.options.dynamic)
-            elif ins.opname in ("LOAD_DEREF", "LOAD_CLASSDEREF") and ins.argval in free:
+            elif ins.opname in ("LOAD_DEREF", "LOAD_CLASSDEREF") and ins.argval in free \
+                    and not code.co_name.startswith("<"):  # not a comprehension's loop var
                 value = free[ins.argval]
-                if type(value) in (int, float) and not isinstance(value, bool):
+                if type(value) in (int, float) and \
+                        value in self._constants_at.get((code.co_filename, line), ()):
                     self.baked.append(BakedValue(f"closure variable `{ins.argval}`",
                                                  repr(value), where))
 
@@ -530,7 +545,10 @@ class GuardRecorder:
             known.add(_maybe_number(b.value))
         for node in graph.nodes:
             source = node.meta.get("source")
-            if source is None or node.op not in ("call_function", "call_method"):
+            if source is None or node.op not in ("call_function", "call_method") or \
+                    source[2].startswith("<") or self._entry_code is not None and \
+                    (source[0], source[2]) == (self._entry_code.co_filename,
+                                               self._entry_code.co_name):
                 continue
             consts = _code_constants(source)
             if consts is None:
@@ -835,6 +853,16 @@ def pending_options() -> TraceOptions | None:
     return _OPTIONS[-1] if _OPTIONS else None
 
 
+@contextlib.contextmanager
+def trace_options(options: TraceOptions):
+    """Run ``compile_supernet`` calls inside with these trace options."""
+    _OPTIONS.append(options)
+    try:
+        yield options
+    finally:
+        _OPTIONS.pop()
+
+
 @dataclasses.dataclass
 class Variant:
     """One traced graph and the guards under which it is the model's function."""
@@ -854,6 +882,8 @@ class ForwardSignature:
         self.signature = inspect.signature(type(model).forward)
         params = list(self.signature.parameters.values())[1:]
         self.names = [p.name for p in params]
+        self.n_positional = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                                for p in params)
         self.defaults = tuple(p.default for p in params)
         self._bindable = inspect.Signature(params)
 
@@ -890,8 +920,9 @@ class Dispatch:
 
     def __init__(self, primary: nn.Module, model: nn.Module, settings: CompileSettings,
                  guards: Sequence[Guard], holders: dict[tuple, torch.Tensor] | None = None,
-                 dynamic: Iterable[tuple] = ()):
+                 dynamic: Iterable[tuple] = (), report: Any = None):
         self.model = model
+        self.report = report
         self.settings = settings
         self.signature = ForwardSignature(model)
         self.holders: dict[tuple, torch.Tensor] = dict(holders or {})
@@ -954,18 +985,19 @@ class Dispatch:
                                            self.holders), reason)
         self.variants.insert(0, variant)
         self.retraces += 1
+        if self.report is not None:
+            self.report.variants.append(f"variant {len(self.variants)}: {reason}")
         return variant
 
     def _compile(self, a: tuple, options: TraceOptions) -> nn.Module:
         from .api import compile_supernet
 
-        _OPTIONS.append(options)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return compile_supernet(self.model, tuple(a), **self.settings.kwargs())
-        finally:
-            _OPTIONS.pop()
+        n = self.signature.n_positional
+        with trace_options(options), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return compile_supernet(
+                self.model, tuple(a[:n]), example_kwargs=dict(zip(self.signature.names[n:], a[n:])),
+                cache_size_limit=self.settings.cache_size_limit, **self.settings.kwargs())
 
     def _limit_message(self, guard: Guard | None, found: Any) -> str:
         names = self.signature.names
@@ -998,6 +1030,7 @@ class Dispatch:
         """A copy for a deep-copied model (variants and holders copied through ``memo``)."""
         new = object.__new__(Dispatch)
         new.model = model
+        new.report = copy.deepcopy(self.report, memo)
         new.settings = self.settings
         new.signature = ForwardSignature(model)
         new.holders = {k: copy.deepcopy(v, memo) for k, v in self.holders.items()}

@@ -128,7 +128,7 @@ class GlobalSchedulerNet(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, C, 3, padding=1, bias=False)
         self.cell = MixedOp(C)
-        self.aux = nn.Sequential(nn.Conv2d(C, C, 1), nn.BatchNorm2d(C))
+        self.aux = nn.Sequential(nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C))
         self.alphas = nn.Parameter(1e-1 * torch.randn(4))
 
     def forward(self, x):
