@@ -72,7 +72,7 @@ def _retraces(compiled) -> int:
 # Re-traces each idiom's state changes need: a float that changes is traced once more as a
 # run-time input (automatic dynamic), then never again; every other change is a new variant
 # for each new value (values seen before reuse their variant).
-RETRACES = {"temperature": 1, "aux_head": 1, "global_scheduler": 1, "model_arch": 3,
+RETRACES = {"drop_path": 2, "temperature": 1, "aux_head": 1, "global_scheduler": 1, "model_arch": 3,
             "index_arg": 3, "tuple_arg": 3, "mode_arg": 2, "int_batch": 2,
             "shape_branch": 2, "pruning_mask": 3, "bool_flags": 2, "keyword_only": 1}
 
@@ -135,7 +135,8 @@ def test_cache_limit_names_the_value_and_the_way_out():
 
 
 class ThresholdNet(nn.Module):
-    """A float attribute deciding Python control flow cannot be read at run time."""
+    """A float attribute deciding Python control flow: the condition is guarded, not the
+    float, which is read at run time."""
 
     def __init__(self):
         super().__init__()
@@ -148,11 +149,29 @@ class ThresholdNet(nn.Module):
         return self.conv(x) * self.p
 
 
-def test_float_deciding_control_flow_stays_constant_and_hits_the_limit():
+class FloatNet(ThresholdNet):
+    """``float(self.p)`` needs the number itself: it stays a guarded constant."""
+
+    def forward(self, x):
+        return self.conv(x) * float(self.p)
+
+
+def test_condition_on_a_run_time_float_is_guarded_by_its_outcome():
     model = ThresholdNet()
-    compiled = _compile(model, S.Call(lambda: (S._x(),)), cache_size_limit=4)
+    compiled = _compile(model, S.Call(lambda: (S._x(),)))
     x = S._x()
-    for p in (0.2, 0.7, 0.9):
+    for p in (0.2, 0.7, 0.9, 0.3, 0.05, 0.6):
+        model.p = p
+        torch.testing.assert_close(compiled(x), model(x))
+    assert _retraces(compiled) == 2, compiled.report.variants
+    assert "the condition `if self.p > 0.5:`" in compiled.report.variants[-1]
+
+
+def test_float_needed_by_python_stays_constant_and_hits_the_limit():
+    model = FloatNet()
+    compiled = _compile(model, S.Call(lambda: (S._x(),)), cache_size_limit=3)
+    x = S._x()
+    for p in (0.2, 0.7):
         model.p = p
         torch.testing.assert_close(compiled(x), model(x))
     assert "decides Python control flow" in compiled.report.variants[1]

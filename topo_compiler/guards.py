@@ -89,6 +89,9 @@ def describe_access(access: tuple, arg_names: Sequence[str] = ()) -> str:
     if kind == "global":
         _, module, chain = access
         return f"global `{'.'.join(chain)}` of `{module}`"
+    if kind == "cond":
+        return f"the condition `{access[1]}` on " + ", ".join(
+            describe_access(a, arg_names) for a in access[3])
     _, path, name, keys = access
     return f"tensor `{path + '.' if path else ''}{name}{''.join(f'[{k!r}]' for k in keys)}`"
 
@@ -237,6 +240,8 @@ class GuardRecorder:
         self.arg_index: dict[str, tuple[int, int | None]] = {}
         """placeholder target -> (argument index, tensor leaf index or None)."""
         self._global_patches: list[tuple[dict, str, Any]] = []
+        self._dynamic_placeholders: dict[str, int] = {}
+        self._dynamic_values: dict[int, Any] = {}
         entry = _user_frame()
         self._entry_code = entry.f_code if entry is not None else None
         """The code that called the compiler: ops issued by library code (torch.nn, the
@@ -265,6 +270,11 @@ class GuardRecorder:
         """Guard the non-tensor arguments; remember which placeholder is which argument."""
         self.arg_names = list(names)
         tensor_args = set(tensor_args)
+        self._dynamic_placeholders = {name: i for i, name in enumerate(names)
+                                      if ("arg", i) in self.options.dynamic
+                                      and name not in tensor_args}
+        self._dynamic_values = {i: values[name] for name, i in
+                                self._dynamic_placeholders.items()}
         for i, name in enumerate(names):
             if name in tensor_args:
                 value = values[name]
@@ -435,13 +445,16 @@ class GuardRecorder:
         Returns ``(False, None)`` when the value depends on inputs or only on parameters.
         """
         ancestors = _ancestors(node)
+        dynamic = {a: self._holder_targets[a.target] for a in ancestors
+                   if a.op == "get_attr" and a.target in self._holder_targets}
+        dynamic.update({a: ("arg", self._dynamic_placeholders[a.target]) for a in ancestors
+                        if a.op == "placeholder" and a.target in self._dynamic_placeholders})
+        if dynamic:
+            return True, self._decide_on_dynamic(node, ancestors, dynamic)
         if any(a.op == "placeholder" for a in ancestors):
             return False, None
         if any(a.op == "call_module" for a in ancestors):
             return False, None
-        for a in ancestors:
-            if a.op == "get_attr" and a.target in self._holder_targets:
-                raise NotDynamic(self._holder_targets[a.target])
         watched = []
         for a in ancestors:
             if a.op != "get_attr":
@@ -465,6 +478,44 @@ class GuardRecorder:
         for a in ancestors:
             a.meta["python_only"] = True
         return True, value
+
+    def _decide_on_dynamic(self, node: fx.Node, ancestors: list[fx.Node],
+                           dynamic: dict[fx.Node, tuple]) -> Any:
+        """A condition on numbers read at run time (``if drop_prob > 0.``): guard on its
+        outcome, recomputed from the current numbers on each call, not on the numbers."""
+        first = next(iter(dynamic.values()))
+        if node in dynamic or any(a not in dynamic and a.op in ("placeholder", "get_attr",
+                                                               "call_module")
+                                  for a in ancestors):
+            raise NotDynamic(first)  # the number itself, or mixed with tensors: a constant
+        wanted = set(ancestors)
+        refs: dict[fx.Node, Any] = {n: _In(access) for n, access in dynamic.items()}
+        steps = []
+        for n in node.graph.nodes:
+            if n not in wanted or n in refs:
+                continue
+            args = _freeze(fx.node.map_arg(n.args, refs.__getitem__))
+            kwargs = _freeze(fx.node.map_arg(n.kwargs, refs.__getitem__))
+            steps.append((n.op, n.target, args, tuple(sorted(kwargs.items()))))
+            refs[n] = _Ref(len(steps) - 1)
+        inputs = tuple(sorted(set(dynamic.values())))
+        now = {access: self._current_number(access) for access in inputs}
+        try:
+            value = run_condition(tuple(steps), now)
+        except Exception:  # noqa: BLE001 - not computable on numbers: keep it a constant
+            raise NotDynamic(first) from None
+        source = _frame_source(_user_frame())
+        text = source.split(": `", 1)[-1].rstrip("`") if source else node.name
+        self._add(("cond", text, tuple(steps), inputs), value, source)
+        for a in ancestors:
+            if a not in dynamic:
+                a.meta["python_only"] = True
+        return value
+
+    def _current_number(self, access: tuple) -> float:
+        if access[0] == "arg":
+            return self._dynamic_values[access[1]]
+        return float(self.options.holders[access])
 
     def _tensor_of(self, target: str) -> Any:
         t = self.tracer.plain_tensor_attrs.get(target)
@@ -561,6 +612,50 @@ class GuardRecorder:
                     f"a number in `{node.name}`", repr(v),
                     f"{fname}:{line}: `{linecache.getline(fname, line).strip()}`"))
                 known.add(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+    """An earlier step's result in a condition program."""
+
+    index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _In:
+    """A number read at run time, in a condition program."""
+
+    access: tuple
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _freeze(v) for k, v in value.items()}
+    return value
+
+
+def run_condition(steps: tuple, inputs: dict[tuple, Any]) -> Any:
+    """Replay the Python arithmetic of a condition (``drop_prob > 0.``) on numbers."""
+    env: list[Any] = []
+
+    def resolve(v: Any) -> Any:
+        if type(v) is _Ref:
+            return env[v.index]
+        if type(v) is _In:
+            return inputs[v.access]
+        if type(v) is tuple:
+            return tuple(resolve(x) for x in v)
+        return v
+
+    for op, target, args, kwargs in steps:
+        args = resolve(args)
+        kwargs = {k: resolve(v) for k, v in kwargs}
+        env.append(target(*args, **kwargs) if op == "call_function"
+                   else getattr(args[0], target)(*args[1:], **kwargs))
+    result = env[-1]
+    return result.item() if isinstance(result, torch.Tensor) else result
 
 
 def _maybe_number(text: str) -> Any:
@@ -834,6 +929,19 @@ def _reader(access: tuple, modules: dict[str, nn.Module], ns: dict, k: int,
         for name in chain[1:]:
             expr = f"getattr({expr}, {name!r}, _M)"
         return expr, lambda a: _read_chain(namespace, chain)
+    if kind == "cond":
+        _, _, steps, inputs = access
+        readers = [_reader(i, modules, {}, 0)[1] for i in inputs]
+        memo: list[Any] = [None, None]
+
+        def condition(a: tuple) -> Any:
+            values = tuple(r(a) for r in readers)
+            if values != memo[0]:
+                memo[0], memo[1] = values, run_condition(steps, dict(zip(inputs, values)))
+            return memo[1]
+
+        ns[f"c{k}"] = condition
+        return f"c{k}(a)", condition
     _, path, name, keys = access
     watch = _TensorWatch(modules[path], name, keys, expected)
     ns[f"w{k}"] = watch
@@ -959,7 +1067,8 @@ class Dispatch:
         newly_dynamic = [g.access for g, value in failures
                          if not g.dynamic and type(g.expected) is float and _is_number(value)
                          and g.access[0] in ("attr", "arg", "global")
-                         and g.access not in self.static_only]
+                         and g.access not in self.static_only
+                         and g.access not in self.dynamic]
         self.dynamic.update(newly_dynamic)
         if guard is not None:
             self.history.append((guard, guard.expected, found))
@@ -979,7 +1088,7 @@ class Dispatch:
                 self.dynamic.discard(exc.access)
                 self.static_only.add(exc.access)
                 reason += f" ({describe_access(exc.access, names)} decides Python control " \
-                          f"flow, so it stays a constant)"
+                          f"flow or is needed as a number, so it stays a constant)"
         self.holders.update(options.holders)
         variant = Variant(module, GuardSet(module.__dict__.pop("_trace_guards"), self.model,
                                            self.holders), reason)

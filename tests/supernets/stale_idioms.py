@@ -12,6 +12,8 @@ gradients as the eager model after each one.
   non-leaf forward;
 * ``global_scheduler``: a module-level scheduler object whose ``rate`` decays, multiplying an
   auxiliary skip branch (``out + aux(x) * scheduler.rate``);
+* ``drop_path``: DARTS's ``model.drop_path_prob`` set every epoch, read by each cell as
+  ``if self.training and drop_prob > 0.: h = drop_path(h, drop_prob)``;
 * ``model_arch``: SPOS-style single-path sampler: the search loop sets ``model.arch`` (a list
   of ints) before each forward;
 * ``index_arg`` / ``tuple_arg`` / ``mode_arg``: the sampled path passed as an int, a tuple of
@@ -135,6 +137,39 @@ class GlobalSchedulerNet(nn.Module):
         x = self.stem(x)
         out = self.cell(x, F.softmax(self.alphas, dim=-1))
         return out + self.aux(x) * scheduler.rate
+
+
+# -- drop-path probability (DARTS NetworkCIFAR: set by the training loop every epoch) --------
+def drop_path(x, drop_prob: float):
+    """DARTS's drop path, made deterministic (the expected value) so tests can compare."""
+    return x * (1.0 - drop_prob)
+
+
+class DropPathCell(nn.Module):
+    def __init__(self, C: int):
+        super().__init__()
+        self.mixed = MixedOp(C)
+        self.alphas = nn.Parameter(1e-1 * torch.randn(4))
+
+    def forward(self, x, drop_prob):
+        h = self.mixed(x, F.softmax(self.alphas, dim=-1))
+        if self.training and drop_prob > 0.:
+            h = drop_path(h, drop_prob)
+        return h + x
+
+
+class DropPathNet(nn.Module):
+    def __init__(self, C: int = C):
+        super().__init__()
+        self.stem = nn.Conv2d(3, C, 3, padding=1, bias=False)
+        self.cells = nn.ModuleList([DropPathCell(C), DropPathCell(C)])
+        self.drop_path_prob = 0.0
+
+    def forward(self, x):
+        x = self.stem(x)
+        for cell in self.cells:
+            x = cell(x, self.drop_path_prob)
+        return x
 
 
 # -- single-path samplers ----------------------------------------------------------------
@@ -390,6 +425,11 @@ STALE: dict[str, StaleIdiom] = {
         GlobalSchedulerNet, _same(),
         [(_sched(e), _same()) for e in (2, 5, 7)] + [(_train(False), _same())],
         "out + aux(x) * scheduler.rate, a module-level scheduler object"),
+    "drop_path": StaleIdiom(
+        DropPathNet, _same(),
+        [(_set("drop_path_prob", p), _same()) for p in (0.1, 0.2, 0.3, 0.0, 0.25)]
+        + [(_train(False), _same())],
+        "model.drop_path_prob = p * epoch / epochs; if self.training and drop_prob > 0."),
     "model_arch": StaleIdiom(
         ModelArchNet, _same(),
         [(_set("arch", a), _same()) for a in ([1, 2], [3, 0], [1, 2], [2, 2])],
