@@ -197,9 +197,12 @@ def recording_type(cls: type) -> type:
                 _ACTIVE[-1].on_attribute(self, name, value)
         return value
 
-    made = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__,
-                                       "__module__": cls.__module__,
-                                       "__qualname__": cls.__qualname__})
+    try:
+        made = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__,
+                                           "__module__": cls.__module__,
+                                           "__qualname__": cls.__qualname__})
+    except TypeError:  # a class that refuses subclasses (__init_subclass__ with arguments)
+        made = cls
     _RECORDING_TYPES[cls] = made
     return made
 
