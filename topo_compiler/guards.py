@@ -274,7 +274,7 @@ class GuardRecorder:
         self.arg_names = list(names)
         tensor_args = set(tensor_args)
         self._dynamic_placeholders = {name: i for i, name in enumerate(names)
-                                      if ("arg", i) in self.options.dynamic
+                                      if self.dynamic_argument(i, values[name])
                                       and name not in tensor_args}
         self._dynamic_values = {i: values[name] for name, i in
                                 self._dynamic_placeholders.items()}
@@ -283,14 +283,11 @@ class GuardRecorder:
                 value = values[name]
                 self.arg_index[name] = (i, None) if isinstance(value, torch.Tensor) else (i, -1)
                 continue
-            access = ("arg", i)
-            if access in self.options.dynamic:
-                self._add(access, values[name], dynamic=True)
-            else:
-                self._add(access, values[name])
+            self._add(("arg", i), values[name], dynamic=self.dynamic_argument(i, values[name]))
 
-    def dynamic_argument(self, index: int) -> bool:
-        return ("arg", index) in self.options.dynamic
+    def dynamic_argument(self, index: int, value: Any) -> bool:
+        """Argument ``index`` is read at run time (a number the dispatcher saw change)."""
+        return ("arg", index) in self.options.dynamic and _is_number(value)
 
     # -- attributes of the model's modules ---------------------------------------------
     def register_shadow(self, shadow: nn.Module, path: str, module: nn.Module) -> None:
@@ -477,7 +474,7 @@ class GuardRecorder:
         for target, tensor in watched:
             access = _tensor_access(self.tracer.root, tensor, target)
             if access is not None:
-                self._add(access, tensor.detach().clone(), source)
+                self._add(access, tensor.detach().to("cpu", copy=True), source)
         for a in ancestors:
             a.meta["python_only"] = True
         return True, value

@@ -488,7 +488,7 @@ class SupernetTracer(fx.Tracer):
             value = values[name]
             if _is_tensor_tree(value):
                 self._example[name] = to_meta(value)
-            elif self.guards.dynamic_argument(i) and type(value) in (int, float):
+            elif self.guards.dynamic_argument(i, value):
                 # guards: a number that changes every call stays a graph input
                 self._example[name] = torch.tensor(float(value), dtype=torch.float64,
                                                    device="meta")
