@@ -1114,15 +1114,22 @@ class Dispatch:
         seen = [f"{_short(old)} -> {_short(new)}" for g, old, new in self.history
                 if guard is not None and g.access == guard.access]
         where = f"\n  read at {guard.source}" if guard is not None and guard.source else ""
+        if guard is not None and type(guard.expected) is float:
+            way_out = ("keep Python from needing the number itself (arithmetic on it stays "
+                       "in the graph and is read at run time), or hold it in a tensor")
+        elif guard is not None and guard.access[0] in ("shape", "tensor"):
+            way_out = "keep the shapes (or the mask) fixed while searching"
+        else:
+            way_out = ("a value that picks a path (a sampled architecture, an index, a mode) "
+                       "makes one graph per value: mark the module that reads it as a leaf "
+                       "(leaf_modules=[...]) so it runs eagerly, or weight the candidates "
+                       "with a tensor instead of picking one")
         return (
             f"the compiled supernet was traced {len(self.variants)} times "
             f"(cache_size_limit={self.settings.cache_size_limit}); {what} keeps changing "
             f"(last: {_short(guard.expected) if guard else '?'} -> {_short(found)}"
             f"{'; seen ' + ', '.join(seen[-4:]) if len(seen) > 1 else ''}){where}\n"
-            f"  way out: pass a value that changes every call as a tensor (a tensor argument "
-            f"or attribute is read at run time, not baked), keep Python control flow from "
-            f"depending on it, mark the module that reads it as a leaf "
-            f"(leaf_modules=[...]), or raise compile_supernet(..., cache_size_limit=N)")
+            f"  way out: {way_out}, or raise compile_supernet(..., cache_size_limit=N)")
 
     # -- reporting ----------------------------------------------------------------------
     def describe(self) -> list[str]:
