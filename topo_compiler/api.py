@@ -58,7 +58,8 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
             come from them (the batch size stays symbolic).  Non-tensor arguments are
             guarded: a call with other values re-traces (see ``cache_size_limit``).
         passes: pass names to run, in the pipeline's order (``"pms"``, ``"fms"``,
-            ``"merge"``, ``"kn"``); ``None`` runs the paper's full pipeline, ``()`` none.
+            ``"merge"``, ``"fold"``, ``"kn"``; ``"merge"`` brings ``"fold"`` along);
+            ``None`` runs the paper's full pipeline, ``()`` none.
         exact: apply only rewrites that keep the function for every input and every
             architecture weight.
         dump_dir: write the IR before the first pass and after each pass (``00-input.dot``,
