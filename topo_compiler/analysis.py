@@ -60,7 +60,7 @@ from .descriptors import Kind, Ref
 from .ir import SupernetIR
 
 __all__ = ["WeightRef", "Candidate", "MixedOp", "DeclinedSum", "find_mixed_ops",
-           "mixed_op_at", "declined_sums", "tensor_meta", "meta_mismatch"]
+           "mixed_op_at", "declined_sums", "tensor_meta"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,25 +139,6 @@ def tensor_meta(ir: SupernetIR, name: str) -> tuple | None:
     if not isinstance(val, torch.Tensor):
         return None
     return tuple(val.shape), val.dtype
-
-
-def meta_mismatch(ir: SupernetIR, names: Iterable[str]) -> str | None:
-    """Why tensors cannot be joined (summed, or one computed for all): a line naming two
-    whose shapes or dtypes differ, or that hold no tensor; None when they all agree."""
-    names = list(names)
-    metas = [tensor_meta(ir, n) for n in names]
-    for n, m in zip(names, metas):
-        if m is None:
-            return f"{n} holds no tensor"
-    for n, m in zip(names[1:], metas[1:]):
-        if m != metas[0]:
-            return (f"{names[0]} is {_show(metas[0])} but {n} is {_show(m)}")
-    return None
-
-
-def _show(meta: tuple) -> str:
-    shape, dtype = meta
-    return f"{list(shape)} {str(dtype).replace('torch.', '')}"
 
 
 def _is_scalar(val) -> bool:
