@@ -350,13 +350,12 @@ class _Finder:
             cands.append((weight, out, term, branch, reads))
         inputs = set().union(*(r for *_, r in cands))
         if len(inputs) > 1:
-            by_input: dict[str, list[int]] = {}
+            by_reads: dict[tuple[str, ...], list[int]] = {}
             for k, (*_, reads) in enumerate(cands):
-                for r in sorted(reads):
-                    by_input.setdefault(r, []).append(k)
+                by_reads.setdefault(tuple(sorted(reads)), []).append(k)
             parts = "; ".join(f"term{'s' if len(ks) > 1 else ''} {_listing(map(str, ks))} "
-                              f"read{'' if len(ks) > 1 else 's'} {r}"
-                              for r, ks in sorted(by_input.items(), key=lambda kv: kv[1]))
+                              f"read{'' if len(ks) > 1 else 's'} {_listing(reads)}"
+                              for reads, ks in by_reads.items())
             return self.declined(output, f"branches read different inputs ({parts})")
         if len(edges) >= 2:
             held = _listing(self.ir.node(ops[0].output).module_path or ops[0].output
