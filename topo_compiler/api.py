@@ -7,6 +7,7 @@ import time
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from .analysis import MixedOp, declined_sums
@@ -16,7 +17,7 @@ from .lower import CompiledSupernet, lower
 from .pass_manager import Hook, PassManager
 from .passes import build_pipeline, normalize_names
 from .report import CompileReport, MixedOpReport
-from .tracer import trace_supernet
+from .tracer import TraceError, trace_supernet
 
 __all__ = ["compile_supernet", "NoMixedOpWarning", "analyze"]
 
@@ -42,7 +43,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
                      dump_formats: Sequence[str] = ("svg",), dump_view: str = "cell",
                      leaf_modules: Iterable[type | str] = (),
                      pass_options: Mapping[str, Mapping[str, Any]] | None = None,
-                     hooks: Sequence[Hook] = ()) -> CompiledSupernet:
+                     hooks: Sequence[Hook] = (), partial: bool = True) -> CompiledSupernet:
     """Compile a one-shot NAS supernet into a cheaper, equivalent-by-design GraphModule.
 
     Args:
@@ -63,6 +64,11 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         pass_options: per-pass options, e.g. ``{"merge": {"device": "cuda"}}`` (the cost
             model's machine) or ``{"merge": {"form": "dense"}}``.
         hooks: extra callables ``hook(stage_index, stage_report, ir)`` run after each stage.
+        partial: when the forward cannot be traced, compile the submodules that can and run
+            the rest eagerly (:mod:`~topo_compiler.partial`; ``.report`` is then a
+            :class:`~topo_compiler.partial.PartialReport`; ``dump_dir`` and ``hooks`` are
+            not applied to the submodules); ``False`` raises the
+            :class:`~topo_compiler.tracer.TraceError` instead.
 
     Returns:
         A :class:`~topo_compiler.lower.CompiledSupernet` sharing ``model``'s parameters and
@@ -82,7 +88,13 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    traced = trace_supernet(model, example_inputs, leaf_modules)
+    try:
+        traced = trace_supernet(model, example_inputs, leaf_modules)
+    except TraceError as error:
+        if not partial:
+            raise
+        return _compile_partially(model, example_inputs, error, passes=passes, exact=exact,
+                                  leaf_modules=leaf_modules, pass_options=pass_options)
     timings["trace"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -114,7 +126,25 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         mixed_ops=mixed_reports,
         timings=timings, warnings=report_warnings,
         specializations=traced.specializations,
-        baked_inputs={k: repr(v) for k, v in traced.baked_inputs.items()})
+        baked_inputs={k: repr(v) for k, v in traced.baked_inputs.items()},
+        captured=list(traced.capture_notes))
     if dump_dir is not None:
         dump.write_report(compiled.report)
     return compiled
+
+
+def _compile_partially(model: nn.Module, example_inputs: Any, error: TraceError,
+                       **options: Any) -> nn.Module:
+    """The model with its untraceable forwards eager and its traceable submodules compiled
+    with the same options (see :mod:`~topo_compiler.partial`)."""
+    from .partial import compile_partially
+
+    def compile_one(module: nn.Module, args: tuple) -> CompiledSupernet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoMixedOpWarning)  # a candidate op has none
+            return compile_supernet(module, args, partial=False, **options)
+
+    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs,
+                                                                  (tuple, list)):
+        example_inputs = (example_inputs,)
+    return compile_partially(model, tuple(example_inputs), error, compile_one)

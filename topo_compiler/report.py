@@ -118,6 +118,9 @@ class CompileReport:
     warnings: list[str] = dataclasses.field(default_factory=list)
     specializations: list[str] = dataclasses.field(default_factory=list)
     baked_inputs: dict[str, str] = dataclasses.field(default_factory=dict)
+    captured: list[str] = dataclasses.field(default_factory=list)
+    """Calls recorded as opaque nodes or factories, and bookkeeping dropped from the graph
+    (one line each, with the source line; see :mod:`topo_compiler.capture`)."""
 
     @property
     def input(self) -> StageReport:
@@ -140,7 +143,7 @@ class CompileReport:
                 "mixed_ops": [m.as_dict() for m in self.mixed_ops],
                 "timings": dict(self.timings), "warnings": list(self.warnings),
                 "specializations": list(self.specializations),
-                "baked_inputs": dict(self.baked_inputs)}
+                "baked_inputs": dict(self.baked_inputs), "captured": list(self.captured)}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.as_dict(), indent=indent)
@@ -189,6 +192,9 @@ class CompileReport:
         if self.baked_inputs:
             lines += ["", "### Baked (non-tensor) inputs", ""]
             lines += [f"- `{k}` = {v}" for k, v in self.baked_inputs.items()]
+        if self.captured:
+            lines += ["", "### Captured and dropped", ""]
+            lines += [f"- {c}" for c in self.captured]
         if self.warnings:
             lines += ["", "### Warnings", ""]
             lines += [f"- {w}" for w in self.warnings]
