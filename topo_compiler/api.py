@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .analysis import MixedOp
+from .analysis import MixedOp, declined_sums
 from .ir import SupernetIR
 from .lift import lift, tag_mixed_ops
 from .lower import CompiledSupernet, lower
@@ -100,6 +100,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
     start = time.perf_counter()
     ir = lift(traced)
     mixed = tag_mixed_ops(ir)
+    declined = [d.describe() for d in declined_sums(ir)]  # for the report, not the console
     mixed_reports = [MixedOpReport(m.name, m.input, m.output, m.form, _candidate_summary(ir, m))
                      for m in mixed]
     timings["lift+analyze"] = time.perf_counter() - start
@@ -113,6 +114,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
 
     start = time.perf_counter()
     stages = PassManager(pipeline, exact=exact, hooks=all_hooks).run(ir)
+    stages[0].decisions.extend(declined)
     timings["passes"] = time.perf_counter() - start
 
     start = time.perf_counter()
