@@ -451,3 +451,20 @@ def test_key_follows_eval_of_the_source_model():
     out.sum().backward()
     torch.testing.assert_close(out, ref)
     assert runner.stats.captured == 1 and runner.stats.replays == 1
+
+
+def test_deepcopy_gives_a_fresh_layer_for_the_copy():
+    import copy
+
+    model, compiled, data = _compiled()
+    runner = install(compiled, CudaGraphOptions(warmup=0, capture_on_call=1), Emulated())
+    x, y = data[0]
+    F.cross_entropy(compiled(x), y).backward()
+    assert runner.stats.captured == 1
+    twin = copy.deepcopy(compiled)
+    assert twin.cuda_graphs is not runner and twin.cuda_graphs.module is twin
+    assert twin.forward is twin.cuda_graphs and twin.cuda_graphs.stats.captured == 0
+    assert twin.report.cuda_graphs is twin.cuda_graphs.stats
+    out = twin(x)
+    torch.testing.assert_close(out, compiled(x).detach(), rtol=1e-5, atol=1e-6)
+    assert twin.cuda_graphs.stats.captured == 1 and runner.stats.captured == 1

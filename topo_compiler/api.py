@@ -186,7 +186,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
     if cuda_graphs:
         from .cuda_graphs import install
         graph_options = cuda_graphs if isinstance(cuda_graphs, CudaGraphOptions) else None
-        compiled.report.cuda_graphs = install(compiled, graph_options).stats
+        install(compiled, graph_options)  # also sets report.cuda_graphs
     if dump_dir is not None:
         dump.write_report(compiled.report)
     settings = guards.CompileSettings(passes=passes, exact=exact,

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import time
 import warnings
@@ -394,10 +395,12 @@ class CudaGraphs:
     ``uncaptured`` is the forward it wraps; ``stats`` counts what happened.
     """
 
-    def __init__(self, module: nn.Module, uncaptured: Callable[..., Any],
+    def __init__(self, module: nn.Module, uncaptured: Callable[..., Any] | None = None,
                  options: CudaGraphOptions | None = None, backend: Any = None):
         self.module = module
-        self.uncaptured = uncaptured
+        self._inner = uncaptured
+        """The forward wrapped; None: the module class's forward, looked up at every call
+        (so a recompile is honoured)."""
         self.options = options or CudaGraphOptions()
         self.backend = backend or CudaBackend()
         self.stats = CudaGraphStats()
@@ -408,6 +411,25 @@ class CudaGraphs:
         self._surface: tuple[list[nn.Parameter], list[torch.Tensor]] | None = None
         self._submodules: list[nn.Module] | None = None
         self._pointers: tuple[int, ...] = ()
+
+    def uncaptured(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped forward, run as it is."""
+        if self._inner is not None:
+            return self._inner(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CudaGraphs:
+        """A copy for the copied module: same options, no captures (graphs are not copied)."""
+        module = copy.deepcopy(self.module, memo)
+        inner = None if self._inner is None else copy.deepcopy(self._inner, memo)
+        new = CudaGraphs(module, inner, self.options, self.backend)
+        memo[id(self)] = new
+        if id(self.stats) in memo:  # the copied report's stats: the copy's, cleared
+            new.stats = memo[id(self.stats)]
+            new.stats.__init__()
+        else:
+            memo[id(self.stats)] = new.stats
+        return new
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _tensors(self) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
@@ -548,16 +570,12 @@ class CudaGraphs:
 def install(module: nn.Module, options: CudaGraphOptions | None = None,
             backend: Any = None) -> CudaGraphs:
     """Route ``module``'s calls through :class:`CudaGraphs`; returns it (also
-    ``module.cuda_graphs``).  The forward it wraps is looked up at every uncaptured call, so a
+    ``module.cuda_graphs``, and its stats as ``module.report.cuda_graphs``).  The forward it wraps is looked up at every uncaptured call, so a
     recompile (or another layer's instance-level forward) is honoured."""
-    inner = module.__dict__.get("forward")
-
-    def uncaptured(*args: Any, **kwargs: Any) -> Any:
-        if inner is not None:
-            return inner(*args, **kwargs)
-        return type(module).forward(module, *args, **kwargs)
-
-    runner = CudaGraphs(module, uncaptured, options, backend)
+    runner = CudaGraphs(module, module.__dict__.get("forward"), options, backend)
+    report = module.__dict__.get("report")
+    if report is not None and hasattr(report, "cuda_graphs"):
+        report.cuda_graphs = runner.stats
     module.__dict__["forward"] = runner
     module.__dict__["cuda_graphs"] = runner
     return runner
