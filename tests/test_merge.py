@@ -114,6 +114,7 @@ def test_table_ii_last_row_and_table_v_ablations():
                       "+sharing+reparam": "3/6/9", "+all": "3/6/9"}
 
 
+@pytest.mark.slow  # compiles and runs a 3-cell DARTS network three ways
 def test_merge_is_exact_relative_to_the_shared_graph_including_factorized_reduce():
     """In the paper's mode merge is exact with respect to the graph PMS+FMS produced, also on
     reduction edges where FactorizedReduce's linear core joins the merged convolution."""

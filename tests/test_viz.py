@@ -27,7 +27,8 @@ def _clusters(svg_path):
 
 
 @needs_dot
-@pytest.mark.parametrize("space", ["darts", "nb201", "wide"])
+@pytest.mark.parametrize("space", ["darts", "nb201",
+                                   pytest.param("wide", marks=pytest.mark.slow)])
 def test_cli_on_builtin_spaces_writes_svg_whose_clusters_are_the_mixed_ops(space, tmp_path,
                                                                            capsys):
     status = cli.main([space, "--C", "4", "--layers", "3" if space != "nb201" else "1",
@@ -221,7 +222,19 @@ def test_dot_escaping_of_user_names(names):
         ET.fromstring(svg)
 
 
+def test_dot_dumps_are_identical_across_runs(tmp_path):
+    model = build("darts", C=4, layers=3)
+    x = default_input("darts", resolution=8)
+    for run in ("a", "b"):
+        compile_supernet(model, x, dump_dir=tmp_path / run, dump_formats=())
+    files = sorted(p.name for p in (tmp_path / "a").glob("*.dot"))
+    assert "00-input.dot" in files and "01-pms.dot" in files
+    for name in files:
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+
+
 @needs_dot
+@pytest.mark.slow  # renders 16 SVGs and PNGs of a 14-edge cell: about a minute
 def test_dumps_are_identical_across_runs(tmp_path):
     model = build("darts", C=4, layers=3)
     x = default_input("darts", resolution=8)
