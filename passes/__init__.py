@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-from ..pass_manager import FixedPoint, Pass
+from topo_compiler.pass_manager import FixedPoint, Pass
 
 __all__ = ["PIPELINE", "PASSES", "build_pipeline"]
 
@@ -88,10 +88,10 @@ def build_pipeline(names: Sequence[str] | str | None,
 
 
 def _register() -> None:
-    from .floating_module_sharing import FloatingModuleSharing
-    from .kernel_normalization import KernelNormalization
-    from .partial_module_sharing import PartialModuleSharing
-    from .reparameterization import Reparameterization
+    from topo_compiler.passes.floating_module_sharing import FloatingModuleSharing
+    from topo_compiler.passes.kernel_normalization import KernelNormalization
+    from topo_compiler.passes.partial_module_sharing import PartialModuleSharing
+    from topo_compiler.passes.reparameterization import Reparameterization
 
     for cls in (PartialModuleSharing, FloatingModuleSharing, Reparameterization,
                 KernelNormalization):

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..analysis import MixedOp
-from ..ir import SupernetIR
-from ..pass_manager import Pass, PassContext
-from . import sharing
-from .selection import group_selection, rebuild_selection, share_key, view_candidate, \
-    weighted_sum
+from topo_compiler.analysis import MixedOp
+from topo_compiler.ir import SupernetIR
+from topo_compiler.pass_manager import Pass, PassContext
+from topo_compiler.passes import sharing
+from topo_compiler.passes.selection import (group_selection, rebuild_selection, share_key,
+                                            view_candidate, weighted_sum)
 
 __all__ = ["FloatingModuleSharing", "FloatingPlan", "match_fms"]
 

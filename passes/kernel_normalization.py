@@ -11,7 +11,7 @@ freedom::
 
 Choices (the paper leaves them open): statistics per output filter (every dimension but the
 first, as in weight standardization) -- a per-filter scale is exactly the freedom a following
-BatchNorm absorbs; std clamped at :data:`~.kernels.KN_EPS` so a constant filter gives zeros;
+BatchNorm absorbs; std clamped at :data:`~topo_compiler.runtime.KN_EPS` so a constant filter gives zeros;
 computed in float32 for fp16 / bf16.  Fixed kernels (identity's Dirac, average pooling's
 uniform kernel) have no learnable scale to couple with a weight and are left as they are:
 normalizing them would replace "identity" by a different, arbitrary filter.
@@ -27,12 +27,12 @@ from __future__ import annotations
 import dataclasses
 import operator
 
-from ..analysis import find_mixed_ops
-from ..descriptors import Kind, Ref
-from ..ir import SupernetIR
-from ..pass_manager import Pass, PassContext
-from .kernels import normalize_kernel, normalize_kernels
-from .reparameterization import conv_piece, functional_conv, linear_candidate
+from topo_compiler.analysis import find_mixed_ops
+from topo_compiler.descriptors import Kind, Ref
+from topo_compiler.ir import SupernetIR
+from topo_compiler.pass_manager import Pass, PassContext
+from topo_compiler.passes.reparameterization import conv_piece, functional_conv, linear_candidate
+from topo_compiler.runtime import normalize_kernel, normalize_kernels
 
 __all__ = ["KernelNormalization"]
 
@@ -48,7 +48,7 @@ class _Requests:
     """Kernels to normalize and the nodes that must read the normalized version.
 
     All kernels of one shape and dtype are normalized by a single call
-    (:func:`~.kernels.normalize_kernels`): a DARTS supernet has about a thousand small
+    (:func:`~topo_compiler.runtime.normalize_kernels`): a DARTS supernet has about a thousand small
     kernels, and one op per kernel would cost more than the convolutions they feed.
     """
 

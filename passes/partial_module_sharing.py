@@ -34,13 +34,15 @@ no ``w'``), which equals the original for every weight, including weights that s
 from __future__ import annotations
 
 import dataclasses
-from ..analysis import MixedOp
-from ..descriptors import Kind
-from ..ir import SupernetIR
-from ..pass_manager import Pass, PassContext
-from . import sharing
-from .selection import (CandidateView, group_selection, make_out_of_place, rebuild_selection,
-                        share_key, view_candidate, weighted_sum)
+
+from topo_compiler.analysis import MixedOp
+from topo_compiler.descriptors import Kind
+from topo_compiler.ir import SupernetIR
+from topo_compiler.pass_manager import Pass, PassContext
+from topo_compiler.passes import sharing
+from topo_compiler.passes.selection import (CandidateView, group_selection, make_out_of_place,
+                                            rebuild_selection, share_key, view_candidate,
+                                            weighted_sum)
 
 __all__ = ["PartialModuleSharing", "SharingPlan", "match_pms"]
 

@@ -50,13 +50,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..analysis import MixedOp
-from ..descriptors import Kind, Ref
-from ..ir import IRNode, SupernetIR
-from ..meta import leaf_function, shape_rule
-from ..pass_manager import Pass, PassContext
-from . import kernels, sharing
-from .selection import data_inputs, group_selection, is_data, rebuild_selection, weighted_sum
+from topo_compiler.analysis import MixedOp
+from topo_compiler.descriptors import Kind, Ref
+from topo_compiler.ir import IRNode, SupernetIR
+from topo_compiler import runtime
+from topo_compiler.pass_manager import Pass, PassContext
+from topo_compiler.passes import sharing
+from topo_compiler.passes.selection import (data_inputs, group_selection, is_data,
+                                            rebuild_selection, weighted_sum)
 
 __all__ = ["Reparameterization", "MergePlan", "match_merge", "DEVICES", "DeviceModel",
            "functional_conv", "conv_piece"]
@@ -627,7 +628,7 @@ class _Builder:
 
     def fixed(self, piece: Piece) -> str:
         C = piece.in_channels
-        return self.call(_fixed_kernel, Ref(self.z), piece.fixed, C, piece.kernel_size,
+        return self.call(runtime.fixed_kernel, Ref(self.z), piece.fixed, C, piece.kernel_size,
                          name=f"{piece.fixed}_kernel")
 
     def depthwise(self, piece: Piece) -> str:
@@ -636,44 +637,26 @@ class _Builder:
         return self.place(raw, piece)
 
     def place(self, kernel: str, piece: Piece) -> str:
-        return self.call(kernels.place, Ref(kernel), piece.dilation, piece.start,
+        return self.call(runtime.place, Ref(kernel), piece.dilation, piece.start,
                          self.plan.frame, self.plan.frame_dilation, name="placed")
 
     def dense(self, piece: Piece) -> str:
         """The piece as a dense ``(C_out, C_in, *frame)`` kernel."""
         if piece.structure == "separable":
             dw = self.depthwise(piece)
-            return self.call(kernels.separable_to_dense, Ref(dw),
+            return self.call(runtime.separable_to_dense, Ref(dw),
                              Ref(self.tensor(piece.pointwise)), name="dense")
         if piece.structure == "depthwise":
-            return self.call(kernels.depthwise_to_dense, Ref(self.depthwise(piece)),
+            return self.call(runtime.depthwise_to_dense, Ref(self.depthwise(piece)),
                              name="dense")
         raw = self.tensor(piece.kernel)
         if piece.groups != 1:
-            raw = self.call(kernels.group_to_dense, Ref(raw), piece.groups, name="dense")
+            raw = self.call(runtime.group_to_dense, Ref(raw), piece.groups, name="dense")
         placed = self.place(raw, piece)
         if piece.out_rows is not None:
-            placed = self.call(_embed_rows, Ref(placed), piece.out_rows[0], piece.out_channels,
-                               name="rows")
+            placed = self.call(runtime.embed_rows, Ref(placed), piece.out_rows[0],
+                               piece.out_channels, name="rows")
         return placed
-
-
-@leaf_function
-def _fixed_kernel(like: torch.Tensor, kind: str, channels: int,
-                  kernel_size: Sequence[int]) -> torch.Tensor:
-    """A depthwise kernel without parameters: identity (Dirac) or average pooling."""
-    shape = (channels, 1) + tuple(kernel_size)
-    if kind == "identity":
-        return torch.ones(shape, dtype=like.dtype, device=like.device)
-    return torch.full(shape, 1.0 / math.prod(kernel_size), dtype=like.dtype,
-                      device=like.device)
-
-
-@leaf_function
-def _embed_rows(kernel: torch.Tensor, first: int, total: int) -> torch.Tensor:
-    """Write a kernel's output rows at ``first`` of a ``total``-row zero kernel."""
-    pad = [0, 0] * (kernel.dim() - 1) + [first, total - first - kernel.shape[0]]
-    return F.pad(kernel, pad)
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -699,13 +682,13 @@ def rewrite_merge(ir: SupernetIR, op: MixedOp, plan: MergePlan) -> str:
               for c in live for p in c.pieces if p.bias]  # KN leaves biases alone
     if plan.form == "separable":
         pieces = [(weights[c.index], p) for c in live for p in c.pieces]
-        dw = b.call(kernels.stack_depthwise, [Ref(b.depthwise(p)) for _, p in pieces],
+        dw = b.call(runtime.stack_depthwise, [Ref(b.depthwise(p)) for _, p in pieces],
                     name="stacked_depthwise")
         C = live[0].pieces[0].in_channels
         pointwise = [Ref(b.tensor(p.pointwise)) if p.pointwise else
-                     Ref(b.call(_eye_pointwise, Ref(op.input), C, len(plan.frame),
+                     Ref(b.call(runtime.eye_pointwise, Ref(op.input), C, len(plan.frame),
                                 name="eye")) for _, p in pieces]
-        pw = b.call(kernels.stack_pointwise, [Ref(w) for w, _ in pieces], pointwise,
+        pw = b.call(runtime.stack_pointwise, [Ref(w) for w, _ in pieces], pointwise,
                     name="stacked_pointwise")
         mid = ir.add_node("call_function", conv, (z, Ref(dw)),
                           {"stride": plan.stride, "padding": plan.padding,
@@ -722,13 +705,13 @@ def rewrite_merge(ir: SupernetIR, op: MixedOp, plan: MergePlan) -> str:
         else:
             ks = [(weights[c.index], b.dense(p)) for c in live for p in c.pieces]
             groups = 1
-        kernel = b.call(kernels.weighted_kernel_sum, [Ref(w) for w, _ in ks],
+        kernel = b.call(runtime.weighted_kernel_sum, [Ref(w) for w, _ in ks],
                         [Ref(k) for _, k in ks], name="merged_kernel")
         out_args = (z, Ref(kernel))
         out_kwargs = {"stride": plan.stride, "padding": plan.padding,
                       "dilation": plan.frame_dilation, "groups": groups}
     if biases:
-        bias = b.call(kernels.weighted_bias_sum, [Ref(w) for w, _ in biases],
+        bias = b.call(runtime.weighted_bias_sum, [Ref(w) for w, _ in biases],
                       [Ref(t) for _, t in biases], name="merged_bias")
         out_kwargs["bias"] = Ref(bias)
     merged = ir.add_node("call_function", conv, out_args, out_kwargs, origin="merge",
@@ -761,11 +744,11 @@ def functional_conv(ir: SupernetIR, data: str, kernel: str, bias: str | None,
 def _scaled_conv(b: _Builder, data: str, weight: str, kernel: tuple, bias: tuple | None,
                  stride: Sequence[int], piece: Piece, **node: Any) -> str:
     """``w * conv(data, K, b)`` computed as ``conv(data, w K, w b)``."""
-    scaled = b.call(kernels.weighted_kernel_sum, [Ref(weight)], [Ref(b.tensor(kernel))],
+    scaled = b.call(runtime.weighted_kernel_sum, [Ref(weight)], [Ref(b.tensor(kernel))],
                     name="folded_kernel")
     scaled_bias = None
     if bias is not None:
-        scaled_bias = b.call(kernels.weighted_bias_sum, [Ref(weight)],
+        scaled_bias = b.call(runtime.weighted_bias_sum, [Ref(weight)],
                              [Ref(b.tensor(bias, learnable=False))], name="folded_bias")
     return functional_conv(b.ir, data, scaled, scaled_bias, stride, piece, origin="merge",
                            **node)
@@ -800,39 +783,9 @@ def _folded(ir: SupernetIR, b: _Builder, live: Sequence[LinearCandidate],
     return weighted_sum(ir, [(None, o) for o in outs], tag, name="folded_sum")
 
 
-@leaf_function
-def _eye_pointwise(like: torch.Tensor, channels: int, spatial: int) -> torch.Tensor:
-    """The identity pointwise kernel of a depthwise-only candidate in the separable form."""
-    eye = torch.eye(channels, dtype=like.dtype, device=like.device)
-    return eye.view(channels, channels, *([1] * spatial))
-
-
 # --------------------------------------------------------------------------------------
 # Folding the weight of a term into the module that computes it
 # --------------------------------------------------------------------------------------
-
-@leaf_function
-def scaled_batch_norm(bn: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``scale * bn(x)``, computed as BatchNorm with its affine transform scaled.
-
-    The same function, the same running-statistics update; but autograd keeps only ``x``
-    (BatchNorm keeps it anyway) instead of also keeping ``bn(x)`` for the gradient of
-    ``scale``.  Mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward``.
-    """
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-    track = not bn.training or bn.track_running_stats
-    weight = scale.expand(x.shape[1]) if bn.weight is None else scale * bn.weight
-    bias = None if bn.bias is None else scale * bn.bias
-    return F.batch_norm(x, bn.running_mean if track else None,
-                        bn.running_var if track else None, weight, bias, use_batch, factor,
-                        bn.eps)
-
-
-shape_rule(scaled_batch_norm)(lambda bn, x, scale: x)
 
 _FOLDABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -876,7 +829,7 @@ def _fold_into(ir: SupernetIR, term: IRNode, weight: str) -> str | None:
     if term.opcode == "call_module" and isinstance(ir.modules[term.target], _FOLDABLE_NORMS):
         module = ir.add_node("get_attr", term.target, origin="merge",
                              notes={**tag, "role": "kernel"})
-        return ir.add_node("call_function", scaled_batch_norm,
+        return ir.add_node("call_function", runtime.scaled_batch_norm,
                            (Ref(module.name), term.args[0], Ref(weight)), origin="merge",
                            module_path=term.module_path, source=term.source, notes=notes,
                            name=f"{term.name}_scaled").name

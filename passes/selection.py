@@ -9,7 +9,7 @@ one that picks ``i`` inside S with the conditional probability ``w'_i`` (Eq. 7-8
 
 No new architecture parameters appear: both are derived from the original weights on every
 forward.  Where ``w_S == 0`` (one-hot or pruned weights, as GDAS produces) the ratio is 0/0;
-:func:`nonzero_or_one` divides by 1 there instead, which keeps forward and backward finite
+:func:`~topo_compiler.runtime.nonzero_or_one` divides by 1 there instead, which keeps forward and backward finite
 and changes nothing, because the group's term is multiplied by ``w_S = 0``.
 
 This module holds the pieces both sharing passes need: views of a candidate as a chain of
@@ -26,29 +26,18 @@ from typing import Sequence
 
 import torch
 
-from ..analysis import Candidate, MixedOp
-from ..descriptors import Kind, Ref
-from ..ir import IRNode, SupernetIR
-from ..meta import shape_rule
+from topo_compiler.analysis import Candidate, MixedOp
+from topo_compiler.descriptors import Kind, Ref
+from topo_compiler.ir import IRNode, SupernetIR
+from topo_compiler.runtime import nonzero_or_one
 
-__all__ = ["nonzero_or_one", "CandidateView", "view_candidate", "SHAREABLE_KINDS",
+__all__ = ["CandidateView", "view_candidate", "SHAREABLE_KINDS",
            "share_key", "Selection", "rebuild_selection", "weighted_sum",
            "make_out_of_place"]
 
 SHAREABLE_KINDS = (Kind.CONV, Kind.LINEAR, Kind.NORM, Kind.ACT, Kind.POOL, Kind.MODULE)
 """Basic modules the sharing passes may compute once (dropout is stochastic: two dropouts of
 one input are not the same function)."""
-
-
-def nonzero_or_one(w_group: torch.Tensor) -> torch.Tensor:
-    """The denominator of ``w'_i = w_i / w_S`` (Eq. 8): ``w_S``, or 1 where ``w_S == 0`` so
-    that one-hot weights stay finite in forward and backward."""
-    return torch.where(w_group == 0, 1.0, w_group)
-
-
-@shape_rule(nonzero_or_one)
-def _nonzero_or_one_shape(w_group: torch.Tensor) -> torch.Tensor:
-    return torch.empty(w_group.shape, dtype=w_group.dtype, device="meta")
 
 
 def share_key(node: IRNode, exact: bool = False) -> tuple | None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
-from ..analysis import MixedOp, find_mixed_ops, mixed_op_at
-from ..descriptors import Ref
-from ..ir import SupernetIR, map_refs
-from ..pass_manager import PassContext
+from topo_compiler.analysis import MixedOp, find_mixed_ops, mixed_op_at
+from topo_compiler.descriptors import Ref
+from topo_compiler.ir import SupernetIR, map_refs
+from topo_compiler.pass_manager import PassContext
 
 __all__ = ["run_on_mixed_ops", "tag_for", "swap_input", "display_name", "shuffled"]
 

@@ -12,8 +12,8 @@ from helpers import assert_same_step
 from topo_compiler import compile_supernet, lift
 from topo_compiler.api import analyze
 from topo_compiler.pass_manager import PassManager
-from topo_compiler.passes.kernels import normalize_kernel
 from topo_compiler.passes.reparameterization import Reparameterization
+from topo_compiler.runtime import normalize_kernel
 from topo_compiler.spaces import build, default_input
 from topo_compiler.tracer import trace_supernet
 

@@ -9,7 +9,9 @@ parameters and optimizers.
 
 from .analysis import Candidate, MixedOp, find_mixed_ops
 from .api import NoMixedOpWarning, compile_supernet
-from .ir import CompiledSupernet, IRVerificationError, SupernetIR, lift, lower
+from .ir import IRVerificationError, SupernetIR
+from .lift import lift
+from .lower import CompiledSupernet, lower
 from .report import CompileReport, ModuleCounts, count_modules
 from .tracer import TraceError, trace_supernet
 

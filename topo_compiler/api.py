@@ -7,16 +7,21 @@ import time
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
-import networkx as nx
 from torch import nn
 
-from .analysis import MixedOp, find_mixed_ops
-from .ir import CompiledSupernet, SupernetIR, lift, lower
+from .analysis import MixedOp
+from .ir import SupernetIR
+from .lift import lift, tag_mixed_ops
+from .lower import CompiledSupernet, lower
 from .pass_manager import Hook, PassManager
+from .passes import build_pipeline, normalize_names
 from .report import CompileReport, MixedOpReport
 from .tracer import trace_supernet
 
 __all__ = ["compile_supernet", "NoMixedOpWarning", "analyze"]
+
+analyze = tag_mixed_ops
+"""The former name of :func:`~topo_compiler.lift.tag_mixed_ops` (tests and scripts use it)."""
 
 
 class NoMixedOpWarning(UserWarning):
@@ -29,20 +34,6 @@ def _candidate_summary(ir: SupernetIR, op: MixedOp) -> tuple[str, ...]:
         mods = [ir.node(n).desc.op for n in c.branch if ir.node(n).desc.is_module]
         lines.append(f"{c.kind}: {'-'.join(mods)}" if mods else c.kind)
     return tuple(lines)
-
-
-def analyze(ir: SupernetIR) -> list[MixedOp]:
-    """Find the mixed ops; tag their nodes (``notes['mixed_op']``) for per-op counts and the
-    architecture-weight arithmetic feeding them (``notes['role'] = 'weight'``), which the
-    module counts leave out."""
-    ops = find_mixed_ops(ir)
-    for op in ops:
-        for name in op.nodes:
-            ir.node(name).notes["mixed_op"] = op.name
-        for cand in op.candidates:
-            for name in nx.ancestors(ir.graph, cand.weight.node) | {cand.weight.node}:
-                ir.node(name).notes["role"] = "weight"
-    return ops
 
 
 def compile_supernet(model: nn.Module, example_inputs: Any, *,
@@ -73,11 +64,9 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         hooks: extra callables ``hook(stage_index, stage_report, ir)`` run after each stage.
 
     Returns:
-        A :class:`~topo_compiler.ir.CompiledSupernet` sharing ``model``'s parameters and
+        A :class:`~topo_compiler.lower.CompiledSupernet` sharing ``model``'s parameters and
         buffers, with the same forward signature and outputs, and ``.report``.
     """
-    from .passes import build_pipeline, normalize_names
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile_supernet expects an nn.Module, got {type(model).__name__}")
     if not isinstance(exact, bool):
@@ -97,7 +86,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
 
     start = time.perf_counter()
     ir = lift(traced)
-    mixed = analyze(ir)
+    mixed = tag_mixed_ops(ir)
     mixed_reports = [MixedOpReport(m.name, m.input, m.output, m.form, _candidate_summary(ir, m))
                      for m in mixed]
     timings["lift+analyze"] = time.perf_counter() - start

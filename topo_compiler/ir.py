@@ -1,11 +1,11 @@
-"""The supernet IR: a ``networkx.DiGraph`` of typed nodes, with ``lift`` and ``lower``.
+"""The supernet IR: a ``networkx.DiGraph`` of typed nodes.
 
-``lift`` turns the tracer's fx graph into a :class:`SupernetIR`: one :class:`IRNode` per fx
-node, carrying a canonical :class:`~topo_compiler.descriptors.OpDesc`, its ordered arguments
-(with :class:`~topo_compiler.descriptors.Ref` for other nodes) and its meta value (shape and
-dtype on the example inputs).  Passes edit the IR only through :class:`SupernetIR`'s methods,
-which keep the networkx edges, names and meta values consistent.  ``lower`` regenerates a
-:class:`CompiledSupernet` (an fx ``GraphModule``) in a stable topological order.
+One :class:`IRNode` per value, carrying a canonical :class:`~topo_compiler.descriptors.OpDesc`,
+its ordered arguments (with :class:`~topo_compiler.descriptors.Ref` for other nodes) and its
+meta value (shape and dtype on the example inputs).  Passes edit the IR only through
+:class:`SupernetIR`'s methods, which keep the networkx edges, names and meta values
+consistent.  :func:`~topo_compiler.lift.lift` builds it from the tracer's fx graph and
+:func:`~topo_compiler.lower.lower` regenerates a GraphModule from it.
 
 The graph is wrapped, not subclassed: ``ir.graph`` is a plain ``nx.DiGraph`` whose node key is
 the node's name and whose ``"node"`` attribute is the :class:`IRNode`.
@@ -21,15 +21,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 import networkx as nx
 import torch
-import torch.fx as fx
 from torch import nn
 
 from .descriptors import Kind, OpDesc, Ref, describe_call, describe_module
 from .meta import UNKNOWN, run_on_meta, to_meta
-from .tracer import TracedSupernet
 
-__all__ = ["IRNode", "SupernetIR", "IRVerificationError", "CompiledSupernet", "lift", "lower",
-           "map_refs"]
+__all__ = ["IRNode", "SupernetIR", "IRVerificationError", "map_refs"]
 
 
 class IRVerificationError(AssertionError):
@@ -142,13 +139,14 @@ class IRNode:
 class SupernetIR:
     """The networkx IR of a traced supernet, with the methods passes edit it through."""
 
-    def __init__(self, root: nn.Module, traced: TracedSupernet | None = None):
+    def __init__(self, root: nn.Module, tensor_attrs: dict[str, torch.Tensor] | None = None,
+                 device_type: str = "cpu"):
         self.graph = nx.DiGraph()
         self.root = root
         self.modules: dict[str, nn.Module] = {}
         """call_module targets -> module (the user's leaves, plus modules passes add)."""
-        self.tensor_attrs: dict[str, torch.Tensor] = dict(traced.tensor_attrs) if traced else {}
-        self.traced = traced
+        self.tensor_attrs: dict[str, torch.Tensor] = dict(tensor_attrs or {})
+        """get_attr targets naming plain (unregistered) tensor attributes of the model."""
         self._seq = itertools.count()
         self.generation = 0
         """Bumped by every edit: analyses of an unchanged IR can be reused."""
@@ -156,7 +154,9 @@ class SupernetIR:
         self._name_counters: dict[str, int] = {}
         self._meta_cache: dict[int, nn.Module] = {}
         self.codegen = None
-        self.device_type = traced.device_type if traced else "cpu"
+        """The fx graph's code generator (pytree in/out specs), handed from lift to lower."""
+        self.device_type = device_type
+        """Device of the example inputs (the merge cost model's default machine)."""
 
     # -- reading -----------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -414,143 +414,3 @@ def _default_name(opcode: str, target: Any) -> str:
     if opcode == "call_method":
         return str(target)
     return getattr(target, "__name__", "op")
-
-
-# --------------------------------------------------------------------------------------
-# lift: fx -> IR
-# --------------------------------------------------------------------------------------
-
-def lift(traced: TracedSupernet) -> SupernetIR:
-    """The IR of a traced supernet: one :class:`IRNode` per fx node, in program order."""
-    ir = SupernetIR(traced.root, traced)
-    ir.codegen = traced.graph._codegen
-    for i, fx_node in enumerate(traced.graph.nodes):
-        args = fx.node.map_arg(fx_node.args, lambda n: Ref(n.name))
-        kwargs = fx.node.map_arg(fx_node.kwargs, lambda n: Ref(n.name))
-        val = fx_node.meta.get("val", UNKNOWN)
-        ir.add_node(fx_node.op, fx_node.target, args, kwargs, name=fx_node.name,
-                    val=val if fx_node.op != "output" else None,
-                    module_path=fx_node.meta.get("module_path", ""),
-                    source=fx_node.meta.get("source"), order=(i,))
-    ir._seq = itertools.count(len(traced.graph.nodes))
-    return ir
-
-
-# --------------------------------------------------------------------------------------
-# lower: IR -> GraphModule
-# --------------------------------------------------------------------------------------
-
-class CompiledSupernet(fx.GraphModule):
-    """The compiled supernet: an fx ``GraphModule`` sharing the user's parameters.
-
-    ``report`` is the :class:`~topo_compiler.report.CompileReport`.  Public attributes the
-    compiled module lacks (``arch_parameters()``, ``genotype()``...) are looked up on the
-    source model, whose tensors it shares.
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            source = self.__dict__.get("_source_model")
-            if source is None or name.startswith("_") or name in ("forward",):
-                raise
-            value = getattr(source, name)  # raises AttributeError naming `name`
-            if isinstance(value, (nn.Module, torch.Tensor)):
-                raise
-            return value
-
-    @property
-    def source_model(self) -> nn.Module:
-        """The model this was compiled from (shares parameters and buffers)."""
-        return self.__dict__["_source_model"]
-
-
-def _mirror_into(target: nn.Module, source: nn.Module, path: str, shared: set[str],
-                 memo: dict[int, nn.Module]) -> None:
-    """Give ``target`` the parameters, buffers and children of ``source``.
-
-    Modules called as leaves are shared as they are; the containers above them are mirrored
-    by plain ``nn.Module``s holding the very same parameters and buffers (same objects, same
-    persistence), so ``state_dict`` keys and optimizers carry over unchanged.
-    """
-    target.training = source.training
-    for name, p in source._parameters.items():
-        target.register_parameter(name, p)
-    for name, b in source._buffers.items():
-        target.register_buffer(name, b, persistent=name not in
-                               source._non_persistent_buffers_set)
-    for name, child in source._modules.items():
-        child_path = f"{path}.{name}" if path else name
-        if child is None:
-            target._modules[name] = None
-        elif child_path in shared:
-            target._modules[name] = child
-        elif id(child) in memo:
-            target._modules[name] = memo[id(child)]
-        else:
-            mirror = nn.Module()
-            memo[id(child)] = mirror
-            _mirror_into(mirror, child, child_path, shared, memo)
-            target._modules[name] = mirror
-
-
-def _set_path(root: nn.Module, target: str, value: Any) -> None:
-    *parents, leaf = target.split(".")
-    owner = root
-    for atom in parents:
-        nxt = owner._modules.get(atom) if isinstance(owner, nn.Module) else None
-        if nxt is None:
-            nxt = nn.Module()
-            owner.add_module(atom, nxt)
-        owner = nxt
-    if isinstance(value, nn.Module):
-        owner.add_module(leaf, value)
-    else:
-        owner._buffers.pop(leaf, None)
-        object.__setattr__(owner, leaf, value)
-
-
-def lower(ir: SupernetIR, class_name: str | None = None) -> CompiledSupernet:
-    """Regenerate a :class:`CompiledSupernet` from the IR, in stable topological order."""
-    graph = fx.Graph()
-    if ir.codegen is not None:
-        graph._codegen = ir.codegen
-    env: dict[str, fx.Node] = {}
-    aliases: dict[str, str] = {}
-    for node in ir.nodes():
-        args = map_refs(node.args, lambda r: env[r.name])
-        kwargs = map_refs(node.kwargs, lambda r: env[r.name])
-        target = node.target
-        if node.opcode in ("call_module", "get_attr") and _unsafe_for_codegen(target):
-            target = aliases.setdefault(target, f"_quoted_target_{len(aliases)}")
-        fx_node = graph.create_node(node.opcode, target, args, kwargs, name=node.name)
-        if node.opcode != "output":
-            fx_node.meta["val"] = node.val
-        fx_node.meta["module_path"] = node.module_path
-        env[node.name] = fx_node
-    graph.lint()
-
-    name = class_name or f"Compiled{type(ir.root).__name__}"
-    gm = CompiledSupernet(nn.Module(), fx.Graph(), name)
-    original_targets = {n for n, _ in ir.root.named_modules()}
-    shared = {t for t, m in ir.modules.items() if t in original_targets}
-    _mirror_into(gm, ir.root, "", shared, {})
-    for target, module in ir.modules.items():
-        if target not in original_targets:
-            _set_path(gm, target, module)
-    for target, tensor in ir.tensor_attrs.items():
-        _set_path(gm, target, tensor)
-    for target, alias in aliases.items():
-        # fx writes getattr(self, "<atom>") without escaping: a name with a quote or a
-        # backslash (a ModuleDict key) is reached through a plain attribute instead, which
-        # stays out of state_dict; the module itself still sits at its real path
-        gm.__dict__[alias] = gm.get_submodule(target) if target in ir.modules else \
-            ir.attr(target)
-    gm.__dict__["_source_model"] = ir.root
-    gm.graph = graph
-    return gm
-
-
-def _unsafe_for_codegen(target: str) -> bool:
-    return any('"' in atom or "\\" in atom or "\n" in atom for atom in str(target).split("."))

@@ -38,7 +38,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches, _orig_module_call
 
-from .meta import UNKNOWN, run_on_meta, to_meta
+from . import runtime  # noqa: F401 - registers the functions compiled graphs call
+from .meta import LEAF_FUNCTIONS, UNKNOWN, run_on_meta, to_meta
 
 __all__ = ["TraceError", "TracedSupernet", "SupernetTracer", "trace_supernet", "UNKNOWN"]
 
@@ -218,9 +219,7 @@ class SupernetTracer(fx.Tracer):
     """A :class:`torch.fx.Tracer` for supernets (see the module docstring)."""
 
     def __init__(self, leaf_modules: Iterable[type | str] = ()):
-        from . import meta, passes  # noqa: F401 - passes register the graph's own functions
-
-        super().__init__(autowrap_functions=tuple(meta.LEAF_FUNCTIONS))
+        super().__init__(autowrap_functions=tuple(LEAF_FUNCTIONS))
         self.proxy_buffer_attributes = True
         leaf_modules = tuple(leaf_modules)
         self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))

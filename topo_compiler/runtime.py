@@ -1,21 +1,40 @@
-"""Kernel arithmetic the merged convolutions compute on every forward (paper Eq. 14-16, 28).
+"""Every function a compiled graph calls, each with its shape rule.
 
-Each function here is called from the compiled graph (one ``call_function`` node each), so
-merged kernels are rebuilt from the current weights and architecture weights at every step
-and gradients flow back to the original parameters.  Shapes follow ``torch.nn.functional``:
-kernels are ``(C_out, C_in / groups, *k)`` with 1, 2 or 3 spatial dimensions.
+The passes add ``call_function`` nodes that call these functions, so merged kernels are
+rebuilt from the current weights and architecture weights at every step and gradients flow
+back to the original parameters.  Each function is registered with :func:`~.meta.shape_rule`:
+the compiler infers the meta value of every node it adds from that rule instead of running
+the function on meta tensors, and tracing a compiled supernet again records a call to the
+function instead of tracing into it (:data:`~.meta.LEAF_FUNCTIONS`).
+
+* kernel arithmetic of merged convolutions (paper Eq. 14-16): :func:`place`,
+  :func:`depthwise_to_dense`, :func:`group_to_dense`, :func:`separable_to_dense`,
+  :func:`weighted_kernel_sum`, :func:`weighted_bias_sum`, :func:`stack_depthwise`,
+  :func:`stack_pointwise`, and the kernels without parameters :func:`fixed_kernel`,
+  :func:`embed_rows`, :func:`eye_pointwise`;
+* kernel normalization (Eq. 28): :func:`normalize_kernel`, :func:`normalize_kernels`;
+* conditional weights of cascaded selections (Eq. 8): :func:`nonzero_or_one`;
+* weight folding: :func:`scaled_batch_norm`.
+
+Shapes follow ``torch.nn.functional``: kernels are ``(C_out, C_in / groups, *k)`` with 1, 2
+or 3 spatial dimensions.  This module imports nothing from the passes.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .meta import shape_rule
 
 __all__ = ["place", "depthwise_to_dense", "separable_to_dense", "group_to_dense",
            "weighted_kernel_sum", "stack_depthwise", "stack_pointwise", "weighted_bias_sum",
-           "normalize_kernel", "normalize_kernels", "KN_EPS"]
+           "fixed_kernel", "embed_rows", "eye_pointwise", "normalize_kernel",
+           "normalize_kernels", "KN_EPS", "nonzero_or_one", "scaled_batch_norm"]
 
 
 def place(kernel: torch.Tensor, dilation: Sequence[int], start: Sequence[int],
@@ -151,30 +170,74 @@ def normalize_kernels(kernels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ..
     return tuple(flat.reshape(stacked.shape).unbind(0))
 
 
+def fixed_kernel(like: torch.Tensor, kind: str, channels: int,
+                 kernel_size: Sequence[int]) -> torch.Tensor:
+    """A depthwise kernel without parameters: identity (Dirac) or average pooling."""
+    shape = (channels, 1) + tuple(kernel_size)
+    if kind == "identity":
+        return torch.ones(shape, dtype=like.dtype, device=like.device)
+    return torch.full(shape, 1.0 / math.prod(kernel_size), dtype=like.dtype,
+                      device=like.device)
+
+
+def embed_rows(kernel: torch.Tensor, first: int, total: int) -> torch.Tensor:
+    """Write a kernel's output rows at ``first`` of a ``total``-row zero kernel."""
+    pad = [0, 0] * (kernel.dim() - 1) + [first, total - first - kernel.shape[0]]
+    return F.pad(kernel, pad)
+
+
+def eye_pointwise(like: torch.Tensor, channels: int, spatial: int) -> torch.Tensor:
+    """The identity pointwise kernel of a depthwise-only candidate in the separable form."""
+    eye = torch.eye(channels, dtype=like.dtype, device=like.device)
+    return eye.view(channels, channels, *([1] * spatial))
+
+
+def nonzero_or_one(w_group: torch.Tensor) -> torch.Tensor:
+    """The denominator of ``w'_i = w_i / w_S`` (Eq. 8): ``w_S``, or 1 where ``w_S == 0`` so
+    that one-hot weights stay finite in forward and backward."""
+    return torch.where(w_group == 0, 1.0, w_group)
+
+
+def scaled_batch_norm(bn: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale * bn(x)``, computed as BatchNorm with its affine transform scaled.
+
+    The same function, the same running-statistics update; but autograd keeps only ``x``
+    (BatchNorm keeps it anyway) instead of also keeping ``bn(x)`` for the gradient of
+    ``scale``.  Mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward``.
+    """
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    weight = scale.expand(x.shape[1]) if bn.weight is None else scale * bn.weight
+    bias = None if bn.bias is None else scale * bn.bias
+    return F.batch_norm(x, bn.running_mean if track else None,
+                        bn.running_var if track else None, weight, bias, use_batch, factor,
+                        bn.eps)
+
+
 # Shape rules: the compiler infers the meta value of every node it adds; these are exact and
-# far cheaper than running the kernel arithmetic on meta tensors.
+# far cheaper than running the functions on meta tensors.
 def _meta(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=like.dtype, device="meta")
 
 
-def _register_shape_rules() -> None:
-    from topo_compiler.meta import shape_rule
-
-    shape_rule(place)(lambda k, d, s, frame, fd: _meta(k.shape[:2] + tuple(frame), k))
-    shape_rule(depthwise_to_dense)(lambda k: _meta((k.shape[0], k.shape[0]) + k.shape[2:], k))
-    shape_rule(group_to_dense)(
-        lambda k, g: _meta((k.shape[0], k.shape[1] * g) + k.shape[2:], k))
-    shape_rule(separable_to_dense)(
-        lambda d, p: _meta((p.shape[0], d.shape[0]) + d.shape[2:], d))
-    shape_rule(weighted_kernel_sum)(lambda ws, ks: _meta(ks[0].shape, ks[0]))
-    shape_rule(weighted_bias_sum)(lambda ws, bs: _meta(bs[0].shape, bs[0]))
-    shape_rule(stack_depthwise)(
-        lambda ks: _meta((ks[0].shape[0] * len(ks), 1) + ks[0].shape[2:], ks[0]))
-    shape_rule(stack_pointwise)(
-        lambda ws, ks: _meta((ks[0].shape[0], ks[0].shape[1] * len(ks)) + ks[0].shape[2:],
-                             ks[0]))
-    shape_rule(normalize_kernel)(lambda k: _meta(k.shape, k))
-    shape_rule(normalize_kernels)(lambda ks: tuple(_meta(k.shape, k) for k in ks))
-
-
-_register_shape_rules()
+shape_rule(place)(lambda k, d, s, frame, fd: _meta(k.shape[:2] + tuple(frame), k))
+shape_rule(depthwise_to_dense)(lambda k: _meta((k.shape[0], k.shape[0]) + k.shape[2:], k))
+shape_rule(group_to_dense)(lambda k, g: _meta((k.shape[0], k.shape[1] * g) + k.shape[2:], k))
+shape_rule(separable_to_dense)(lambda d, p: _meta((p.shape[0], d.shape[0]) + d.shape[2:], d))
+shape_rule(weighted_kernel_sum)(lambda ws, ks: _meta(ks[0].shape, ks[0]))
+shape_rule(weighted_bias_sum)(lambda ws, bs: _meta(bs[0].shape, bs[0]))
+shape_rule(stack_depthwise)(
+    lambda ks: _meta((ks[0].shape[0] * len(ks), 1) + ks[0].shape[2:], ks[0]))
+shape_rule(stack_pointwise)(
+    lambda ws, ks: _meta((ks[0].shape[0], ks[0].shape[1] * len(ks)) + ks[0].shape[2:], ks[0]))
+shape_rule(fixed_kernel)(lambda like, kind, c, k: _meta((c, 1) + tuple(k), like))
+shape_rule(embed_rows)(lambda k, first, total: _meta((total,) + k.shape[1:], k))
+shape_rule(eye_pointwise)(lambda like, c, spatial: _meta((c, c) + (1,) * spatial, like))
+shape_rule(normalize_kernel)(lambda k: _meta(k.shape, k))
+shape_rule(normalize_kernels)(lambda ks: tuple(_meta(k.shape, k) for k in ks))
+shape_rule(nonzero_or_one)(lambda w: _meta(w.shape, w))
+shape_rule(scaled_batch_norm)(lambda bn, x, scale: x)

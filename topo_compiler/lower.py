@@ -1,0 +1,134 @@
+"""``lower``: the supernet IR -> a :class:`CompiledSupernet` (an fx ``GraphModule``).
+
+The graph is regenerated in the IR's stable topological order; the module around it mirrors
+the user's model (same parameter and buffer objects, so ``state_dict`` keys and optimizers
+carry over) plus the modules and tensors passes added.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .ir import SupernetIR, map_refs
+
+__all__ = ["CompiledSupernet", "lower"]
+
+
+class CompiledSupernet(fx.GraphModule):
+    """The compiled supernet: an fx ``GraphModule`` sharing the user's parameters.
+
+    ``report`` is the :class:`~topo_compiler.report.CompileReport`.  Public attributes the
+    compiled module lacks (``arch_parameters()``, ``genotype()``...) are looked up on the
+    source model, whose tensors it shares.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            source = self.__dict__.get("_source_model")
+            if source is None or name.startswith("_") or name in ("forward",):
+                raise
+            value = getattr(source, name)  # raises AttributeError naming `name`
+            if isinstance(value, (nn.Module, torch.Tensor)):
+                raise
+            return value
+
+    @property
+    def source_model(self) -> nn.Module:
+        """The model this was compiled from (shares parameters and buffers)."""
+        return self.__dict__["_source_model"]
+
+
+def _mirror_into(target: nn.Module, source: nn.Module, path: str, shared: set[str],
+                 memo: dict[int, nn.Module]) -> None:
+    """Give ``target`` the parameters, buffers and children of ``source``.
+
+    Modules called as leaves are shared as they are; the containers above them are mirrored
+    by plain ``nn.Module``s holding the very same parameters and buffers (same objects, same
+    persistence), so ``state_dict`` keys and optimizers carry over unchanged.
+    """
+    target.training = source.training
+    for name, p in source._parameters.items():
+        target.register_parameter(name, p)
+    for name, b in source._buffers.items():
+        target.register_buffer(name, b, persistent=name not in
+                               source._non_persistent_buffers_set)
+    for name, child in source._modules.items():
+        child_path = f"{path}.{name}" if path else name
+        if child is None:
+            target._modules[name] = None
+        elif child_path in shared:
+            target._modules[name] = child
+        elif id(child) in memo:
+            target._modules[name] = memo[id(child)]
+        else:
+            mirror = nn.Module()
+            memo[id(child)] = mirror
+            _mirror_into(mirror, child, child_path, shared, memo)
+            target._modules[name] = mirror
+
+
+def _set_path(root: nn.Module, target: str, value: Any) -> None:
+    *parents, leaf = target.split(".")
+    owner = root
+    for atom in parents:
+        nxt = owner._modules.get(atom) if isinstance(owner, nn.Module) else None
+        if nxt is None:
+            nxt = nn.Module()
+            owner.add_module(atom, nxt)
+        owner = nxt
+    if isinstance(value, nn.Module):
+        owner.add_module(leaf, value)
+    else:
+        owner._buffers.pop(leaf, None)
+        object.__setattr__(owner, leaf, value)
+
+
+def lower(ir: SupernetIR, class_name: str | None = None) -> CompiledSupernet:
+    """Regenerate a :class:`CompiledSupernet` from the IR, in stable topological order."""
+    graph = fx.Graph()
+    if ir.codegen is not None:
+        graph._codegen = ir.codegen
+    env: dict[str, fx.Node] = {}
+    aliases: dict[str, str] = {}
+    for node in ir.nodes():
+        args = map_refs(node.args, lambda r: env[r.name])
+        kwargs = map_refs(node.kwargs, lambda r: env[r.name])
+        target = node.target
+        if node.opcode in ("call_module", "get_attr") and _unsafe_for_codegen(target):
+            target = aliases.setdefault(target, f"_quoted_target_{len(aliases)}")
+        fx_node = graph.create_node(node.opcode, target, args, kwargs, name=node.name)
+        if node.opcode != "output":
+            fx_node.meta["val"] = node.val
+        fx_node.meta["module_path"] = node.module_path
+        env[node.name] = fx_node
+    graph.lint()
+
+    name = class_name or f"Compiled{type(ir.root).__name__}"
+    gm = CompiledSupernet(nn.Module(), fx.Graph(), name)
+    original_targets = {n for n, _ in ir.root.named_modules()}
+    shared = {t for t, m in ir.modules.items() if t in original_targets}
+    _mirror_into(gm, ir.root, "", shared, {})
+    for target, module in ir.modules.items():
+        if target not in original_targets:
+            _set_path(gm, target, module)
+    for target, tensor in ir.tensor_attrs.items():
+        _set_path(gm, target, tensor)
+    for target, alias in aliases.items():
+        # fx writes getattr(self, "<atom>") without escaping: a name with a quote or a
+        # backslash (a ModuleDict key) is reached through a plain attribute instead, which
+        # stays out of state_dict; the module itself still sits at its real path
+        gm.__dict__[alias] = gm.get_submodule(target) if target in ir.modules else \
+            ir.attr(target)
+    gm.__dict__["_source_model"] = ir.root
+    gm.graph = graph
+    return gm
+
+
+def _unsafe_for_codegen(target: str) -> bool:
+    return any('"' in atom or "\\" in atom or "\n" in atom for atom in str(target).split("."))
