@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import warnings
@@ -18,7 +19,7 @@ from .passes import build_pipeline, normalize_names
 from .report import CompileReport, MixedOpReport
 from .tracer import trace_supernet
 
-__all__ = ["compile_supernet", "NoMixedOpWarning", "analyze"]
+__all__ = ["compile_supernet", "NoMixedOpWarning", "AlreadyCompiledWarning", "analyze"]
 
 analyze = tag_mixed_ops
 """The former name of :func:`~topo_compiler.lift.tag_mixed_ops` (tests and scripts use it)."""
@@ -34,6 +35,45 @@ def _candidate_summary(ir: SupernetIR, op: MixedOp) -> tuple[str, ...]:
         mods = [ir.node(n).desc.op for n in c.branch if ir.node(n).desc.is_module]
         lines.append(f"{c.kind}: {'-'.join(mods)}" if mods else c.kind)
     return tuple(lines)
+
+
+class AlreadyCompiledWarning(UserWarning):
+    """``compile_supernet`` was given a :class:`CompiledSupernet`: it compiles the source
+    model instead, so no op is rewritten twice."""
+
+
+def _check_model(model: Any) -> nn.Module:
+    """The module to compile: ``model``, or the source of an already compiled supernet."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compile_supernet expects an nn.Module, got {type(model).__name__}")
+    wrapped = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(wrapped, nn.Module):
+        # why: dynamo's wrapper has a (*args, **kwargs) forward and hides the model
+        raise TypeError(
+            f"compile_supernet got a torch.compile'd module (OptimizedModule wrapping "
+            f"{type(wrapped).__name__}); compile the plain model first, then torch.compile "
+            f"the result: torch.compile(compile_supernet(model, example_inputs))")
+    if isinstance(model, CompiledSupernet):
+        source = model.source_model
+        warnings.warn(
+            f"compile_supernet got an already compiled supernet; compiling its source model "
+            f"({type(source).__name__}) with the options given instead, so no op is "
+            f"rewritten twice (pass the source model to silence this)",
+            AlreadyCompiledWarning, stacklevel=3)
+        return source
+    return model
+
+
+def _no_inputs_message(model: nn.Module) -> str:
+    try:
+        params = list(inspect.signature(type(model).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        params = []
+    args = ", ".join(params) or "x"
+    return (f"compile_supernet(model, example_inputs): example_inputs is None; pass example "
+            f"values for {type(model).__name__}.forward({args}): one tensor, or a tuple "
+            f"with one value per argument, e.g. torch.randn(64, 3, 32, 32) for an image "
+            f"batch (use your training batch size and the model's device)")
 
 
 def compile_supernet(model: nn.Module, example_inputs: Any, *,
@@ -67,8 +107,9 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         A :class:`~topo_compiler.lower.CompiledSupernet` sharing ``model``'s parameters and
         buffers, with the same forward signature and outputs, and ``.report``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"compile_supernet expects an nn.Module, got {type(model).__name__}")
+    model = _check_model(model)
+    if example_inputs is None:
+        raise TypeError(_no_inputs_message(model))
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be True or False, got {exact!r}")
     names = normalize_names(passes)
