@@ -18,7 +18,8 @@ def test_committed_pictures_match_what_the_compiler_draws(pictures):
 
 def test_pictures_are_stable_across_runs(pictures):
     again = docs_pictures.generate()
-    assert {k: g.source for k, g in again.items()} == {k: g.source for k, g in pictures.items()}
+    assert {k: g.source for k, g in again.items()} == \
+        {k: g.source for k, g in pictures.items()}
 
 
 def test_the_after_picture_shows_the_merged_edge(pictures):

@@ -83,29 +83,76 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
                      leaf_modules: Iterable[type | str] = (),
                      pass_options: Mapping[str, Mapping[str, Any]] | None = None,
                      hooks: Sequence[Hook] = ()) -> CompiledSupernet:
-    """Compile a one-shot NAS supernet into a cheaper, equivalent-by-design GraphModule.
+    """Compile a one-shot NAS supernet into a cheaper fx ``GraphModule``, same signature.
+
+    The default mode builds the paper's topology, which **changes the supernet's outputs on
+    purpose**: a trailing BatchNorm shared by several candidates normalizes their mixture,
+    floating modules are shared, kernels entering a merge are standardized (KN).  At a
+    one-hot architecture (each mixed op's weights a vertex of the simplex) the shared graph
+    computes the chosen sub-network (with KN, with its standardized kernels).
+    ``exact=True`` keeps the function for every input and architecture weight (outputs and
+    gradients equal the model's up to float rounding) and simplifies less.
+
+    Move the model to its device (and dtype) first, and compile with your training batch
+    size: tracing only reads shapes (the batch size stays symbolic in the graph), but the
+    merge cost model weighs activations of that size against kernels.
 
     Args:
-        model: the supernet; it is only read, never modified (also when compiling fails).
-        example_inputs: a tensor or a tuple of the forward's positional arguments; shapes
-            come from them (the batch size stays symbolic).  Non-tensor arguments are baked in.
+        model: the supernet, an ``nn.Module``; only read, never modified (also when
+            compiling fails).  An already compiled supernet warns and its source model is
+            compiled instead; a ``torch.compile``'d module is refused (compile the plain
+            model first, then ``torch.compile`` the result).
+        example_inputs: a tensor, or a tuple with one value per positional forward argument
+            (e.g. ``(x, alphas)``); tensors give the shapes and dtypes, the batch size
+            (dimension 0) stays free; non-tensor values are baked into the graph.
         passes: pass names to run, in the pipeline's order (``"pms"``, ``"fms"``,
-            ``"merge"``, ``"kn"``); ``None`` runs the paper's full pipeline, ``()`` none.
+            ``"merge"``, ``"kn"``) as a sequence or a comma-separated string; ``None`` runs
+            the paper's full pipeline, ``()`` none (the model regenerated as it is).
         exact: apply only rewrites that keep the function for every input and every
-            architecture weight.
+            architecture weight (no FMS, no KN, only exact merges).
         dump_dir: write the IR before the first pass and after each pass (``00-input.dot``,
-            ``01-pms.svg``...) and the report (JSON, Markdown) there.
+            ``01-pms.svg``...) and the report (``report.json``, ``report.md``) there.
         dump_formats: picture formats besides DOT ("svg", "png", "pdf"; needs graphviz's dot).
         dump_view: what the pictures show: "cell" (the first cell with mixed ops), "edge"
             (the first mixed op) or "full".
-        leaf_modules: extra module classes or qualified names to keep opaque.
+        leaf_modules: extra module classes or qualified names (``"cells.0.sampler"``) to
+            keep opaque: what a :class:`~topo_compiler.tracer.TraceError` asks for.
         pass_options: per-pass options, e.g. ``{"merge": {"device": "cuda"}}`` (the cost
             model's machine) or ``{"merge": {"form": "dense"}}``.
-        hooks: extra callables ``hook(stage_index, stage_report, ir)`` run after each stage.
+        hooks: extra callables ``hook(stage_index, stage_report, ir)`` run after the input
+            stage (index 0) and after every pass run.
 
     Returns:
-        A :class:`~topo_compiler.lower.CompiledSupernet` sharing ``model``'s parameters and
-        buffers, with the same forward signature and outputs, and ``.report``.
+        A :class:`~topo_compiler.lower.CompiledSupernet`: call it like the model (same
+        forward signature, same output structure and shapes).  It shares the model's
+        parameters, buffers and leaf modules (an optimizer built on ``model.parameters()``
+        trains it; ``state_dict()`` keys are the model's), follows ``train()``/``eval()``,
+        reaches the model's public methods (``arch_parameters()``, ``genotype()``), and
+        carries ``.report``, a :class:`~topo_compiler.report.CompileReport` (stages, module
+        counts, decisions, timings in seconds).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or is a ``torch.compile``'d module;
+            ``example_inputs`` is ``None`` or does not match the forward's arguments;
+            ``exact`` is not a bool.
+        ValueError: an unknown pass name, pass option, dump format or dump view.
+        TraceError: a construct the tracer cannot follow (data-dependent control flow,
+            random sampling in ``forward``); the message names the module, the source line
+            and the way out (usually ``leaf_modules=[...]``).
+
+    Warns:
+        NoMixedOpWarning: the model has no mixed op (it compiles to an equivalent graph).
+        AlreadyCompiledWarning: ``model`` is a ``CompiledSupernet``.
+
+    Example::
+
+        model = spaces.build("darts").cuda()            # the model on its device first
+        x = torch.randn(64, 3, 32, 32, device="cuda")   # your training batch size
+        compiled = compile_supernet(model, x)
+        w_opt = torch.optim.SGD(model.weights(), lr=0.025)
+        loss = F.cross_entropy(compiled(x), y)          # (64, 10) logits, like model(x)
+        loss.backward(); w_opt.step()
+        print(compiled.report.summary())                # one line per pass and decision
     """
     model = _check_model(model)
     if example_inputs is None:
