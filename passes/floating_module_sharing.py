@@ -112,6 +112,7 @@ class FloatingModuleSharing(Pass):
     """``fms``: compute a floating module between two stacked halves once."""
 
     name = "fms"
+    changes_function = True  # a shared floating module sees the mixture of its inputs
     visit_seed: int | None = None
     """Visit mixed ops in a seeded random order (the result must not depend on it)."""
 

@@ -128,6 +128,7 @@ class KernelNormalization(Pass):
     """``kn``: standardize the learnable kernels of merged and linear candidates (Eq. 28)."""
 
     name = "kn"
+    changes_function = True  # standardized kernels are other kernels
 
     def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
         if ctx.exact:
