@@ -341,11 +341,18 @@ def draw_network(ir: SupernetIR, title: str = "") -> graphviz.Digraph:
     """The whole network collapsed: one box per cell (with its counts), other nodes kept
     when they are basic modules, weight arithmetic hidden."""
     cells = set(cells_of(ir))
+
+    def data(node: IRNode) -> bool:
+        """Activations only: weight and kernel arithmetic and parameters are not data flow
+        (one batched kernel normalization reads kernels of every cell)."""
+        return node.notes.get("role") not in ("weight", "kernel") and \
+            node.opcode != "get_attr"
+
     cell_of: dict[str, str] = {}
     for node in ir.nodes():
         tag = node.notes.get("mixed_op")
         path = _cell_of(tag) if tag else _cell_of(node.module_path + ".x")
-        if path in cells and node.notes.get("role") != "weight":
+        if path in cells and data(node):
             cell_of[node.name] = path
     counts = count_modules(ir)
     g = graphviz.Digraph(name="network", graph_attr={
@@ -381,6 +388,8 @@ def draw_network(ir: SupernetIR, title: str = "") -> graphviz.Digraph:
         memo[name] = set()
         out: set[str] = set()
         for p in ir.node(name).inputs:
+            if not data(ir.node(p)):
+                continue
             gp = group(p)
             out |= {gp} if gp else reach(p, memo)
         memo[name] = out
