@@ -14,7 +14,8 @@ from topo_compiler import compile_supernet, lift, trace_supernet
 from topo_compiler.api import analyze
 from topo_compiler.spaces import build, default_input
 from topo_compiler.tools import viz as cli
-from topo_compiler.viz import View, cells_of, draw, draw_network, edges_of, have_dot
+from topo_compiler.viz import (View, cells_of, draw, draw_network, edges_of, have_dot,
+                               report_html)
 
 needs_dot = pytest.mark.skipif(not have_dot(), reason="graphviz's dot is not installed")
 SVG = "{http://www.w3.org/2000/svg}"
@@ -45,6 +46,13 @@ def test_cli_on_builtin_spaces_writes_svg_whose_clusters_are_the_mixed_ops(space
     assert _clusters(after) == shown
     page = (tmp_path / "index.html").read_text()
     assert before.name in page and after.name in page and "<table>" in page
+    # every picture links to itself at full size; the page explains passes and colours
+    assert f'<a href="{before.name}"' in page and f'<a href="{after.name}"' in page
+    for words in ("partial module sharing", "floating module sharing", "reparameterization",
+                  "kernel normalization", "shared module (PMS)", "merged conv"):
+        assert words in page
+    title = {"darts": "Network", "nb201": "TinyNetworkDarts", "wide": "Network"}[space]
+    assert f"<title>topo-viz: {title} ({space})</title>" in page
 
 
 @needs_dot
@@ -262,6 +270,17 @@ def test_views_and_bad_dump_options(tmp_path):
     assert edge.count("cluster_") == 2  # the edge and the legend
     network = draw_network(ir).source
     assert "14 mixed ops" in network and "cells.2" in network
+
+
+def test_report_html_says_how_many_decisions_it_leaves_out():
+    model = build("darts", C=4, layers=3)
+    report = compile_supernet(model, default_input("darts", resolution=8)).report
+    total = len(report.decisions)
+    assert total > 10
+    fragment = report_html(report, max_decisions=10)
+    assert fragment.count("<li><b>") == 10
+    assert f"{total - 10} more decisions" in fragment and f"decisions ({total})" in fragment
+    assert f"more decisions" not in report_html(report, max_decisions=total)
 
 
 def _dot_edges(source):

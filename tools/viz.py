@@ -15,6 +15,7 @@ source line and the way out.
 from __future__ import annotations
 
 import argparse
+import html
 import importlib
 import importlib.util
 import os
@@ -28,7 +29,7 @@ from torch import nn
 
 from topo_compiler import TraceError, compile_supernet, spaces
 from topo_compiler.viz import (INSTALL_DOT, DumpHook, View, cells_of, draw_network, edges_of,
-                               report_html)
+                               glossary_html, legend_html, report_html)
 
 EXIT_USAGE = 2
 
@@ -162,32 +163,47 @@ def _choose_view(ir, args) -> View:
     return View.cell(cells[0])
 
 
-def _page(name: str, report, files_before: str, files_after: str, network: str | None,
-          fmt: str) -> str:
+def _page(title: str, view: str, report, files_before: str, files_after: str,
+          network: str | None, fmt: str) -> str:
     def figure(stem: str, caption: str) -> str:
+        target = f"{stem}.{fmt}"
         if fmt in ("svg", "png"):
-            body = f'<img src="{stem}.{fmt}" alt="{caption}">'
+            body = (f'<a href="{target}" title="open at full size"><img src="{target}" '
+                    f'alt="{html.escape(caption)}"></a>')
         else:
-            body = f'<a href="{stem}.{fmt}">{stem}.{fmt}</a>'
-        return f"<figure>{body}<figcaption>{caption}</figcaption></figure>"
+            body = f'<a href="{target}">{target}</a>'
+        return (f"<figure>{body}<figcaption>{html.escape(caption)} "
+                f'(<a href="{target}">full size</a>)</figcaption></figure>')
 
-    net = figure(network, "the whole network, cells collapsed") if network else ""
+    after = report.stages[-1].name if report.stages else ""
+    net = figure(network, "the whole network, cells collapsed, after " + after) \
+        if network else ""
+    mode = "exact (keeps the function)" if report.exact else \
+        "the paper's (changes the function on purpose)"
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>topo-viz: {name}</title>
+<html><head><meta charset="utf-8"><title>topo-viz: {html.escape(title)}</title>
 <style>
-body {{ font-family: Helvetica, Arial, sans-serif; margin: 1.5em; }}
+body {{ font-family: Helvetica, Arial, sans-serif; margin: 1.5em; max-width: 110em; }}
 .pair {{ display: flex; gap: 1.5em; align-items: flex-start; }}
-.pair figure {{ flex: 1; margin: 0; overflow: auto; border: 1px solid #ddd; padding: .5em; }}
-img {{ max-width: 100%; }}
+figure {{ flex: 1; margin: 0 0 1em 0; border: 1px solid #ddd; padding: .5em; }}
+figure img {{ max-width: 100%; max-height: 80vh; display: block; margin: auto; }}
+figcaption {{ text-align: center; color: #555; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
 td, th {{ border: 1px solid #ccc; padding: .2em .6em; text-align: right; }}
+.legend {{ display: flex; flex-wrap: wrap; gap: .4em; margin: .5em 0; }}
+.swatch {{ border: 1px solid #333; border-radius: 4px; padding: .15em .5em; font-size: 90%; }}
+.glossary {{ max-width: 60em; line-height: 1.4; }}
+.columns {{ display: flex; gap: 2em; align-items: flex-start; flex-wrap: wrap; }}
 </style></head><body>
-<h1>topo-viz: {name}</h1>
-<p>passes: {', '.join(report.passes) or 'none'}; exact: {report.exact};
-mixed ops: {len(report.mixed_ops)}</p>
-{report_html(report)}
-<div class="pair">{figure(files_before, "before (the traced supernet)")}
-{figure(files_after, "after " + (report.stages[-1].name if report.stages else ""))}</div>
+<h1>topo-viz: {html.escape(title)}</h1>
+<p>{html.escape(view)}; passes: {', '.join(report.passes) or 'none'}; mode: {mode};
+mixed ops: {len(report.mixed_ops)}; basic modules {report.input.counts.total} &rarr;
+{report.final.counts.total}. Click a picture to open it at full size.</p>
+{glossary_html()}
+{legend_html()}
+<div class="columns"><div>{report_html(report)}</div></div>
+<div class="pair">{figure(files_before, "before: the traced supernet")}
+{figure(files_after, "after " + after)}</div>
 {net}
 </body></html>
 """
@@ -270,11 +286,11 @@ def run(argv: list[str] | None = None) -> int:
     hook.write_report(compiled.report)
     fmt = args.format if hook.rendered else "dot"
     page = out / "index.html"
-    page.write_text(_page(title, compiled.report, stages[0], stages[index], network, fmt),
-                    encoding="utf-8")
+    view = f"{hook.view.title()} of {title}"
+    page.write_text(_page(title, view, compiled.report, stages[0], stages[index], network,
+                          fmt), encoding="utf-8")
     elapsed = time.perf_counter() - start
-    print(f"topo-viz: open {page}  ({hook.view.title()} of {title}, {len(stages)} stages, "
-          f"{elapsed:.1f} s)")
+    print(f"topo-viz: open {page}  ({view}, {len(stages)} stages, {elapsed:.1f} s)")
     if not hook.rendered and args.format != "dot":
         print(f"topo-viz: {INSTALL_DOT}")
     if args.quiet:
@@ -282,11 +298,11 @@ def run(argv: list[str] | None = None) -> int:
     if args.verbose:
         for f in hook.files:
             print(f"  wrote {f}")
-        print(compiled.report.to_markdown(max_mixed_ops=None))
+        print(compiled.report.to_markdown(max_mixed_ops=None, max_decisions=None))
     else:
         print(f"topo-viz: {len(hook.files)} more files in {out} (pictures, report.md, "
               f"report.json; --verbose lists them)")
-        print(compiled.report.to_markdown(max_mixed_ops=8))
+        print(compiled.report.to_markdown(max_mixed_ops=0, max_decisions=0))
     return 0
 
 
