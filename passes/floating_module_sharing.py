@@ -23,6 +23,7 @@ of weights appear.  ``exact=True`` therefore never applies it.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 from topo_compiler.analysis import MixedOp
 from topo_compiler.ir import SupernetIR
@@ -44,9 +45,12 @@ class FloatingPlan:
     length: int
     removed: int
 
-    def describe(self, op: MixedOp) -> str:
-        return (f"{sharing.display_name(op)}: candidates {list(self.members)} share a floating "
-                f"module of {self.length} ({self.removed} modules removed)")
+    def kind(self, names: Sequence[str]) -> str:
+        """What like decisions share, in the user's words (candidate ``names``)."""
+        return f"{', '.join(names)} share a floating module of {self.length}"
+
+    def detail(self) -> str:
+        return f"{self.removed} modules removed"
 
 
 def match_fms(ir: SupernetIR, op: MixedOp, exact: bool) -> FloatingPlan | None:

@@ -441,18 +441,24 @@ class MergePlan:
     estimate: str
     inexact: tuple[str, ...]
 
-    def describe(self, op: MixedOp) -> str:
+    removed = 0  # merging keeps the module count of Table II's conv units: see the counts
+
+    def kind(self, names: Sequence[str]) -> str:
+        """What like decisions share, in the user's words (candidate ``names``)."""
         if self.form == "drop":
-            return (f"{sharing.display_name(op)}: dropped {len(self.members)} zero "
-                    f"candidate(s) ({self.estimate})")
-        what = ", ".join(c.label for c in self.candidates)
+            return f"dropped the zero candidate{'s' if len(self.members) > 1 else ''}"
         k = "x".join(str(f) for f in self.frame)
         d = "" if all(v == 1 for v in self.frame_dilation) else \
             f" d{'x'.join(map(str, self.frame_dilation))}"
+        return f"merged {', '.join(names)} into one {self.form} {k}{d} conv"
+
+    def detail(self) -> str:
+        if self.form == "drop":
+            return self.estimate
+        what = "; ".join(c.label for c in self.candidates)
         note = f"; {', '.join(self.inexact)} merged in the paper's mode only (exact in the " \
                f"interior)" if self.inexact else ""
-        return (f"{sharing.display_name(op)}: merged {len(self.members)} candidates "
-                f"[{what}] into one {self.form} {k}{d} conv ({self.estimate}){note}")
+        return f"{what}: {self.estimate}{note}"
 
 
 def _frame(cands: Sequence[LinearCandidate]) -> tuple | None:

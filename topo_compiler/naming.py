@@ -18,7 +18,8 @@ from torch import nn
 from .analysis import MixedOp
 from .ir import SupernetIR
 
-__all__ = ["module_label", "candidate_name", "candidate_names", "value_name"]
+__all__ = ["module_label", "candidate_name", "candidate_names", "value_name", "edge_of",
+           "where"]
 
 
 def _kernel(module: nn.Module) -> str:
@@ -151,3 +152,14 @@ def value_name(ir: SupernetIR, name: str) -> str:
         return " + ".join(value_name(ir, t) for t in terms)
     where = node.module_path or "the model"
     return f"{node.desc.op} in {where}"
+
+
+def edge_of(ir: SupernetIR, op: MixedOp) -> str:
+    """The searchable edge ``op`` belongs to (``cells.0._ops.3``), also for a selection a
+    pass nested inside it."""
+    return ir.node(op.output).notes.get("mixed_op") or op.name
+
+
+def where(ir: SupernetIR, op: MixedOp) -> str:
+    """``cells.0._ops.4 over cells.0._ops.0 + cells.0._ops.1``: the edge and what it reads."""
+    return f"{edge_of(ir, op)} over {value_name(ir, op.input)}"

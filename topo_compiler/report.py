@@ -115,8 +115,9 @@ def summarize(decisions: Iterable[str]) -> list[str]:
             continue
         group = groups[text]
         edges = len({d.mixed_op for d in group if d.mixed_op})
-        what = f"{edges} mixed op{'s' if edges != 1 else ''}" if edges else \
-            f"{len(group)} time{'s' if len(group) != 1 else ''}"
+        what = f"{edges} mixed op{'s' if edges != 1 else ''}" if edges else ""
+        if len(group) != edges:
+            what += f"{', ' if what else ''}{len(group)} time{'s' if len(group) != 1 else ''}"
         removed = sum(d.removed for d in group)
         each = {d.removed for d in group}
         if removed and len(each) == 1 and len(group) > 1:
