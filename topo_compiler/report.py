@@ -311,7 +311,7 @@ class CompileReport:
                 "yes" if st.changed else "no"
             lines.append(f"| {st.name} | {changed} | {st.seconds * 1e3:.1f} | {st.nodes} | "
                          f"{c.conv} | {c.non_conv} | {c.total} |")
-        repeats = sorted({st.pass_name for st in self.stages if st.run > 1})
+        repeats = [st.pass_name for st in self.stages if st.run > 1]
         if repeats:
             lines += ["", f"`{repeats[0]}#2` is {repeats[0]}'s second run: PMS and FMS repeat "
                           f"until neither changes the graph (the paper's Alg. 1)."]
@@ -325,8 +325,10 @@ class CompileReport:
                 lines += ["", "### Decisions", ""]
                 lines += [f"- {name}: {d}" for name, d in shown]
             if len(shown) < len(decisions):
-                lines += ["", f"{len(decisions) - len(shown)} more decisions "
-                          f"(`report.decisions`; `python -m topo_compiler --verbose`)."]
+                left = f"{len(decisions) - len(shown)} more decisions" if shown else \
+                    f"{len(decisions)} decisions, one per rewrite"
+                lines += ["", f"{left}: `report.decisions`, "
+                              f"`python -m topo_compiler --verbose`."]
         if self.mixed_ops:
             shown_ops = self.mixed_ops if max_mixed_ops is None else \
                 self.mixed_ops[:max_mixed_ops]
@@ -342,8 +344,9 @@ class CompileReport:
                                  f"{len(m.candidates)} | {per_stage} |")
                 lines += ["", "Per mixed op: conv/non-conv/total basic modules at each stage."]
             if len(shown_ops) < len(self.mixed_ops):
-                lines += ["", f"{len(self.mixed_ops) - len(shown_ops)} more mixed ops "
-                              f"(`report.mixed_ops`; `--all-mixed-ops`)."]
+                left = f"{len(self.mixed_ops) - len(shown_ops)} more mixed ops" if shown_ops \
+                    else f"{len(self.mixed_ops)} mixed ops, with their counts at each stage"
+                lines += ["", f"{left}: `report.mixed_ops`, `--all-mixed-ops`."]
         if self.specializations:
             lines += ["", "### Shape specializations", ""]
             lines += [f"- {s}" for s in self.specializations]
