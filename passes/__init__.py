@@ -8,14 +8,19 @@ module                       name       rewrite
 partial_module_sharing       ``pms``    partial module sharing: siblings, common children
 floating_module_sharing      ``fms``    floating module sharing
 reparameterization           ``merge``  linear candidates -> one convolution (cost model)
+weight_folding               ``fold``   ``w * conv(z)`` -> ``conv(z, w K)``, ``w * bn(u)`` ->
+                                        BatchNorm with its affine transform scaled
 kernel_normalization         ``kn``     kernel normalization of the kernels that are merged
 ===========================  =========  ====================================================
 
-Shared pieces: ``selection`` (cascaded selections, Eq. 7-8), ``sharing`` (the driver that
-matches every mixed op and rewrites the outermost), ``kernels`` (kernel arithmetic the
-compiled graph calls).
+Building blocks the passes share, which are not passes (no pass file imports another pass
+file): ``mixed_op_driver`` (match every mixed op, rewrite the outermost), ``selection``
+(cascaded selections, Eq. 7-8), ``linear_candidates`` (linear candidates and the kernels
+built from them), ``merge_cost`` (the merge cost model).  The functions compiled graphs call
+live in :mod:`topo_compiler.runtime`.
 
-``pms`` and ``fms`` repeat to a fixed point; ``merge`` and ``kn`` run once after them.
+``pms`` and ``fms`` repeat to a fixed point; ``merge``, ``fold`` and ``kn`` run once after
+them.  Naming ``merge`` also runs ``fold`` (:data:`IMPLIED`).
 """
 
 from __future__ import annotations
@@ -25,10 +30,14 @@ from typing import Any, Mapping, Sequence
 
 from topo_compiler.pass_manager import FixedPoint, Pass
 
-__all__ = ["PIPELINE", "PASSES", "build_pipeline"]
+__all__ = ["PIPELINE", "PASSES", "IMPLIED", "build_pipeline", "normalize_names"]
 
-PIPELINE: tuple[str, ...] = ("pms", "fms", "merge", "kn")
+PIPELINE: tuple[str, ...] = ("pms", "fms", "merge", "fold", "kn")
 """Every pass name, in the order the pipeline runs them."""
+
+IMPLIED: dict[str, tuple[str, ...]] = {"merge": ("fold",)}
+"""Passes a name brings along: ``merge`` folded weights itself before ``fold`` became a pass
+of its own, so ``passes=("merge",)`` keeps running both (each with its own report stage)."""
 
 PASSES: dict[str, type[Pass]] = {}
 """Pass name -> pass class, for the passes this version implements."""
@@ -37,7 +46,8 @@ _SHARING = ("pms", "fms")
 
 
 def normalize_names(names: Sequence[str] | str | None) -> tuple[str, ...]:
-    """Validate pass names; return them in pipeline order (default: the whole pipeline)."""
+    """Validate pass names; return them and the passes they imply (:data:`IMPLIED`) in
+    pipeline order (default: the whole pipeline)."""
     if names is None:
         names = PIPELINE
     elif isinstance(names, str):
@@ -47,6 +57,7 @@ def normalize_names(names: Sequence[str] | str | None) -> tuple[str, ...]:
     if bad:
         raise ValueError(f"unknown pass name(s) {bad!r}; the pipeline's passes are "
                          f"{', '.join(PIPELINE)} (passes=() runs none)")
+    names += [implied for n in names for implied in IMPLIED.get(n, ())]
     missing = [n for n in names if n not in PASSES]
     if missing:
         raise NotImplementedError(
@@ -61,7 +72,8 @@ def build_pipeline(names: Sequence[str] | str | None,
     """The pass objects for ``names``: sharing passes as one fixed-point group, then the rest.
 
     ``options`` maps a pass name to the keyword arguments of its class (its dataclass
-    fields), e.g. ``{"merge": {"device": "cuda"}}``.
+    fields), e.g. ``{"merge": {"device": "cuda"}}``.  Every pass object is made here, so an
+    unknown option or a bad value raises before any pass runs.
     """
     names = normalize_names(names)
     options = dict(options or {})
@@ -92,9 +104,10 @@ def _register() -> None:
     from topo_compiler.passes.kernel_normalization import KernelNormalization
     from topo_compiler.passes.partial_module_sharing import PartialModuleSharing
     from topo_compiler.passes.reparameterization import Reparameterization
+    from topo_compiler.passes.weight_folding import WeightFolding
 
     for cls in (PartialModuleSharing, FloatingModuleSharing, Reparameterization,
-                KernelNormalization):
+                WeightFolding, KernelNormalization):
         PASSES[cls.name] = cls
 
 

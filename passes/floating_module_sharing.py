@@ -26,9 +26,9 @@ import dataclasses
 from typing import Sequence
 
 from topo_compiler.analysis import MixedOp
-from topo_compiler.ir import SupernetIR
+from topo_compiler.ir import Shared, SupernetIR
 from topo_compiler.pass_manager import Pass, PassContext
-from topo_compiler.passes import sharing
+from topo_compiler.passes import mixed_op_driver as driver
 from topo_compiler.passes.selection import (group_selection, rebuild_selection, share_key,
                                             view_candidate, weighted_sum)
 
@@ -85,9 +85,9 @@ def match_fms(ir: SupernetIR, op: MixedOp, exact: bool) -> FloatingPlan | None:
 
 def rewrite_fms(ir: SupernetIR, op: MixedOp, plan: FloatingPlan) -> str:
     """Apply ``plan`` (Eq. 12-13); returns the new output node of the mixed op."""
-    tag = sharing.tag_for(ir, op, "fms")
+    tag = driver.tag_for(ir, op, "fms")
     chains = [view_candidate(ir, op, i).chain for i in plan.members]
-    selection = group_selection(ir, op, plan.members, exact=False, tag=tag)
+    selection = group_selection(ir, op, plan.members, division_free=False, tag=tag)
     # first selection (12): y = sum w'_i a_i(x), a_i = chain[:start]
     firsts = [(w, chain[start - 1]) for w, chain, (start, _) in
               zip(selection.member_weights, chains, plan.spans)]
@@ -95,11 +95,11 @@ def rewrite_fms(ir: SupernetIR, op: MixedOp, plan: FloatingPlan) -> str:
     # the floating module: the first member's run, now reading y; the others' runs go away
     keep_chain, (keep_start, keep_stop) = chains[0], plan.spans[0]
     head = keep_chain[keep_start]
-    ir.set_args(head, sharing.swap_input(ir.node(head).args, keep_chain[keep_start - 1], y),
-                sharing.swap_input(ir.node(head).kwargs, keep_chain[keep_start - 1], y))
+    ir.set_args(head, driver.swap_input(ir.node(head).args, keep_chain[keep_start - 1], y),
+                driver.swap_input(ir.node(head).kwargs, keep_chain[keep_start - 1], y))
     z = keep_chain[keep_stop - 1]
     for name in keep_chain[keep_start:keep_stop]:
-        ir.node(name).notes["shared"] = "floating"
+        ir.annotate(name, shared=Shared.FLOATING)
     for chain, (start, stop) in zip(chains[1:], plan.spans[1:]):
         ir.replace_all_uses(chain[stop - 1], z)
     # second selection (13): sum w'_i b_i(f(y)), b_i = chain[stop:]
@@ -123,6 +123,6 @@ class FloatingModuleSharing(Pass):
     def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
         if ctx.exact:
             return False
-        return sharing.run_on_mixed_ops(ir, ctx, lambda op: match_fms(ir, op, ctx.exact),
-                                        lambda op, plan: rewrite_fms(ir, op, plan),
-                                        sharing.shuffled(self.visit_seed))
+        return driver.run_on_mixed_ops(ir, ctx, lambda op: match_fms(ir, op, ctx.exact),
+                                       lambda op, plan: rewrite_fms(ir, op, plan),
+                                       driver.shuffled(self.visit_seed))

@@ -11,8 +11,8 @@ freedom::
 
 Choices (the paper leaves them open): statistics per output filter (every dimension but the
 first, as in weight standardization) -- a per-filter scale is exactly the freedom a following
-BatchNorm absorbs; std clamped at :data:`~topo_compiler.runtime.KN_EPS` so a constant filter gives zeros;
-computed in float32 for fp16 / bf16.  Fixed kernels (identity's Dirac, average pooling's
+BatchNorm absorbs; std clamped at :data:`~topo_compiler.runtime.KN_EPS` so a constant filter
+gives zeros; computed in float32 for fp16 / bf16.  Fixed kernels (identity's Dirac, average pooling's
 uniform kernel) have no learnable scale to couple with a weight and are left as they are:
 normalizing them would replace "identity" by a different, arbitrary filter.
 
@@ -29,12 +29,18 @@ import operator
 
 from topo_compiler.analysis import find_mixed_ops
 from topo_compiler.descriptors import Kind, Ref
-from topo_compiler.ir import SupernetIR
+from topo_compiler.ir import NodeNotes, Role, SupernetIR
 from topo_compiler.pass_manager import Pass, PassContext
-from topo_compiler.passes.reparameterization import conv_piece, functional_conv, linear_candidate
+from topo_compiler.passes.linear_candidates import (ModuleTensor, conv_piece, functional_conv,
+                                                    linear_candidate)
+from topo_compiler.passes.mixed_op_driver import Tag
 from topo_compiler.runtime import normalize_kernel, normalize_kernels
 
 __all__ = ["KernelNormalization"]
+
+_KERNEL_BUILDERS = ("merge", "fold")
+"""The passes whose nodes read the kernels of merged and weight-folded convolutions."""
+
 
 def _is_normalized(ir: SupernetIR, name: str) -> bool:
     node = ir.node(name)
@@ -68,10 +74,11 @@ class _Requests:
             label = "x".join(map(str, shape))
             batch = self.ir.add_node("call_function", normalize_kernels,
                                      ([Ref(k) for k in kernels],), origin="kn",
-                                     notes={"role": "kernel"}, name=f"normalized_{label}")
+                                     notes=NodeNotes(role=Role.KERNEL),
+                                     name=f"normalized_{label}")
             for i, kernel in enumerate(kernels):
                 one = self.ir.add_node("call_function", operator.getitem, (Ref(batch.name), i),
-                                       origin="kn", notes={"role": "kernel"},
+                                       origin="kn", notes=NodeNotes(role=Role.KERNEL),
                                        name=f"{kernel}_normalized").name
                 readers = set(self.readers[kernel])
                 self.ir.replace_all_uses(kernel, one, skip=[u for u in self.ir.users(kernel)
@@ -82,12 +89,13 @@ class _Requests:
 def request_merged(ir: SupernetIR, name: str, requests: _Requests) -> bool:
     """Ask for the learnable components of a merged convolution to be normalized."""
     node = ir.node(name)
-    if node.notes.get("kn"):
+    if node.notes.kn:
         return False
-    for kernel in node.notes.get("kernels", []):
+    for kernel in node.notes.kernels or ():
         if kernel in ir and not _is_normalized(ir, kernel):
-            requests.add(kernel, [u for u in ir.users(kernel) if ir.node(u).origin == "merge"])
-    node.notes["kn"] = True
+            requests.add(kernel, [u for u in ir.users(kernel)
+                                  if ir.node(u).origin in _KERNEL_BUILDERS])
+    ir.annotate(name, kn=True)
     return True
 
 
@@ -95,21 +103,20 @@ def request_conv(ir: SupernetIR, name: str, requests: _Requests) -> bool:
     """A linear candidate's own convolution is to read its normalized kernel (a module call
     becomes the functional convolution it computes)."""
     node = ir.node(name)
-    if node.notes.get("kn") or node.notes.get("merged"):
+    if node.notes.kn or node.notes.merged:
         return False
-    tag = {k: v for k, v in node.notes.items() if k == "mixed_op"}
+    tag = Tag("kn", node.notes.mixed_op)
     if node.opcode == "call_module":
         piece, stride = conv_piece(ir, name)  # linear candidates' convs always have one
 
-        def read(ref: tuple | None) -> str | None:
+        def read(ref: ModuleTensor | None) -> str | None:
             return None if ref is None else ir.add_node(
-                "get_attr", f"{ref[1]}.{ref[2]}", origin="kn",
-                notes={**tag, "role": "kernel"}).name
+                "get_attr", ref.path, origin="kn", notes=tag.notes(role=Role.KERNEL)).name
 
         weight = read(piece.kernel)
         (data,) = node.inputs
         conv = functional_conv(ir, data, weight, read(piece.bias), stride, piece, like=node,
-                               origin="kn", notes={**node.notes, "kn": True},
+                               origin="kn", notes=dataclasses.replace(node.notes, kn=True),
                                name=f"{name}_kn")
         ir.replace_all_uses(name, conv)
         ir.remove_node(name)
@@ -119,7 +126,7 @@ def request_conv(ir: SupernetIR, name: str, requests: _Requests) -> bool:
     if not isinstance(weight, Ref) or _is_normalized(ir, weight.name):
         return False
     requests.add(weight.name, [name])
-    node.notes["kn"] = True
+    ir.annotate(name, kn=True)
     return True
 
 
@@ -134,8 +141,11 @@ class KernelNormalization(Pass):
         if ctx.exact:
             return False
         requests = _Requests(ir)
-        merged = [n.name for n in ir.nodes() if n.notes.get("kernels") is not None]
-        merges = sum(request_merged(ir, m, requests) for m in merged)
+        merged = [n.name for n in ir.nodes() if n.notes.kernels is not None]
+        # a merge's kernels, or a single candidate's with its weight folded in
+        requested = [m for m in merged if request_merged(ir, m, requests)]
+        merges = sum(1 for m in requested if len(ir.node(m).notes.merged or ()) > 1)
+        folded = len(requested) - merges
         convs: dict[str, None] = {}  # find them all first: requesting replaces nodes
         for op in find_mixed_ops(ir):
             for i, cand in enumerate(op.candidates):
@@ -147,9 +157,12 @@ class KernelNormalization(Pass):
         count = requests.apply()
         if merges:
             ctx.decide(f"normalized the kernels entering {merges} merged convolutions")
+        if folded:
+            ctx.decide(f"normalized the kernels of {folded} convolutions computing one "
+                       f"candidate each (with its weight folded in)")
         if kept_apart:
             ctx.decide(f"normalized the kernels of {kept_apart} linear candidate convolutions "
                        f"kept apart")
         if count:
             ctx.decide(f"{count} kernels normalized by one call per kernel shape")
-        return bool(merges or kept_apart)
+        return bool(requested or kept_apart)

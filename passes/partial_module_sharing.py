@@ -38,9 +38,9 @@ from typing import Sequence
 
 from topo_compiler.analysis import MixedOp
 from topo_compiler.descriptors import Kind
-from topo_compiler.ir import SupernetIR
+from topo_compiler.ir import Shared, SupernetIR
 from topo_compiler.pass_manager import Pass, PassContext
-from topo_compiler.passes import sharing
+from topo_compiler.passes import mixed_op_driver as driver
 from topo_compiler.passes.selection import (CandidateView, group_selection, make_out_of_place,
                                             rebuild_selection, share_key, view_candidate,
                                             weighted_sum)
@@ -84,11 +84,13 @@ def match_pms(ir: SupernetIR, op: MixedOp, exact: bool) -> SharingPlan | None:
     trail_groups: dict[tuple, list[int]] = {}
     for v in views:
         if v.lead is not None:
-            lead_groups.setdefault(share_key(ir.node(v.lead), exact), []).append(v.index)
+            lead_groups.setdefault(share_key(ir.node(v.lead), compare_buffers=exact),
+                                   []).append(v.index)
         # a one-module candidate (lead == trail) can join a sibling group only
         if v.trail is not None and v.trail != v.lead and \
                 (not exact or _trail_is_exact(v, ir)):
-            trail_groups.setdefault(share_key(ir.node(v.trail), exact), []).append(v.index)
+            trail_groups.setdefault(share_key(ir.node(v.trail), compare_buffers=exact),
+                                    []).append(v.index)
     options: list[SharingPlan] = []
     for members in lead_groups.values():
         options.append(SharingPlan(tuple(members), True, False, len(members) - 1))
@@ -107,7 +109,7 @@ def match_pms(ir: SupernetIR, op: MixedOp, exact: bool) -> SharingPlan | None:
 
 def rewrite_pms(ir: SupernetIR, op: MixedOp, plan: SharingPlan, exact: bool) -> str:
     """Apply ``plan`` to ``op`` (Eq. 4-10); returns the new output node of the mixed op."""
-    tag = sharing.tag_for(ir, op, "pms")
+    tag = driver.tag_for(ir, op, "pms")
     views = [view_candidate(ir, op, i) for i in plan.members]
     z = op.input
     if plan.share_lead:
@@ -115,7 +117,7 @@ def rewrite_pms(ir: SupernetIR, op: MixedOp, plan: SharingPlan, exact: bool) -> 
         for v in views[1:]:
             ir.replace_all_uses(v.lead, shared)
             ir.remove_node(v.lead)
-        ir.node(shared).notes["shared"] = "sibling"
+        ir.annotate(shared, shared=Shared.SIBLING)
         make_out_of_place(ir, shared)
         z = shared
     # what each member's inner selection picks: u_i(h(x)), or the candidate output
@@ -130,15 +132,15 @@ def rewrite_pms(ir: SupernetIR, op: MixedOp, plan: SharingPlan, exact: bool) -> 
             picks.append(z)
         else:
             picks.append(v.candidate.output)
-    selection = group_selection(ir, op, plan.members, exact, tag)
+    selection = group_selection(ir, op, plan.members, division_free=exact, tag=tag)
     inner = weighted_sum(ir, list(zip(selection.member_weights, picks)), tag, name="inner")
     group_out = inner
     if plan.share_trail:
         g = ir.node(views[0].trail)
         group_out = ir.add_node(g.opcode, g.target,
-                                sharing.swap_input(g.args, views[0].trail_input, inner),
+                                driver.swap_input(g.args, views[0].trail_input, inner),
                                 g.kwargs, origin="pms", module_path=g.module_path,
-                                notes={**tag["notes"], "shared": "common child"},
+                                notes=tag.notes(shared=Shared.COMMON_CHILD),
                                 source=g.source).name
         make_out_of_place(ir, group_out)
     return rebuild_selection(ir, op, plan.members, group_out, selection, tag)
@@ -153,7 +155,7 @@ class PartialModuleSharing(Pass):
     """Visit mixed ops in a seeded random order (the result must not depend on it)."""
 
     def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
-        return sharing.run_on_mixed_ops(
+        return driver.run_on_mixed_ops(
             ir, ctx, lambda op: match_pms(ir, op, ctx.exact),
             lambda op, plan: rewrite_pms(ir, op, plan, ctx.exact),
-            sharing.shuffled(self.visit_seed))
+            driver.shuffled(self.visit_seed))

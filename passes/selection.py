@@ -1,4 +1,4 @@
-"""Operation selection: the weighted sums the sharing passes build and take apart.
+"""Operation selection (not a pass): the weighted sums the rewrites build and take apart.
 
 The paper rewrites a mixed op ``sum_i w_i o_i(x)`` into *cascaded operation selections*:
 an outer selection that picks a group S of candidates with probability ``w_S`` and an inner
@@ -9,8 +9,8 @@ one that picks ``i`` inside S with the conditional probability ``w'_i`` (Eq. 7-8
 
 No new architecture parameters appear: both are derived from the original weights on every
 forward.  Where ``w_S == 0`` (one-hot or pruned weights, as GDAS produces) the ratio is 0/0;
-:func:`~topo_compiler.runtime.nonzero_or_one` divides by 1 there instead, which keeps forward and backward finite
-and changes nothing, because the group's term is multiplied by ``w_S = 0``.
+:func:`~topo_compiler.runtime.nonzero_or_one` divides by 1 there instead, which keeps forward
+and backward finite and changes nothing, because the group's term is multiplied by ``w_S = 0``.
 
 This module holds the pieces both sharing passes need: views of a candidate as a chain of
 basic modules (:class:`CandidateView`), the weight arithmetic, and :func:`rebuild_selection`,
@@ -28,7 +28,8 @@ import torch
 
 from topo_compiler.analysis import Candidate, MixedOp
 from topo_compiler.descriptors import Kind, Ref
-from topo_compiler.ir import IRNode, SupernetIR
+from topo_compiler.ir import IRNode, Role, SupernetIR
+from topo_compiler.passes.mixed_op_driver import Tag
 from topo_compiler.runtime import nonzero_or_one
 
 __all__ = ["CandidateView", "view_candidate", "SHAREABLE_KINDS",
@@ -40,18 +41,19 @@ SHAREABLE_KINDS = (Kind.CONV, Kind.LINEAR, Kind.NORM, Kind.ACT, Kind.POOL, Kind.
 one input are not the same function)."""
 
 
-def share_key(node: IRNode, exact: bool = False) -> tuple | None:
+def share_key(node: IRNode, compare_buffers: bool = False) -> tuple | None:
     """What makes two basic modules "the same module" (None: never shared).
 
     Same canonical op and hyperparameters, and the very same learnable parameters (none for
     ReLU, pools and ``BatchNorm(affine=False)``).  Buffers such as BN running statistics are
     state: in training they do not change the output, so the paper's form shares modules
-    whatever their state; the exact form also needs the very same buffers, since eval-mode
-    outputs read them and every module's buffers must keep being updated.
+    whatever their state; ``compare_buffers`` (the exact form) also needs the very same
+    buffers, since eval-mode outputs read them and every module's buffers must keep being
+    updated.
     """
     if node.kind not in SHAREABLE_KINDS or node.opcode == "get_attr":
         return None
-    if exact:
+    if compare_buffers:
         return node.desc.signature + (node.desc.state,)
     return node.desc.signature  # canonical: F.relu(x), x.relu() and nn.ReLU() agree
 
@@ -77,7 +79,7 @@ class CandidateView:
 def is_data(node: IRNode) -> bool:
     """Whether a node holds data: a tensor that is neither a parameter nor a weight."""
     return node.opcode != "get_attr" and isinstance(node.val, torch.Tensor) and \
-        node.notes.get("role") != "weight"
+        not node.notes.is_weight
 
 
 def data_inputs(ir: SupernetIR, name: str) -> list[str]:
@@ -126,69 +128,68 @@ def _chain(ir: SupernetIR, x: str, cand: Candidate, lead: str | None) -> tuple[s
 # Building selections
 # --------------------------------------------------------------------------------------
 
-def weight_node(ir: SupernetIR, op: MixedOp, index: int, tag: dict) -> str:
+def weight_node(ir: SupernetIR, op: MixedOp, index: int, tag: Tag) -> str:
     """The node holding candidate ``index``'s weight (a getitem for the stack form)."""
     ref = op.candidates[index].weight
     if ref.index is None:
         return ref.node
     return ir.add_node("call_function", operator.getitem, (Ref(ref.node), ref.index),
-                       origin=tag["origin"], notes=_weight_notes(tag)).name
+                       origin=tag.origin, notes=tag.notes(role=Role.WEIGHT)).name
 
 
-def _weight_notes(tag: dict) -> dict:
-    return {**tag.get("notes", {}), "role": "weight"}
-
-
-def weighted_sum(ir: SupernetIR, terms: Sequence[tuple[str | None, str]], tag: dict,
-                 name: str = "selection") -> str:
-    """``sum_i w_i * y_i`` as mul and add nodes (a None weight means weight 1)."""
+def weighted_sum(ir: SupernetIR, terms: Sequence[tuple[str | None, str]], tag: Tag,
+                 name: str = "selection", role: Role | None = None) -> str:
+    """``sum_i w_i * y_i`` as mul and add nodes (a None weight means weight 1); the new
+    nodes get ``role``."""
     products = []
     for w, y in terms:
         if w is None:
             products.append(y)
         else:
             products.append(ir.add_node("call_function", operator.mul, (Ref(w), Ref(y)),
-                                        origin=tag["origin"], notes=tag.get("notes")).name)
+                                        origin=tag.origin, notes=tag.notes(role=role)).name)
     acc = products[0]
     for p in products[1:]:
         acc = ir.add_node("call_function", operator.add, (Ref(acc), Ref(p)),
-                          origin=tag["origin"], notes=tag.get("notes"), name=name).name
+                          origin=tag.origin, notes=tag.notes(role=role), name=name).name
     return acc
 
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
     """Weights of a group S: ``w_S`` and, per member, the weight its inner selection uses
-    (``w'_i`` in the paper's form; the raw ``w_i`` in the exact, division-free form)."""
+    (``w'_i`` in the paper's form; the raw ``w_i`` in the division-free form)."""
 
     group_weight: str | None
-    """``w_S``; None in the exact form (the group's term is not rescaled)."""
+    """``w_S``; None in the division-free form (the group's term is not rescaled)."""
     member_weights: tuple[str, ...]
 
 
-def group_selection(ir: SupernetIR, op: MixedOp, members: Sequence[int], exact: bool,
-                    tag: dict) -> Selection:
-    """Eq. 7-8 weights for ``members`` (exact: the raw weights and no ``w_S``)."""
+def group_selection(ir: SupernetIR, op: MixedOp, members: Sequence[int], division_free: bool,
+                    tag: Tag) -> Selection:
+    """Eq. 7-8 weights for ``members`` (``division_free``: the raw weights and no ``w_S``,
+    which equals the original for every weight, including weights that sum to zero)."""
     raw = [weight_node(ir, op, i, tag) for i in members]
-    if exact:
+    if division_free:
         return Selection(None, tuple(raw))
-    weight_tag = {**tag, "notes": _weight_notes(tag)}
-    group = weighted_sum(ir, [(None, w) for w in raw], weight_tag, name="w_group")
+    group_notes = tag.notes(role=Role.GROUP_WEIGHT)
+    group = weighted_sum(ir, [(None, w) for w in raw], tag, name="w_group",
+                         role=Role.GROUP_WEIGHT)
     if len(raw) == 1:
-        group = ir.add_node("call_function", operator.pos, (Ref(group),), origin=tag["origin"],
-                            notes=_weight_notes(tag), name="w_group").name
+        group = ir.add_node("call_function", operator.pos, (Ref(group),), origin=tag.origin,
+                            notes=group_notes, name="w_group").name
     denominator = ir.add_node("call_function", nonzero_or_one, (Ref(group),),
-                              origin=tag["origin"], notes=_weight_notes(tag),
-                              name="w_group_safe").name
+                              origin=tag.origin, notes=group_notes, name="w_group_safe").name
     ratios = tuple(
         ir.add_node("call_function", operator.truediv, (Ref(w), Ref(denominator)),
-                    origin=tag["origin"], notes=_weight_notes(tag), name="w_cond").name
+                    origin=tag.origin, notes=tag.notes(role=Role.CONDITIONAL_WEIGHT),
+                    name="w_cond").name
         for w in raw)
     return Selection(group, ratios)
 
 
 def rebuild_selection(ir: SupernetIR, op: MixedOp, members: Sequence[int],
-                      group_out: str | None, selection: Selection | None, tag: dict) -> str:
+                      group_out: str | None, selection: Selection | None, tag: Tag) -> str:
     """Replace the terms of ``members`` in ``op`` by one term ``w_S * group_out`` (Eq. 4),
     or by nothing when ``group_out`` is None (the members contribute zero).
 

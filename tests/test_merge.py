@@ -9,11 +9,13 @@ from torch import nn
 
 import strategies
 from helpers import assert_same_step
-from topo_compiler import compile_supernet, lift
+from topo_compiler import compile_supernet, lift, lower
 from topo_compiler.api import analyze
-from topo_compiler.pass_manager import PassManager
+from topo_compiler.pass_manager import FixedPoint, PassManager
 from topo_compiler.passes import build_pipeline
+from topo_compiler.passes.partial_module_sharing import PartialModuleSharing
 from topo_compiler.passes.reparameterization import Reparameterization
+from topo_compiler.passes.weight_folding import WeightFolding
 from topo_compiler.runtime import normalize_kernel
 from topo_compiler.spaces import build, default_input
 from topo_compiler.tracer import trace_supernet
@@ -139,6 +141,14 @@ def test_cost_model_keeps_expensive_dense_merges_apart():
         if "merged" in d:
             assert "dense" not in d
             assert "est. step time -" in d or "est. step time +0%" in d
+    declined = [d for d in _decisions(compiled) if "merging them would cost more" in d]
+    assert declined, "a merge the cost model declines is reported, with its estimate"
+    for d in declined:  # the estimate says why: a costlier step or more saved bytes
+        step, saved = (float(d.split(k)[1].split("%")[0]) for k in ("step time ",
+                                                                       "saved bytes "))
+        assert step > 0 or saved > 0
+    assert not compiled.report.stage("merge").changed or any("merged" in d for d in
+                                                              _decisions(compiled))
     ir = lift(trace_supernet(model, x))
     analyze(ir)
     PassManager([Reparameterization(form="dense")]).run(ir)  # forced: still correct
@@ -171,6 +181,42 @@ def test_merge_options_are_validated():
         compile_supernet(model, x, pass_options={"merge": {"speed": 1}})
     with pytest.raises(ValueError, match="not run"):
         compile_supernet(model, x, passes=("pms",), pass_options={"merge": {}})
+
+
+def test_pass_options_are_validated_before_any_pass_runs(monkeypatch):
+    """A bad option value raises when the pipeline is built: nothing is traced first."""
+    import topo_compiler.api as api
+
+    def trace_first(*args, **kwargs):
+        raise AssertionError("traced before the pass options were checked")
+
+    monkeypatch.setattr(api, "trace_supernet", trace_first)
+    model = build("nb201", C=4, edge=True)
+    x = default_input("nb201", C=4, edge=True, resolution=8)
+    with pytest.raises(ValueError, match="merge form 'fused'"):
+        compile_supernet(model, x, pass_options={"merge": {"form": "fused"}})
+    with pytest.raises(ValueError, match="merge device 'tpu'"):
+        build_pipeline(None, {"merge": {"device": "tpu"}})
+
+
+def test_fold_is_a_pass_of_its_own_with_its_own_stage():
+    """merge no longer folds; fold does, once (a second run changes nothing); naming merge
+    runs fold too."""
+    model = build("nb201", C=8, edge=True)
+    x = default_input("nb201", C=8, edge=True, resolution=8)
+    ir = lift(trace_supernet(model, x))
+    analyze(ir)
+    stages = PassManager([FixedPoint((PartialModuleSharing(),)), Reparameterization(),
+                          WeightFolding(), WeightFolding()]).run(ir)
+    assert [s.name for s in stages] == ["input", "pms", "pms#2", "merge", "fold", "fold"]
+    assert [s.changed for s in stages[3:]] == [True, True, False]
+    assert not any("folded" in d for d in stages[3].decisions)
+    assert any("folded 3 weights" in d for d in stages[4].decisions)
+    compiled = lower(ir)
+    assert "scaled_batch_norm" in compiled.code
+    torch.testing.assert_close(compiled(x), compile_supernet(model, x, passes=("pms",))(x),
+                               rtol=1e-5, atol=1e-6)
+    assert compile_supernet(model, x, passes=("merge",)).report.passes == ("merge", "fold")
 
 
 # --- kernel normalization ----------------------------------------------------------------
@@ -265,8 +311,8 @@ def test_exact_pipeline_with_weight_folding_keeps_function_and_statistics(spec):
 def test_weights_fold_into_batchnorm_and_convs():
     model = build("nb201", C=8, edge=True)
     x = default_input("nb201", C=8, edge=True, resolution=8)
-    compiled = compile_supernet(model, x, passes=("pms", "merge"))
-    assert any("folded" in d for d in _decisions(compiled))
+    compiled = compile_supernet(model, x, passes=("pms", "merge"))  # merge implies fold
+    assert any("folded" in d for d in _decisions(compiled, "fold"))
     assert "scaled_batch_norm" in compiled.code
     assert compiled.report.final.counts.non_conv == 3  # shared ReLU and BatchNorm, pool
     torch.testing.assert_close(compiled(x), compile_supernet(model, x, passes=("pms",))(x),

@@ -401,6 +401,6 @@ def test_each_shared_module_is_annotated_for_the_pictures():
     model, x = darts_edge()
     ir = _ir(model, x)
     _manager().run(ir)
-    shared = {n.notes.get("shared") for n in ir.nodes()} - {None}
+    shared = {n.notes.shared for n in ir.nodes()} - {None}
     assert shared == {"sibling", "common child", "floating"}
     assert math.isfinite(sum(1 for _ in ir.nodes()))

@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "what each pass did.")
     parser.add_argument("space", nargs="?", default="darts", choices=spaces.SPACES)
     parser.add_argument("--passes", default=None,
-                        help="comma-separated subset of pms,fms,merge,kn ('' for none)")
+                        help="comma-separated subset of pms,fms,merge,fold,kn ('' for none; "
+                             "merge brings fold along)")
     parser.add_argument("--exact", action="store_true",
                         help="only rewrites that keep the function exactly")
     parser.add_argument("--C", type=int, default=16, help="initial channels (default 16)")

@@ -279,7 +279,7 @@ class _Finder:
 
 def find_mixed_ops(ir: SupernetIR) -> list[MixedOp]:
     """Every mixed op of the IR, in program order, named by its place in the network."""
-    return list(ir.cached("mixed_ops", lambda: _find_mixed_ops(ir)))
+    return list(ir.cached("mixed_ops", lambda: _find_mixed_ops(ir), reads_notes=False))
 
 
 def _find_mixed_ops(ir: SupernetIR) -> tuple[MixedOp, ...]:

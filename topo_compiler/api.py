@@ -106,8 +106,9 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
             (e.g. ``(x, alphas)``); tensors give the shapes and dtypes, the batch size
             (dimension 0) stays free; non-tensor values are baked into the graph.
         passes: pass names to run, in the pipeline's order (``"pms"``, ``"fms"``,
-            ``"merge"``, ``"kn"``) as a sequence or a comma-separated string; ``None`` runs
-            the paper's full pipeline, ``()`` none (the model regenerated as it is).
+            ``"merge"``, ``"fold"``, ``"kn"``; ``"merge"`` brings ``"fold"`` along) as a
+            sequence or a comma-separated string; ``None`` runs the paper's full pipeline,
+            ``()`` none (the model regenerated as it is).
         exact: apply only rewrites that keep the function for every input and every
             architecture weight (no FMS, no KN, only exact merges).
         dump_dir: write the IR before the first pass and after each pass (``00-input.dot``,

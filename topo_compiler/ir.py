@@ -14,6 +14,7 @@ the node's name and whose ``"node"`` attribute is the :class:`IRNode`.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import itertools
 import keyword
 import re
@@ -26,7 +27,8 @@ from torch import nn
 from .descriptors import Kind, OpDesc, Ref, describe_call, describe_module
 from .meta import UNKNOWN, run_on_meta, to_meta
 
-__all__ = ["IRNode", "SupernetIR", "IRVerificationError", "map_refs"]
+__all__ = ["IRNode", "SupernetIR", "IRVerificationError", "map_refs", "Role", "Shared",
+           "NodeNotes"]
 
 
 class IRVerificationError(AssertionError):
@@ -82,6 +84,64 @@ def _refs_in(value: Any, found: list[str] | None = None) -> list[str]:
     return found
 
 
+class Role(enum.Enum):
+    """What a node is for, beyond the op it computes (the pictures and counts read this)."""
+
+    WEIGHT = "weight"
+    """An architecture weight ``w_i``, or arithmetic on weights the input already had."""
+    GROUP_WEIGHT = "group weight"
+    """``w_S = sum_{i in S} w_i`` (Eq. 7), or the safe denominator made from it."""
+    CONDITIONAL_WEIGHT = "conditional weight"
+    """``w'_i = w_i / w_S`` (Eq. 8)."""
+    KERNEL = "kernel"
+    """Kernel arithmetic: reading, placing, summing or normalizing a kernel."""
+
+    @property
+    def is_weight(self) -> bool:
+        return self is not Role.KERNEL
+
+
+class Shared(str, enum.Enum):
+    """Which sharing computes a module once for several candidates."""
+
+    SIBLING = "sibling"
+    COMMON_CHILD = "common child"
+    FLOATING = "floating"
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeNotes:
+    """What passes leave on a node for later passes, the report and the pictures.
+
+    Set through :meth:`SupernetIR.annotate` (or ``add_node(notes=...)``), which bumps the IR's
+    generation like every other edit.
+    """
+
+    mixed_op: str | None = None
+    """The mixed op (edge) of the input supernet the node belongs to."""
+    role: Role | None = None
+    shared: Shared | None = None
+    """Set on a module that sharing computes once for several candidates."""
+    merged: tuple[str, ...] | None = None
+    """On a merged convolution: the labels of the candidates it absorbed."""
+    merge_form: str | None = None
+    """On a merged convolution: dense, depthwise, separable, folded (or one of its halves)."""
+    kernels: tuple[str, ...] | None = None
+    """On a merged or weight-folded convolution: the learnable kernels entering it, which
+    kernel normalization standardizes."""
+    frame: tuple[int, ...] | None = None
+    """On a merged convolution: its kernel frame."""
+    kn: bool = False
+    """Kernel normalization has handled this convolution."""
+    folded_weight: bool = False
+    """An architecture weight was folded into this convolution or BatchNorm."""
+
+    @property
+    def is_weight(self) -> bool:
+        """Architecture-weight arithmetic (left out of the module counts)."""
+        return self.role is not None and self.role.is_weight
+
+
 @dataclasses.dataclass
 class IRNode:
     """One value of the supernet: what computes it, from what, and its meta value."""
@@ -101,9 +161,9 @@ class IRNode:
     order: tuple[int, ...] = (0,)
     origin: str = "input"
     """Who made the node: 'input' (traced) or the pass that created it."""
-    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Annotations passes leave for the report and the pictures (shared module, absorbed
-    candidates, ...)."""
+    notes: NodeNotes = NodeNotes()
+    """Annotations passes leave for the report and the pictures (set through
+    :meth:`SupernetIR.annotate`)."""
 
     def __setattr__(self, key: str, value: Any) -> None:
         if key in ("args", "kwargs"):
@@ -149,7 +209,10 @@ class SupernetIR:
         """get_attr targets naming plain (unregistered) tensor attributes of the model."""
         self._seq = itertools.count()
         self.generation = 0
-        """Bumped by every edit: analyses of an unchanged IR can be reused."""
+        """Bumped by every edit, notes included: analyses of an unchanged IR can be reused."""
+        self.graph_generation = 0
+        """Bumped by every edit but :meth:`annotate`: analyses that read no notes can be
+        reused across annotations."""
         self.cache: dict[str, tuple[int, Any]] = {}
         self._name_counters: dict[str, int] = {}
         self._meta_cache: dict[int, nn.Module] = {}
@@ -220,7 +283,7 @@ class SupernetIR:
     def add_node(self, opcode: str, target: Any, args: tuple = (), kwargs: dict | None = None,
                  *, name: str | None = None, after: str | Iterable[str] | None = None,
                  desc: OpDesc | None = None, val: Any = None, module_path: str | None = None,
-                 origin: str = "input", notes: dict[str, Any] | None = None,
+                 origin: str = "input", notes: NodeNotes | None = None,
                  module: nn.Module | None = None, order: tuple[int, ...] | None = None,
                  source: tuple[str, int, str] | None = None) -> IRNode:
         """Add a node; its meta value and descriptor are computed unless given.
@@ -250,8 +313,8 @@ class SupernetIR:
         if module_path is None:
             module_path = self.node(refs[0]).module_path if refs else ""
         node = IRNode(name, opcode, target, tuple(args), kwargs, desc, val, module_path,
-                      source, order, origin, dict(notes or {}))
-        self.generation += 1
+                      source, order, origin, notes or NodeNotes())
+        self._edited()
         self.graph.add_node(name, node=node)
         for r in set(refs):
             self.graph.add_edge(r, name)
@@ -260,7 +323,7 @@ class SupernetIR:
     def set_args(self, name: str, args: tuple, kwargs: dict | None = None) -> None:
         """Replace a node's arguments, keeping edges in sync (descriptor recomputed)."""
         node = self.node(name)
-        self.generation += 1
+        self._edited()
         for r in node.inputs:
             self.graph.remove_edge(r, name)
         node.args = tuple(args)
@@ -280,7 +343,7 @@ class SupernetIR:
             self.modules[target] = module
         node.target = target
         node.desc = self.describe(node.opcode, node.target, node.args, node.kwargs)
-        self.generation += 1
+        self._edited()
 
     def replace_all_uses(self, old: str, new: str, *, skip: Iterable[str] = ()) -> None:
         """Make every user of ``old`` (except ``skip``) read ``new`` instead."""
@@ -292,11 +355,17 @@ class SupernetIR:
             swap = lambda r: Ref(new) if r.name == old else r  # noqa: E731
             self.set_args(user, map_refs(node.args, swap), map_refs(node.kwargs, swap))
 
+    def annotate(self, name: str, **fields: Any) -> None:
+        """Replace some of a node's :class:`NodeNotes` fields."""
+        node = self.node(name)
+        node.notes = dataclasses.replace(node.notes, **fields)
+        self.generation += 1  # why: not graph_generation, the graph itself is unchanged
+
     def remove_node(self, name: str) -> None:
         if any(True for _ in self.graph.successors(name)):
             raise IRVerificationError(f"cannot remove {name!r}: still read by "
                                       f"{self.users(name)}")
-        self.generation += 1
+        self._edited()
         self.graph.remove_node(name)
 
     def remove_dead(self, names: Iterable[str]) -> int:
@@ -311,19 +380,26 @@ class SupernetIR:
             if node.opcode in ("placeholder", "output") or node.desc.inplace:
                 continue
             preds = list(self.graph.predecessors(name))
-            self.generation += 1
+            self._edited()
             self.graph.remove_node(name)
             removed += 1
             stack.extend(preds)
         return removed
 
-    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
-        """``compute()``, reused while the IR is unchanged (see :attr:`generation`)."""
+    def _edited(self) -> None:
+        self.generation += 1
+        self.graph_generation += 1
+
+    def cached(self, key: str, compute: Callable[[], Any], *, reads_notes: bool = True) -> Any:
+        """``compute()``, reused while the IR is unchanged (see :attr:`generation`); an
+        analysis that reads no notes passes ``reads_notes=False`` and is reused across
+        :meth:`annotate` calls too."""
+        stamp = self.generation if reads_notes else self.graph_generation
         hit = self.cache.get(key)
-        if hit is not None and hit[0] == self.generation:
+        if hit is not None and hit[0] == stamp:
             return hit[1]
         value = compute()
-        self.cache[key] = (self.generation, value)
+        self.cache[key] = (stamp, value)
         return value
 
     # -- descriptors and meta values -----------------------------------------------------
@@ -385,6 +461,9 @@ class SupernetIR:
                 fail(f"node key {name!r} does not hold its IRNode")
             if not isinstance(node.desc, OpDesc):
                 fail(f"node {name!r} has no descriptor")
+            if not isinstance(node.notes, NodeNotes):
+                fail(f"node {name!r}: notes are {type(node.notes).__name__}, not NodeNotes "
+                     f"(set them through SupernetIR.annotate)")
             refs = set(_refs_in((node.args, node.kwargs)))  # not the cache: catch edits in place
             preds = self.graph.pred[name]
             if len(refs) != len(preds) or any(r not in preds for r in refs):

@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from .analysis import MixedOp, find_mixed_ops
 from .descriptors import Ref
-from .ir import SupernetIR
+from .ir import Role, SupernetIR
 from .meta import UNKNOWN
 from .tracer import TracedSupernet
 
@@ -39,14 +39,14 @@ def lift(traced: TracedSupernet) -> SupernetIR:
 
 
 def tag_mixed_ops(ir: SupernetIR) -> list[MixedOp]:
-    """Find the mixed ops; tag their nodes (``notes['mixed_op']``) for per-op counts and the
-    architecture-weight arithmetic feeding them (``notes['role'] = 'weight'``), which the
+    """Find the mixed ops; tag their nodes (``notes.mixed_op``) for per-op counts and the
+    architecture-weight arithmetic feeding them (``notes.role = Role.WEIGHT``), which the
     module counts leave out."""
     ops = find_mixed_ops(ir)
     for op in ops:
         for name in op.nodes:
-            ir.node(name).notes["mixed_op"] = op.name
+            ir.annotate(name, mixed_op=op.name)
         for cand in op.candidates:
             for name in nx.ancestors(ir.graph, cand.weight.node) | {cand.weight.node}:
-                ir.node(name).notes["role"] = "weight"
+                ir.annotate(name, role=Role.WEIGHT)
     return ops

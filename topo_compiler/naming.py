@@ -125,7 +125,7 @@ def candidate_names(ir: SupernetIR, op: MixedOp, indices=None) -> list[str]:
 def _terms(ir: SupernetIR, name: str, depth: int = 0) -> list[str]:
     """The leaves of a tree of adds, skipping literal zeros (``sum`` starts at 0)."""
     node = ir.node(name)
-    if node.notes.get("mixed_op") is None and node.desc.op == "add" and depth < 64 and \
+    if node.notes.mixed_op is None and node.desc.op == "add" and depth < 64 and \
             node.opcode == "call_function":
         out: list[str] = []
         for r in node.inputs:
@@ -143,9 +143,9 @@ def value_name(ir: SupernetIR, name: str) -> str:
         module = _module(ir, str(node.target))
         return str(node.target) if module is None else \
             f"{node.target} ({type(module).__name__})"
-    tag = node.notes.get("mixed_op")
+    tag = node.notes.mixed_op
     if tag is not None and ir.users(name) and \
-            all(ir.node(u).notes.get("mixed_op") != tag for u in ir.users(name)):
+            all(ir.node(u).notes.mixed_op != tag for u in ir.users(name)):
         return tag  # the output of a mixed op
     terms = _terms(ir, name)
     if len(terms) > 1:
@@ -157,7 +157,7 @@ def value_name(ir: SupernetIR, name: str) -> str:
 def edge_of(ir: SupernetIR, op: MixedOp) -> str:
     """The searchable edge ``op`` belongs to (``cells.0._ops.3``), also for a selection a
     pass nested inside it."""
-    return ir.node(op.output).notes.get("mixed_op") or op.name
+    return ir.node(op.output).notes.mixed_op or op.name
 
 
 def where(ir: SupernetIR, op: MixedOp) -> str:

@@ -8,7 +8,7 @@ Counts follow Table II:
   sep conv two;
 * ``non_conv`` -- norms, activations, pools, dropout and opaque modules;
 * identity, zero and weight arithmetic (``softmax(alpha)``, its rows, the sums and products
-  of architecture weights: nodes tagged ``notes['role'] = 'weight'``) are not counted.
+  of architecture weights: nodes whose ``notes.is_weight``) are not counted.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class ModuleCounts:
 def count_modules(ir: SupernetIR, names: Iterable[str] | None = None) -> ModuleCounts:
     """Count conv units and non-conv modules among ``names`` (default: the whole graph)."""
     selected = {n for n in (ir.graph.nodes if names is None else names)
-                if ir.node(n).notes.get("role") != "weight"}
+                if not ir.node(n).notes.is_weight}
     convs = {n for n in selected if ir.node(n).kind in _CONV_KINDS}
     chained = 0
     for name in convs:
@@ -62,10 +62,10 @@ def count_modules(ir: SupernetIR, names: Iterable[str] | None = None) -> ModuleC
 
 
 def counts_by_mixed_op(ir: SupernetIR) -> dict[str, ModuleCounts]:
-    """Counts over the nodes tagged with each mixed op (``notes['mixed_op']``)."""
+    """Counts over the nodes tagged with each mixed op (``notes.mixed_op``)."""
     groups: dict[str, list[str]] = {}
     for name in ir.graph.nodes:
-        tag = ir.node(name).notes.get("mixed_op")
+        tag = ir.node(name).notes.mixed_op
         if tag is not None:
             groups.setdefault(tag, []).append(name)
     return {tag: count_modules(ir, names) for tag, names in groups.items()}

@@ -30,7 +30,7 @@ import graphviz
 import torch
 
 from .descriptors import Kind, Ref
-from .ir import IRNode, SupernetIR
+from .ir import IRNode, Role, SupernetIR
 from .report import CompileReport, StageReport, count_modules
 
 __all__ = ["View", "draw", "draw_network", "DumpHook", "have_dot", "INSTALL_DOT",
@@ -54,6 +54,9 @@ STYLE = {
 }
 WEIGHT_STYLE = ("octagon", "#fde2e4")
 MERGED_STYLE = ("box3d", "#219ebc")
+_DERIVED_WEIGHT_LABEL = {Role.GROUP_WEIGHT: "w_S = Σ w_i",
+                         Role.CONDITIONAL_WEIGHT: "w' = w_i / w_S"}
+_DERIVED_WEIGHT_TEXT = {Role.GROUP_WEIGHT: "w_S", Role.CONDITIONAL_WEIGHT: "w'"}
 SHARED_COLOURS = {"sibling": "#d62828", "common child": "#d62828", "floating": "#7b2cbf"}
 _LEGEND = [("conv", Kind.CONV), ("norm", Kind.NORM), ("activation", Kind.ACT),
            ("pool", Kind.POOL), ("weight arithmetic", Kind.ARITH), ("layout", Kind.LAYOUT),
@@ -70,10 +73,10 @@ def have_dot() -> bool:
 # --------------------------------------------------------------------------------------
 
 def edges_of(ir: SupernetIR) -> list[str]:
-    """The mixed ops (edges) of the input supernet, in program order (``notes['mixed_op']``)."""
+    """The mixed ops (edges) of the input supernet, in program order (``notes.mixed_op``)."""
     seen: dict[str, tuple] = {}
     for node in ir.nodes():
-        tag = node.notes.get("mixed_op")
+        tag = node.notes.mixed_op
         if tag is not None and tag not in seen:
             seen[tag] = node.order
     return sorted(seen, key=seen.get)
@@ -121,20 +124,20 @@ class View:
         if self.kind == "full":
             return set(ir.graph.nodes)
         if self.kind == "edge":
-            inside = {n.name for n in ir.nodes() if n.notes.get("mixed_op") == self.key}
+            inside = {n.name for n in ir.nodes() if n.notes.mixed_op == self.key}
         else:
             prefix = self.key + "." if self.key else ""
 
             def in_cell(n: IRNode) -> bool:
-                if (n.notes.get("mixed_op") or "").startswith(prefix):
+                if (n.notes.mixed_op or "").startswith(prefix):
                     return True
                 return bool(self.key) and (n.module_path + ".").startswith(prefix) and \
-                    n.notes.get("role") != "weight"
+                    not n.notes.is_weight
 
             inside = {n.name for n in ir.nodes() if in_cell(n)}
         # the architecture weights read inside: w[row, col] and what derives from them
         weights = {p for n in inside for p in ir.graph.predecessors(n)
-                   if ir.node(p).notes.get("role") in ("weight",)}
+                   if ir.node(p).notes.is_weight}
         return inside | weights
 
 
@@ -171,33 +174,28 @@ def _label(ir: SupernetIR, node: IRNode) -> str:
         return "input" if node.target == "input" else f"input {node.target}"
     if node.opcode == "output":
         return "output"
-    if node.notes.get("merged") is not None and node.notes.get("kernels") is not None:
-        frame = "x".join(str(f) for f in node.notes.get("frame", ()))
-        kn = ", KN" if node.notes.get("kn") else ""
-        absorbed = "\n".join(f"• {c}" for c in node.notes["merged"])
-        return f"merged {node.notes.get('merge_form')} conv {frame}{kn}\n{absorbed}"
-    if node.notes.get("merged") is not None:
+    notes = node.notes
+    if notes.merged is not None and notes.kernels is not None:
+        frame = "x".join(str(f) for f in notes.frame or ())
+        kn = ", KN" if notes.kn else ""
+        absorbed = "\n".join(f"• {c}" for c in notes.merged)
+        return f"merged {notes.merge_form} conv {frame}{kn}\n{absorbed}"
+    if notes.merged is not None:
         return f"merged depthwise (stacked)\n{node.desc.label()}"
-    if node.notes.get("role") == "weight":
+    if notes.is_weight:
         alpha = _alpha_index(ir, node.name)
         if alpha:
             return f"w = {alpha}"
-        if node.name.startswith("w_group"):
-            return "w_S = Σ w_i"
-        if node.name.startswith("w_cond"):
-            return "w' = w_i / w_S"
-        return node.desc.op
-    if node.desc.op == "normalize_kernel":
-        return "KN: (K - mean) / std"
+        return _DERIVED_WEIGHT_LABEL.get(notes.role, node.desc.op)
     if node.kind is Kind.ZERO:
         return "× 0"
     if node.desc.op == "add" and node.kind is Kind.ARITH:
         return "+"
     if node.desc.op == "mul" and node.kind is Kind.ARITH:
-        weights = [r for r in node.inputs if ir.node(r).notes.get("role") == "weight"]
+        weights = [r for r in node.inputs if ir.node(r).notes.is_weight]
         return "× " + _weight_text(ir, weights[0]) if weights else "×"
     label = node.desc.label()
-    if node.notes.get("kn"):
+    if notes.kn:
         label += "\nKN"
     return label
 
@@ -207,25 +205,21 @@ def _weight_text(ir: SupernetIR, name: str) -> str:
     alpha = _alpha_index(ir, name)
     if alpha:
         return f"w{alpha[alpha.index('['):]}"
-    if name.startswith("w_group"):
-        return "w_S"
-    if name.startswith("w_cond"):
-        return "w'"
-    return node.desc.op
+    return _DERIVED_WEIGHT_TEXT.get(node.notes.role, node.desc.op)
 
 
 def _style(node: IRNode) -> dict[str, str]:
-    if node.notes.get("merged") is not None:
+    if node.notes.merged is not None:
         shape, fill = MERGED_STYLE
-    elif node.notes.get("role") == "weight":
+    elif node.notes.is_weight:
         shape, fill = WEIGHT_STYLE
     else:
         shape, fill = STYLE.get(node.kind, ("box", "#ffffff"))
     attrs = {"shape": shape, "fillcolor": fill, "style": "filled"}
-    shared = node.notes.get("shared")
-    if shared:
-        attrs.update(color=SHARED_COLOURS[shared], penwidth="3",
-                     xlabel=graphviz.escape(f"shared ({shared})"))
+    shared = node.notes.shared
+    if shared is not None:
+        attrs.update(color=SHARED_COLOURS[shared.value], penwidth="3",
+                     xlabel=graphviz.escape(f"shared ({shared.value})"))
     return attrs
 
 
@@ -263,7 +257,7 @@ def _legend(g: graphviz.Digraph) -> None:
 
 def _hidden(node: IRNode) -> bool:
     """Weight arithmetic and kernel arithmetic: summarized on the nodes they feed."""
-    return node.notes.get("role") in ("weight", "kernel")
+    return node.notes.role is not None
 
 
 def draw(ir: SupernetIR, view: View | None = None, title: str = "",
@@ -290,7 +284,7 @@ def draw(ir: SupernetIR, view: View | None = None, title: str = "",
     clusters: dict[str, list[str]] = {}
     loose: list[str] = []
     for name in order:
-        tag = ir.node(name).notes.get("mixed_op")
+        tag = ir.node(name).notes.mixed_op
         (clusters.setdefault(tag, []) if tag else loose).append(name)
     for tag, names in clusters.items():
         with g.subgraph(name=f"cluster_{ids[names[0]]}") as sub:
@@ -308,7 +302,7 @@ def draw(ir: SupernetIR, view: View | None = None, title: str = "",
                 continue
             s = ir.node(src)
             if s.opcode == "get_attr" and s.kind is Kind.PARAM or \
-                    s.notes.get("role") == "weight" or \
+                    s.notes.is_weight or \
                     (not detail and _hidden(s)):
                 continue  # parameters belong to their module; weights label their term
             if src not in boundary:
@@ -332,7 +326,7 @@ def _node(g: graphviz.Digraph, ir: SupernetIR, name: str, node_id: str) -> None:
 def _edge(g: graphviz.Digraph, ir: SupernetIR, src: str, a: str, b: str) -> None:
     s = ir.node(src)
     shape = _shape_text(s.val)
-    scalar = not shape or shape == "scalar" or s.notes.get("role") == "weight"
+    scalar = not shape or shape == "scalar" or s.notes.is_weight
     g.edge(a, b, label="" if scalar else graphviz.escape(shape),
            style="dashed" if scalar else "solid", fontcolor="#777777")
 
@@ -345,12 +339,12 @@ def draw_network(ir: SupernetIR, title: str = "") -> graphviz.Digraph:
     def data(node: IRNode) -> bool:
         """Activations only: weight and kernel arithmetic and parameters are not data flow
         (one batched kernel normalization reads kernels of every cell)."""
-        return node.notes.get("role") not in ("weight", "kernel") and \
+        return node.notes.role is None and \
             node.opcode != "get_attr"
 
     cell_of: dict[str, str] = {}
     for node in ir.nodes():
-        tag = node.notes.get("mixed_op")
+        tag = node.notes.mixed_op
         path = _cell_of(tag) if tag else _cell_of(node.module_path + ".x")
         if path in cells and data(node):
             cell_of[node.name] = path
@@ -363,14 +357,14 @@ def draw_network(ir: SupernetIR, title: str = "") -> graphviz.Digraph:
     for i, cell in enumerate(dict.fromkeys(cell_of.values())):
         members = [n for n, c in cell_of.items() if c == cell]
         c = count_modules(ir, members)
-        edges = len({ir.node(n).notes.get("mixed_op") for n in members} - {None})
+        edges = len({ir.node(n).notes.mixed_op for n in members} - {None})
         ids[cell] = f"c{i}"
         g.node(f"c{i}", label=graphviz.escape(
             f"{cell}\n{edges} mixed ops\nconv/non-conv/total {c.conv}/{c.non_conv}/{c.total}"),
             shape="box3d", style="filled", fillcolor="#e9f5db")
     k = 0
     for node in ir.nodes():
-        if node.name in cell_of or node.notes.get("role") == "weight":
+        if node.name in cell_of or node.notes.is_weight:
             continue
         if node.desc.is_module or node.opcode in ("placeholder", "output"):
             ids[node.name] = f"m{k}"

@@ -1,4 +1,5 @@
-"""The driver both module-sharing passes use: match every mixed op, rewrite the outermost.
+"""The mixed-op driver every rewrite of mixed ops uses (not a pass): match every mixed op,
+rewrite the outermost.
 
 A pass run finds the mixed ops afresh, asks the pass's matcher for a plan on each (matching
 never edits), and rewrites every mixed op that has a plan and is not nested inside another
@@ -9,25 +10,34 @@ are disjoint, so the result does not depend on the order in which mixed ops are 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any, Callable
 
 from topo_compiler import naming
 from topo_compiler.analysis import MixedOp, find_mixed_ops, mixed_op_at
 from topo_compiler.descriptors import Ref
-from topo_compiler.ir import SupernetIR, map_refs
+from topo_compiler.ir import NodeNotes, SupernetIR, map_refs
 from topo_compiler.pass_manager import PassContext
 
-__all__ = ["run_on_mixed_ops", "tag_for", "swap_input", "display_name", "shuffled"]
+__all__ = ["run_on_mixed_ops", "Tag", "tag_for", "swap_input", "display_name", "shuffled"]
 
 
-def tag_for(ir: SupernetIR, op: MixedOp, origin: str) -> dict:
-    """Notes for the nodes a rewrite of ``op`` creates: who made them and for which edge."""
-    notes = {}
-    edge = ir.node(op.output).notes.get("mixed_op")
-    if edge is not None:
-        notes["mixed_op"] = edge
-    return {"origin": origin, "notes": notes}
+@dataclasses.dataclass(frozen=True)
+class Tag:
+    """Who makes the nodes of a rewrite (the pass's name) and for which edge of the input."""
+
+    origin: str
+    mixed_op: str | None = None
+
+    def notes(self, **fields: Any) -> NodeNotes:
+        """Notes for a new node: this tag's edge plus ``fields``."""
+        return NodeNotes(mixed_op=self.mixed_op, **fields)
+
+
+def tag_for(ir: SupernetIR, op: MixedOp, origin: str) -> Tag:
+    """The tag for the nodes a rewrite of ``op`` creates."""
+    return Tag(origin, ir.node(op.output).notes.mixed_op)
 
 
 def shuffled(seed: int | None) -> Callable[[list[MixedOp]], list[MixedOp]] | None:
@@ -74,8 +84,10 @@ def run_on_mixed_ops(ir: SupernetIR, ctx: PassContext,
         if plan is not None:
             names = naming.candidate_names(ir, op, plan.members)  # before the rewrite
             kind, where, edge = plan.kind(names), naming.where(ir, op), naming.edge_of(ir, op)
-            rewrite(op, plan)
+            declined = getattr(plan, "declined", False)  # reported, nothing to rewrite
+            if not declined:
+                rewrite(op, plan)
             ctx.decide(f"{where}: {kind} ({plan.detail()})", kind=kind, mixed_op=edge,
                        removed=plan.removed)
-            changed = True
+            changed = changed or not declined
     return changed
