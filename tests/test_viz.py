@@ -49,7 +49,7 @@ def test_cli_on_builtin_spaces_writes_svg_whose_clusters_are_the_mixed_ops(space
     # every picture links to itself at full size; the page explains passes and colours
     assert f'<a href="{before.name}"' in page and f'<a href="{after.name}"' in page
     for words in ("partial module sharing", "floating module sharing", "reparameterization",
-                  "kernel normalization", "shared module (PMS)", "merged conv"):
+                  "weight folding", "kernel normalization", "shared module (PMS)", "merged conv"):
         assert words in page
     title = {"darts": "Network", "nb201": "TinyNetworkDarts", "wide": "Network"}[space]
     assert f"<title>topo-viz: {title} ({space})</title>" in page

@@ -193,7 +193,7 @@ td, th {{ border: 1px solid #ccc; padding: .2em .6em; text-align: right; }}
 .legend {{ display: flex; flex-wrap: wrap; gap: .4em; margin: .5em 0; }}
 .swatch {{ border: 1px solid #333; border-radius: 4px; padding: .15em .5em; font-size: 90%; }}
 .glossary {{ max-width: 60em; line-height: 1.4; }}
-.columns {{ display: flex; gap: 2em; align-items: flex-start; flex-wrap: wrap; }}
+.glossary {{ font-size: 90%; }}
 </style></head><body>
 <h1>topo-viz: {html.escape(title)}</h1>
 <p>{html.escape(view)}; passes: {', '.join(report.passes) or 'none'}; mode: {mode};
@@ -201,7 +201,7 @@ mixed ops: {len(report.mixed_ops)}; basic modules {report.input.counts.total} &r
 {report.final.counts.total}. Click a picture to open it at full size.</p>
 {glossary_html()}
 {legend_html()}
-<div class="columns"><div>{report_html(report)}</div></div>
+{report_html(report)}
 <div class="pair">{figure(files_before, "before: the traced supernet")}
 {figure(files_after, "after " + after)}</div>
 {net}

@@ -326,7 +326,7 @@ class CompileReport:
                 lines += [f"- {name}: {d}" for name, d in shown]
             if len(shown) < len(decisions):
                 left = f"{len(decisions) - len(shown)} more decisions" if shown else \
-                    f"{len(decisions)} decisions, one per rewrite"
+                    f"{len(decisions)} decisions in all"
                 lines += ["", f"{left}: `report.decisions`, "
                               f"`python -m topo_compiler --verbose`."]
         if self.mixed_ops:

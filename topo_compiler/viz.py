@@ -474,6 +474,9 @@ GLOSSARY = (
     ("merge", "reparameterization (3.4): linear candidates (convolutions of any kernel size, "
               "identity, average pooling, zero) become one convolution whose kernel is the "
               "weighted sum of theirs, when the cost model says it is cheaper"),
+    ("fold", "weight folding: a candidate's architecture weight is folded into the "
+             "convolution or BatchNorm computing its term (w * conv(z) = conv(z, w K)), "
+             "which keeps the function"),
     ("kn", "kernel normalization (3.5, Eq. 28): every learnable kernel entering a merge is "
            "standardized per output filter, which keeps the reparameterized search stable"),
 )
@@ -524,8 +527,10 @@ def report_html(report: CompileReport, max_decisions: int = 40) -> str:
                         for name, d in shown)
     more = f"<p>{len(every) - len(shown)} more decisions: every one is in " \
            f"<a href=\"report.md\">report.md</a>.</p>" if len(shown) < len(every) else ""
-    return (f"<table><tr><th>stage</th><th>changed</th><th>ms</th><th>conv</th>"
-            f"<th>non-conv</th><th>total</th></tr>{rows}</table>"
+    return (f"<div style=\"display:flex;gap:2em;align-items:flex-start\"><table><tr>"
+            f"<th>stage</th><th>changed</th><th>ms</th><th>conv</th><th>non-conv</th>"
+            f"<th>total</th></tr>{rows}</table>"
+            f"<div><b>Summary</b> (one line per pass and kind of decision)"
             f"<ul class=\"summary\">{summary}</ul>"
             f"<details><summary>decisions ({len(every)})</summary><ul>{decisions}</ul>{more}"
-            f"</details>")
+            f"</details></div></div>")
