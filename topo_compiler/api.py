@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from torch import nn
 
+from . import naming
 from .analysis import MixedOp
 from .ir import SupernetIR
 from .lift import lift, tag_mixed_ops
@@ -31,9 +32,9 @@ class NoMixedOpWarning(UserWarning):
 
 def _candidate_summary(ir: SupernetIR, op: MixedOp) -> tuple[str, ...]:
     lines = []
-    for c in op.candidates:
+    for c, name in zip(op.candidates, naming.candidate_names(ir, op)):
         mods = [ir.node(n).desc.op for n in c.branch if ir.node(n).desc.is_module]
-        lines.append(f"{c.kind}: {'-'.join(mods)}" if mods else c.kind)
+        lines.append(f"{name}: {'-'.join(mods)}" if mods else name)
     return tuple(lines)
 
 
@@ -176,8 +177,8 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
     start = time.perf_counter()
     ir = lift(traced)
     mixed = tag_mixed_ops(ir)
-    mixed_reports = [MixedOpReport(m.name, m.input, m.output, m.form, _candidate_summary(ir, m))
-                     for m in mixed]
+    mixed_reports = [MixedOpReport(m.name, naming.value_name(ir, m.input), m.output, m.form,
+                                   _candidate_summary(ir, m)) for m in mixed]
     timings["lift+analyze"] = time.perf_counter() - start
 
     report_warnings: list[str] = []

@@ -184,11 +184,17 @@ class MixedOpReport:
     """A mixed op found in the input supernet."""
 
     name: str
+    """Its place in the network: the module path of the edge (``cells.0._ops.3``)."""
     input: str
+    """What it reads, named by the module that produced it (``cells.0.preprocess0.op.2
+    (BatchNorm2d)``, ``cells.0._ops.0 + cells.0._ops.1``, ``input x``)."""
     output: str
+    """The fx node holding its weighted sum in the traced graph."""
     form: str
+    """``sum`` (``sum(w_i * o_i(x))``) or ``stack`` (NNI's stacked candidates)."""
     candidates: tuple[str, ...]
-    """One line per candidate: its kind and its basic modules, e.g. ``op: relu-conv-conv-bn``."""
+    """One line per candidate: its name and basic modules, e.g.
+    ``SepConv 3x3: relu-conv2d-conv2d-batch_norm-relu-conv2d-conv2d-batch_norm``."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -334,7 +340,7 @@ class CompileReport:
                 self.mixed_ops[:max_mixed_ops]
             if shown_ops:
                 lines += ["", "### Mixed ops", "",
-                          "| mixed op | input | form | candidates | "
+                          "| mixed op | reads | form | candidates | "
                           + " | ".join(st.name for st in self.stages) + " |",
                           "|---|---|---|---:|" + "---:|" * len(self.stages)]
                 for m in shown_ops:
