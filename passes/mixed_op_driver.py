@@ -84,10 +84,8 @@ def run_on_mixed_ops(ir: SupernetIR, ctx: PassContext,
         if plan is not None:
             names = naming.candidate_names(ir, op, plan.members)  # before the rewrite
             kind, where, edge = plan.kind(names), naming.where(ir, op), naming.edge_of(ir, op)
-            declined = getattr(plan, "declined", False)  # reported, nothing to rewrite
-            if not declined:
-                rewrite(op, plan)
+            rewrite(op, plan)
             ctx.decide(f"{where}: {kind} ({plan.detail()})", kind=kind, mixed_op=edge,
                        removed=plan.removed)
-            changed = changed or not declined
+            changed = True
     return changed

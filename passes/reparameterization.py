@@ -37,7 +37,9 @@ never makes the step costlier.  The report states each decision and its estimate
 Exactness: merging is exact, except average pooling with ``count_include_pad=False`` (DARTS's
 choice), whose divisor shrinks at the borders: that pool is merged in the paper's mode only,
 and the decision says so.  Candidates with different strides or outputs that do not align
-(asymmetric frames) are never merged together.
+(asymmetric frames) are never merged together, nor is a candidate whose output differs in
+shape or dtype from the mixed op's (one the sum broadcasts).  When two or more linear
+candidates stay apart, the decision says why, with the cost model's estimates.
 
 Linear candidates are recognized in :mod:`~topo_compiler.passes.linear_candidates`; folding
 an architecture weight into the single convolution or BatchNorm computing its term is the
@@ -51,11 +53,12 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from topo_compiler import runtime
-from topo_compiler.analysis import MixedOp
+from topo_compiler import naming, runtime
+from topo_compiler.analysis import MixedOp, tensor_meta
 from topo_compiler.descriptors import Ref
 from topo_compiler.ir import SupernetIR
 from topo_compiler.pass_manager import Pass, PassContext
+from topo_compiler.report import Decision
 from topo_compiler.passes import mixed_op_driver as driver
 from topo_compiler.passes.linear_candidates import (CONV, KernelBuilder, LinearCandidate,
                                                     functional_conv, linear_candidate,
@@ -85,24 +88,13 @@ class MergePlan:
     candidates: tuple[LinearCandidate, ...]
     estimate: str
     inexact: tuple[str, ...]
-    kept_apart: tuple[str, ...] = ()
-    """On a drop: the linear candidates the cost model kept apart (``estimate`` says why)."""
 
     removed = 0  # merging keeps the module count of Table II's conv units: see the counts
 
-    @property
-    def declined(self) -> bool:
-        """The cost model keeps the candidates apart: reported, nothing rewritten."""
-        return self.form == "apart"
-
     def kind(self, names: Sequence[str]) -> str:
         """What like decisions share, in the user's words (candidate ``names``)."""
-        if self.declined:
-            return f"kept {', '.join(names)} apart: merging them would cost more"
         if self.form == "drop":
-            kept = "; kept the other linear candidates apart (merging them would cost " \
-                   "more)" if self.kept_apart else ""
-            return f"dropped the zero candidate{'s' if len(self.members) > 1 else ''}{kept}"
+            return f"dropped the zero candidate{'s' if len(self.members) > 1 else ''}"
         k = "x".join(str(f) for f in self.frame)
         d = "" if all(v == 1 for v in self.frame_dilation) else \
             f" d{'x'.join(map(str, self.frame_dilation))}"
@@ -111,45 +103,50 @@ class MergePlan:
     def detail(self) -> str:
         if self.form == "drop":
             return self.estimate
-        if self.declined:
-            return f"as one convolution: {self.estimate}"
-        what = "; ".join(c.label for c in self.candidates)
+        what = "[" + ", ".join(c.label for c in self.candidates) + "]"
         note = f"; {', '.join(self.inexact)} merged in the paper's mode only (exact in the " \
                f"interior)" if self.inexact else ""
         return f"{what}: {self.estimate}{note}"
 
 
 def match_merge(ir: SupernetIR, op: MixedOp, exact: bool, device: DeviceModel,
-                form: str | None = None, batch: int | None = None) -> MergePlan | None:
+                form: str | None = None, batch: int | None = None,
+                why: list[Decision] | None = None) -> MergePlan | None:
     """The cheapest merge of ``op``'s linear candidates, or None (never edits the IR).
 
     ``form`` forces one form (see :class:`Reparameterization`) and skips the cost model:
-    every linear candidate is merged when the form applies.
+    every linear candidate is merged when the form applies.  ``why`` collects one line per
+    declined merge of two or more linear candidates (the cost model's estimates).
     """
     out = ir.node(op.output).val
     if not isinstance(out, torch.Tensor) or not isinstance(ir.node(op.input).val, torch.Tensor):
         return None
-    linear = [lc for i in range(len(op.candidates))
-              if (lc := linear_candidate(ir, op, i, exact)) is not None]
+    want = tensor_meta(ir, op.output)
+    # one convolution computes them all: each live candidate must give the op's own shape
+    # and dtype (a candidate broadcast by the sum, or computing in another dtype, stays)
+    linear = [lc for i, cand in enumerate(op.candidates)
+              if (lc := linear_candidate(ir, op, i, exact)) is not None and
+              (lc.zero or tensor_meta(ir, cand.output) == want)]
     sh = shapes_of(ir, op, device)
     if batch is not None:
         sh = dataclasses.replace(sh, batch=batch)
-    plan = _merge_plan(linear, sh, form) if len(linear) >= 2 else None
-    declined = plan if plan is not None and plan.declined else None
-    plan = None if declined else plan
+    reasons: list[tuple[str, str]] = []  # (why, in words like decisions share; estimates)
+    plan = _merge_plan(linear, sh, form, reasons) if len(linear) >= 2 else None
+    if why is not None and plan is None and reasons:
+        names = ", ".join(naming.candidate_names(ir, op, [c.index for c in linear
+                                                          if not c.zero]))
+        where, edge = naming.where(ir, op), naming.edge_of(ir, op)
+        why.extend(Decision(f"{where}: kept {text}", f"kept {names} apart: {short}", edge)
+                   for short, text in reasons)
     zeros = tuple(c for c in linear if c.zero and (plan is None or c.index not in plan.members))
     if zeros and plan is not None:
         return dataclasses.replace(plan, members=plan.members + tuple(c.index for c in zeros),
                                    candidates=plan.candidates + zeros)
     if zeros and len(zeros) < len(op.candidates):
         # w * (x * 0) adds nothing and has zero gradient: the term goes (exact for finite x)
-        why = "a zero candidate adds nothing"
-        if declined is not None:
-            why += (f"; merging {', '.join(c.label for c in declined.candidates)} would "
-                    f"cost more: {declined.estimate}")
-        return MergePlan(tuple(c.index for c in zeros), "drop", (), (), (), (), zeros, why, (),
-                         tuple(c.label for c in declined.candidates) if declined else ())
-    return plan or declined
+        return MergePlan(tuple(c.index for c in zeros), "drop", (), (), (), (), zeros,
+                         "a zero candidate adds nothing", ())
+    return plan
 
 
 class _GroupCost(NamedTuple):
@@ -160,8 +157,8 @@ class _GroupCost(NamedTuple):
     rest: Estimate
 
 
-def _merge_plan(linear: list[LinearCandidate], sh: Shapes,
-                form: str | None) -> MergePlan | None:
+def _merge_plan(linear: list[LinearCandidate], sh: Shapes, form: str | None,
+                why: list[tuple[str, str]]) -> MergePlan | None:
     if form is not None:
         return _forced(linear, form)
 
@@ -181,23 +178,33 @@ def _merge_plan(linear: list[LinearCandidate], sh: Shapes,
             trial = score([g for g in group if g is not c])
             if trial is not None and (current is None or trial.seconds < current.seconds):
                 group, current, improved = [g for g in group if g is not c], trial, True
+    what = ", ".join(c.label for c in linear)
     if current is None:
+        live = [c for c in linear if not c.zero]
+        if len(live) >= 2 and any(p.learnable for c in live for p in c.pieces):
+            why.append(("no convolution computes them together",
+                        f"[{what}] apart: no convolution computes them together (strides "
+                        f"differ or their outputs do not align)"))
         return None
     apart_all = apart(linear, sh)
     choice = current.choice
     total = choice.estimate + current.rest
     before = apart_all.seconds
     after = total.seconds
+    if after > before or total.saved_bytes > apart_all.saved_bytes:
+        why.append(("merging them would make the step costlier",
+                    f"[{what}] apart: est. step {before * 1e3:.3g} ms, saved "
+                    f"{apart_all.saved_bytes / 1024:.3g} KiB apart vs {after * 1e3:.3g} ms, "
+                    f"{total.saved_bytes / 1024:.3g} KiB with {len(group)} of them in one "
+                    f"{choice.form} convolution"))
+        return None  # never merge when merging makes the step costlier
     estimate = (f"est. step time {100 * (after / before - 1):+.0f}%, saved bytes "
                 f"{100 * (total.saved_bytes / max(apart_all.saved_bytes, 1) - 1):+.0f}%, "
                 f"FLOPs {100 * (total.flops / max(apart_all.flops, 1) - 1):+.0f}%")
     inexact = tuple(c.label for c in group if not c.merges_exactly)
     stride = next(c.stride for c in group if not c.zero)
     frame = choice.frame
-    # never merge when merging makes the step costlier: say so, with the estimate
-    form_ = "apart" if after > before or total.saved_bytes > apart_all.saved_bytes else \
-        choice.form
-    return MergePlan(tuple(c.index for c in group), form_, frame.size, frame.dilation,
+    return MergePlan(tuple(c.index for c in group), choice.form, frame.size, frame.dilation,
                      frame.padding, stride, tuple(group), estimate, inexact)
 
 
@@ -329,6 +336,11 @@ class Reparameterization(Pass):
 
     def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
         device = DEVICES.get(self.device or ir.device_type, DEVICES["cpu"])
-        return driver.run_on_mixed_ops(
-            ir, ctx, lambda op: match_merge(ir, op, ctx.exact, device, self.form, self.batch),
+        declined: list[Decision] = []
+        changed = driver.run_on_mixed_ops(
+            ir, ctx, lambda op: match_merge(ir, op, ctx.exact, device, self.form, self.batch,
+                                            declined),
             lambda op, plan: rewrite_merge(ir, op, plan), nested=True)
+        for d in dict.fromkeys(declined):
+            ctx.decide(d, kind=d.kind, mixed_op=d.mixed_op)
+        return changed

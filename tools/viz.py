@@ -265,7 +265,8 @@ def run(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")
         try:
             compiled = compile_supernet(model, inputs, passes=passes, exact=args.exact,
-                                        leaf_modules=args.leaf, hooks=[keep])
+                                        leaf_modules=args.leaf, hooks=[keep],
+                                        partial=False)  # pictures need one IR
         except TraceError as exc:  # its message holds the place in the model and the way out
             raise VizError(f"{title}: {exc}") from None
         except TypeError as exc:

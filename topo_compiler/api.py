@@ -8,17 +8,18 @@ import time
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from . import naming
-from .analysis import MixedOp
+from .analysis import MixedOp, declined_sums
 from .ir import SupernetIR
 from .lift import lift, tag_mixed_ops
 from .lower import CompiledSupernet, lower
 from .pass_manager import Hook, PassManager
 from .passes import build_pipeline, normalize_names
 from .report import CompileReport, MixedOpReport
-from .tracer import trace_supernet
+from .tracer import TraceError, trace_supernet
 
 __all__ = ["compile_supernet", "NoMixedOpWarning", "AlreadyCompiledWarning", "analyze"]
 
@@ -83,7 +84,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
                      dump_formats: Sequence[str] = ("svg",), dump_view: str = "cell",
                      leaf_modules: Iterable[type | str] = (),
                      pass_options: Mapping[str, Mapping[str, Any]] | None = None,
-                     hooks: Sequence[Hook] = ()) -> CompiledSupernet:
+                     hooks: Sequence[Hook] = (), partial: bool = True) -> CompiledSupernet:
     """Compile a one-shot NAS supernet into a cheaper fx ``GraphModule``, same signature.
 
     The default mode builds the paper's topology, which **changes the supernet's outputs on
@@ -123,6 +124,11 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
             model's machine) or ``{"merge": {"form": "dense"}}``.
         hooks: extra callables ``hook(stage_index, stage_report, ir)`` run after the input
             stage (index 0) and after every pass run.
+        partial: when the forward cannot be traced, compile the submodules that can and run
+            the rest eagerly (:mod:`~topo_compiler.partial`; ``.report`` is then a
+            :class:`~topo_compiler.partial.PartialReport`; ``dump_dir`` and ``hooks`` are
+            not applied to the submodules); ``False`` raises the
+            :class:`~topo_compiler.tracer.TraceError` instead.
 
     Returns:
         A :class:`~topo_compiler.lower.CompiledSupernet`: call it like the model (same
@@ -138,9 +144,10 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
             ``example_inputs`` is ``None`` or does not match the forward's arguments;
             ``exact`` is not a bool.
         ValueError: an unknown pass name, pass option, dump format or dump view.
-        TraceError: a construct the tracer cannot follow (data-dependent control flow,
-            random sampling in ``forward``); the message names the module, the source line
-            and the way out (usually ``leaf_modules=[...]``).
+        TraceError: with ``partial=False``, a construct the tracer cannot follow
+            (data-dependent control flow, random sampling in ``forward``); the message names
+            the module, the source line and the way out (usually ``leaf_modules=[...]``).
+            By default the untraceable forwards run eagerly instead (see ``partial``).
 
     Warns:
         NoMixedOpWarning: the model has no mixed op (it compiles to an equivalent graph).
@@ -171,12 +178,19 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    traced = trace_supernet(model, example_inputs, leaf_modules)
+    try:
+        traced = trace_supernet(model, example_inputs, leaf_modules)
+    except TraceError as error:
+        if not partial:
+            raise
+        return _compile_partially(model, example_inputs, error, passes=passes, exact=exact,
+                                  leaf_modules=leaf_modules, pass_options=pass_options)
     timings["trace"] = time.perf_counter() - start
 
     start = time.perf_counter()
     ir = lift(traced)
     mixed = tag_mixed_ops(ir)
+    declined = [d.describe() for d in declined_sums(ir)]  # for the report, not the console
     mixed_reports = [MixedOpReport(m.name, naming.value_name(ir, m.input), m.output, m.form,
                                    _candidate_summary(ir, m)) for m in mixed]
     timings["lift+analyze"] = time.perf_counter() - start
@@ -190,6 +204,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
 
     start = time.perf_counter()
     stages = PassManager(pipeline, exact=exact, hooks=all_hooks).run(ir)
+    stages[0].decisions.extend(declined)
     timings["passes"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -201,7 +216,25 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         mixed_ops=mixed_reports,
         timings=timings, warnings=report_warnings,
         specializations=traced.specializations,
-        baked_inputs={k: repr(v) for k, v in traced.baked_inputs.items()})
+        baked_inputs={k: repr(v) for k, v in traced.baked_inputs.items()},
+        captured=list(traced.capture_notes))
     if dump_dir is not None:
         dump.write_report(compiled.report)
     return compiled
+
+
+def _compile_partially(model: nn.Module, example_inputs: Any, error: TraceError,
+                       **options: Any) -> nn.Module:
+    """The model with its untraceable forwards eager and its traceable submodules compiled
+    with the same options (see :mod:`~topo_compiler.partial`)."""
+    from .partial import compile_partially
+
+    def compile_one(module: nn.Module, args: tuple) -> CompiledSupernet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoMixedOpWarning)  # a candidate op has none
+            return compile_supernet(module, args, partial=False, **options)
+
+    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs,
+                                                                  (tuple, list)):
+        example_inputs = (example_inputs,)
+    return compile_partially(model, tuple(example_inputs), error, compile_one)

@@ -2,9 +2,10 @@
 
 A decision should read like the model's source, not like the fx graph:
 
-* a candidate is named by its ``nn.ModuleDict`` key (``sep_conv_3x3``) or, in a
-  ``ModuleList``, by its module class and kernel (``SepConv 3x3``, ``DilConv 5x5 d2``,
-  ``MaxPool2d 3x3``), so candidates that differ only in kernel size read differently; a
+* a candidate is named by its ``nn.ModuleDict`` key (``sep_conv_3x3``), its attribute name
+  (``b (Conv2d 3x3)``) or, in a ``ModuleList``, by its module class and largest kernel
+  (``SepConv 3x3``, ``DilConv 5x5 d2``, ``MaxPool2d 3x3``), so candidates that differ only
+  in kernel size read differently (alike names get their index: ``Conv2d 1x1 [2]``); a
   group of candidates a pass already combined reads ``{SepConv 3x3, SepConv 5x5}``;
 * a value is named by the module that produced it (``cells.0.preprocess0.op.2``), an input
   by its argument (``input x``), and a sum of mixed ops by its terms
@@ -23,7 +24,9 @@ __all__ = ["module_label", "candidate_name", "candidate_names", "value_name", "e
 
 
 def _kernel(module: nn.Module) -> str:
-    """``3x3`` (and `` d2`` when dilated) from the first conv or pool inside ``module``."""
+    """``3x3`` (and `` d2`` when dilated): the largest kernel of a conv or pool inside
+    ``module`` (an MBConv's depthwise kernel, not its 1x1 expansion)."""
+    best: tuple[int, str] | None = None
     for sub in module.modules():
         size = getattr(sub, "kernel_size", None)
         if size is None:
@@ -34,8 +37,12 @@ def _kernel(module: nn.Module) -> str:
         dil = tuple(dil) if isinstance(dil, (tuple, list)) else (dil,)
         if any(d != 1 for d in dil):
             text += f" d{dil[0]}"
-        return text
-    return ""
+        area = 1
+        for s in size:
+            area *= s
+        if best is None or area > best[0]:
+            best = (area, text)
+    return best[1] if best else ""
 
 
 def module_label(module: nn.Module) -> str:
@@ -82,13 +89,15 @@ def _modules_of(ir: SupernetIR, names) -> list[str]:
 
 
 def _name_at(ir: SupernetIR, path: str) -> str:
-    """A module's name: its ModuleDict key, else its label."""
+    """A module's name: its ModuleDict key, its attribute name with its label (``b (Conv2d
+    3x3)``), or in a ModuleList its label."""
     last = path.rsplit(".", 1)[-1]
+    module = _module(ir, path)
     if last and not last.isdigit() and path:
         parent = path.rsplit(".", 1)[0] if "." in path else ""
-        if isinstance(_module(ir, parent), nn.ModuleDict):
+        if isinstance(_module(ir, parent), nn.ModuleDict) or module is None:
             return last
-    module = _module(ir, path)
+        return f"{last} ({module_label(module)})"
     return path if module is None else module_label(module)
 
 

@@ -236,6 +236,9 @@ class CompileReport:
     """Python branches taken on shapes: the graph holds for inputs of these shapes."""
     baked_inputs: dict[str, str] = dataclasses.field(default_factory=dict)
     """Non-tensor forward arguments baked into the graph, by name (their repr)."""
+    captured: list[str] = dataclasses.field(default_factory=list)
+    """Calls recorded as opaque nodes or factories, and bookkeeping dropped from the graph
+    (one line each, with the source line; see :mod:`topo_compiler.capture`)."""
 
     @property
     def input(self) -> StageReport:
@@ -287,7 +290,7 @@ class CompileReport:
                 "mixed_ops": [m.as_dict() for m in self.mixed_ops],
                 "timings": dict(self.timings), "warnings": list(self.warnings),
                 "specializations": list(self.specializations),
-                "baked_inputs": dict(self.baked_inputs)}
+                "baked_inputs": dict(self.baked_inputs), "captured": list(self.captured)}
 
     def to_json(self, indent: int | None = 2) -> str:
         """:meth:`as_dict` as JSON text."""
@@ -359,6 +362,9 @@ class CompileReport:
         if self.baked_inputs:
             lines += ["", "### Baked (non-tensor) inputs", ""]
             lines += [f"- `{k}` = {v}" for k, v in self.baked_inputs.items()]
+        if self.captured:
+            lines += ["", "### Captured and dropped", ""]
+            lines += [f"- {c}" for c in self.captured]
         if self.warnings:
             lines += ["", "### Warnings", ""]
             lines += [f"- {w}" for w in self.warnings]

@@ -26,6 +26,7 @@ import dataclasses
 import inspect
 import itertools
 import linecache
+import operator
 import os
 import random
 import sys
@@ -38,6 +39,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches, _orig_module_call
 
+from . import capture
 from . import runtime  # noqa: F401 - registers the functions compiled graphs call
 from .meta import LEAF_FUNCTIONS, UNKNOWN, run_on_meta, to_meta
 
@@ -122,6 +124,7 @@ class ShapedProxy(fx.Proxy):
     """
 
     _is_param = False  # nn.Parameter's isinstance check reads this attribute
+    _is_buffer = False  # and nn.Buffer's (assigning a traced value to an attribute)
 
     @property
     def val(self) -> Any:
@@ -173,9 +176,11 @@ class ShapedProxy(fx.Proxy):
     def keys(self):  # ** on a proxy of a dict
         return self._concrete("dict keys").keys()
 
+    def __setitem__(self, key: Any, value: Any) -> None:  # gates[1] = 1.0 (in place)
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
 
 def operator_index(value: Any) -> int:
-    import operator
     return operator.index(value)
 
 
@@ -203,6 +208,9 @@ class TracedSupernet:
     """Python branches decided on shapes while tracing (the graph assumes the same shapes)."""
     device_type: str = "cpu"
     """Device of the example inputs (the merge cost model's default machine)."""
+    capture_notes: list[str] = dataclasses.field(default_factory=list)
+    """What was recorded as opaque calls or factories, traced through, or dropped
+    (:mod:`.capture`)."""
 
 
 _DEFAULT_NON_LEAVES = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList,
@@ -239,6 +247,9 @@ class SupernetTracer(fx.Tracer):
         self.leaf_paths: set[str] = set()
         self._random_calls: list[tuple[str, str | None, str | None, str | None]] = []
         self.specializations: list[str] = []
+        self._shadow_sources: dict[int, nn.Module] = {}  # id(shadow) -> the user's module
+        self._computing_meta = 0  # > 0 while running ops for meta values (capture.py)
+        self.capture_notes: list[capture.CaptureNote] = []
 
     # -- leaves ---------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -279,7 +290,10 @@ class SupernetTracer(fx.Tracer):
     # -- module calls: shadows for non-leaves, meta values for leaves ----------------
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
-        path = self.path_of_module(m)
+        try:
+            path = self.path_of_module(m)
+        except NameError:  # built inside forward
+            return capture.call_unregistered_module(self, m, forward, args, kwargs)
         self._module_stack.append((path, m))
         try:
             if self.is_leaf_module(m, path):
@@ -293,11 +307,14 @@ class SupernetTracer(fx.Tracer):
         """A shallow copy of ``m`` whose plain tensor attributes are ``get_attr`` proxies."""
         shadow = object.__new__(type(m))
         shadow.__dict__.update(m.__dict__)
+        self._shadow_sources[id(shadow)] = m
         for field in ("_parameters", "_buffers", "_modules"):
             object.__setattr__(shadow, field, dict(getattr(m, field)))
         for name, value in m.__dict__.items():
             if name.startswith("_") and name in ("_parameters", "_buffers", "_modules"):
                 continue
+            if type(value) in (list, dict, set):  # self.history.append(...) stays here
+                value = shadow.__dict__[name] = copy.copy(value)
             replaced = self._proxy_tensors(value, f"{path}.{name}" if path else name)
             if replaced is not value:
                 shadow.__dict__[name] = replaced
@@ -368,7 +385,10 @@ class SupernetTracer(fx.Tracer):
         if frame is not None:
             node.meta["source"] = (frame.f_code.co_filename, frame.f_lineno,
                                    frame.f_code.co_name)
-        node.meta["val"] = self._meta_value(node)
+        user_leaf = kind == "call_module" and \
+            not _is_standard_leaf(self.root.get_submodule(target))
+        with capture.computing_meta(self, run_user_code=user_leaf):
+            node.meta["val"] = self._meta_value(node)
         return proxy
 
     def _meta_value(self, node: fx.Node) -> Any:
@@ -405,10 +425,19 @@ class SupernetTracer(fx.Tracer):
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised with context below
             name = getattr(node.target, "__name__", str(node.target))
-            if module is not None and _looks_data_dependent(exc):
-                return _run_leaf_on_random_data(module, args, kwargs)
+            if module is not None:  # a leaf runs as is: no value check inside it
+                value = _run_leaf_on_random_data(module, args, kwargs)
+                if value is not UNKNOWN or _looks_data_dependent(exc):
+                    return value
             if name in _DATA_DEPENDENT or _looks_data_dependent(exc):
                 return UNKNOWN
+            if node.op == "call_function":  # no meta kernel: small real tensors
+                value = capture.value_on_real_data(node.target, args, kwargs)
+            else:
+                value = capture.value_on_real_data(
+                    lambda obj, *a, **k: getattr(obj, node.target)(*a, **k), args, kwargs)
+            if value is not UNKNOWN:
+                return value
             path, mtype = self.current_module()
             raise TraceError(
                 f"running `{name}` on the example inputs' shapes failed: "
@@ -460,15 +489,20 @@ class SupernetTracer(fx.Tracer):
         self._concrete_leaves = {f"{name}_{i}": leaf for name, value in concrete.items()
                                  for i, leaf in enumerate(pytree.tree_leaves(value), 1)}
 
-        with _guard_random(self):
+        attrs_before = set(root.__dict__)
+        with _guard_random(self), capture.capturing(self):
             graph = self.trace(root, concrete_args=concrete or None)
+        for name in set(root.__dict__) - attrs_before:  # fx keeps tensor constants on the root
+            self.plain_tensor_attrs[name] = root.__dict__.pop(name)
         _check_fx_can_generate(graph, root, concrete)
+        self.capture_notes.extend(capture.drop_bookkeeping(graph))
         _drop_dead_python_values(graph)
         return TracedSupernet(graph=graph, root=root, leaf_paths=frozenset(self.leaf_paths),
                               tensor_attrs=dict(self.plain_tensor_attrs),
                               example_inputs=tuple(example_inputs), baked_inputs=concrete,
                               specializations=list(self.specializations),
-                              device_type=_device_type(example_inputs))
+                              device_type=_device_type(example_inputs),
+                              capture_notes=[str(n) for n in self.capture_notes])
 
 
 def _check_fx_can_generate(graph: fx.Graph, root: nn.Module, concrete: dict[str, Any]) -> None:
@@ -544,7 +578,8 @@ def _drop_dead_python_values(graph: fx.Graph) -> None:
     made eagerly.  Unused nodes producing tensors are kept: they may be in-place updates.
     """
     for node in reversed(list(graph.nodes)):
-        if node.users or node.op in ("placeholder", "output", "call_module"):
+        if node.users or node.op in ("placeholder", "output", "call_module") or \
+                node.target is operator.setitem:
             continue
         val = node.meta.get("val")
         if node.op == "get_attr" or not isinstance(val, torch.Tensor) and val is not UNKNOWN \
@@ -582,7 +617,7 @@ def _guard_random(tracer: SupernetTracer):
             return
 
         def recording(*args, **kwargs):
-            if not (only_eager and _has_proxy(args, kwargs)):
+            if not (only_eager and _has_proxy(args, kwargs)) and not tracer._computing_meta:
                 frame = _user_frame(sys._getframe(1))
                 path, mtype = tracer.current_module()
                 tracer._random_calls.append(
@@ -613,8 +648,10 @@ def _guard_random(tracer: SupernetTracer):
             f"frozen into the graph, so the compiled supernet would always take one path",
             module_path=path, module_type=mtype, source=source,
             way_out="sample outside the model and pass the sampled weights or path as a "
-                    "forward argument (tensor weights stay live), or mark the sampling "
-                    f"module as a leaf (leaf_modules=['{path}'])")
+                    "forward argument (tensor weights stay live), or draw it with a torch "
+                    "op on traced tensors (torch.rand_like(x)), which stays random; " +
+                    (f"or mark the sampling module as a leaf (leaf_modules=['{path}'])" if path
+                     else "or move the sampling into a submodule and mark it a leaf"))
     if _rng_states() != states:
         raise TraceError(
             "the forward consumed Python, numpy or torch random numbers at trace time; they "
