@@ -49,6 +49,7 @@ def measure(exact: bool, C: int = 16, N: int = 2, batch: int = 16, rounds: int =
     before, after = partial.report.counts()
     return {"exact": exact, "compiled": len(partial.report.compiled),
             "traced": len(partial.report.traced),
+            "unreached": len(partial.report.unreached),
             "eager": len(partial.report.eager), "counts_before": str(before),
             "counts_after": str(after), "saved_ratio": saved["partial"] / saved["eager"],
             "time_ratio": median["partial"] / median["eager"],
@@ -61,7 +62,8 @@ if __name__ == "__main__":
     for exact in (True, False):
         r = measure(exact)
         print(f"exact={r['exact']}: {r['compiled']} modules compiled, {r['traced']} traced "
-              f"(nothing to simplify, own forward), {r['eager']} eager; "
+              f"(nothing to simplify, own forward), {r['eager']} eager, {r['unreached']} "
+              f"not reached; "
               f"basic modules {r['counts_before']} -> {r['counts_after']}; saved bytes ratio "
               f"{r['saved_ratio']:.3f}; step time ratio {r['time_ratio']:.3f} "
               f"(eager {r['eager_ms']:.1f} ms; eager vs itself {r['noise_ratio']:.3f})")

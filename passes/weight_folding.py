@@ -11,8 +11,8 @@ so it also runs with ``exact=True``.  It removes the product of full tensors tog
 the output autograd kept for ``w``'s gradient.  A product is folded only where it is the
 module's only use, and a convolution only where its scaled kernel -- which autograd keeps
 for backward instead -- is no larger than the output it frees (:func:`fold_pays`, at the
-pass's ``batch``: kernels do not grow with the batch, activations do).  Runs after ``merge``: the selections PMS, FMS and merge leave behind are
-where such products sit.  Naming ``merge`` in ``passes=`` also runs ``fold`` (see
+pass's ``batch``: kernels do not grow with the batch, activations do).  Runs after
+``merge``: the selections PMS, FMS and merge leave behind are where such products sit.  Naming ``merge`` in ``passes=`` also runs ``fold`` (see
 :data:`~topo_compiler.passes.IMPLIED`), which keeps the results ``merge`` gave when it
 folded weights itself.
 """

@@ -299,11 +299,12 @@ def run(argv: list[str] | None = None) -> int:
     if args.verbose:
         for f in hook.files:
             print(f"  wrote {f}")
-        print(compiled.report.to_markdown(max_mixed_ops=None, max_decisions=None))
+        print(compiled.report.to_markdown(max_mixed_ops=None, max_decisions=None,
+                                          max_guards=None))
     else:
         print(f"topo-viz: {len(hook.files)} more files in {out} (pictures, report.md, "
               f"report.json; --verbose lists them)")
-        print(compiled.report.to_markdown(max_mixed_ops=0, max_decisions=0))
+        print(compiled.report.to_markdown(max_mixed_ops=0, max_decisions=0, max_guards=0))
     return 0
 
 

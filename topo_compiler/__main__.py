@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         print(report.to_json())
         return 0
     if args.verbose:
-        print(report.to_markdown(max_mixed_ops=None, max_decisions=None))
+        print(report.to_markdown(max_mixed_ops=None, max_decisions=None, max_guards=None))
     elif not args.quiet:
         print(report.to_markdown(max_mixed_ops=None if args.all_mixed_ops else 0,
-                                 max_decisions=0))
+                                 max_decisions=0, max_guards=0))
     first, last = report.input.counts, report.final.counts
     print(f"{args.space}: {len(report.mixed_ops)} mixed ops; basic modules "
           f"{first.total} -> {last.total} (conv {first.conv} -> {last.conv}, non-conv "

@@ -60,7 +60,7 @@ from .descriptors import Kind, Ref
 from .ir import SupernetIR
 
 __all__ = ["WeightRef", "Candidate", "MixedOp", "DeclinedSum", "find_mixed_ops",
-           "mixed_op_at", "declined_sums", "tensor_meta", "meta_mismatch"]
+           "mixed_op_at", "declined_sums", "tensor_meta"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,25 +139,6 @@ def tensor_meta(ir: SupernetIR, name: str) -> tuple | None:
     if not isinstance(val, torch.Tensor):
         return None
     return tuple(val.shape), val.dtype
-
-
-def meta_mismatch(ir: SupernetIR, names: Iterable[str]) -> str | None:
-    """Why tensors cannot be joined (summed, or one computed for all): a line naming two
-    whose shapes or dtypes differ, or that hold no tensor; None when they all agree."""
-    names = list(names)
-    metas = [tensor_meta(ir, n) for n in names]
-    for n, m in zip(names, metas):
-        if m is None:
-            return f"{n} holds no tensor"
-    for n, m in zip(names[1:], metas[1:]):
-        if m != metas[0]:
-            return (f"{names[0]} is {_show(metas[0])} but {n} is {_show(m)}")
-    return None
-
-
-def _show(meta: tuple) -> str:
-    shape, dtype = meta
-    return f"{list(shape)} {str(dtype).replace('torch.', '')}"
 
 
 def _is_scalar(val) -> bool:
@@ -369,13 +350,12 @@ class _Finder:
             cands.append((weight, out, term, branch, reads))
         inputs = set().union(*(r for *_, r in cands))
         if len(inputs) > 1:
-            by_input: dict[str, list[int]] = {}
+            by_reads: dict[tuple[str, ...], list[int]] = {}
             for k, (*_, reads) in enumerate(cands):
-                for r in sorted(reads):
-                    by_input.setdefault(r, []).append(k)
+                by_reads.setdefault(tuple(sorted(reads)), []).append(k)
             parts = "; ".join(f"term{'s' if len(ks) > 1 else ''} {_listing(map(str, ks))} "
-                              f"read{'' if len(ks) > 1 else 's'} {r}"
-                              for r, ks in sorted(by_input.items(), key=lambda kv: kv[1]))
+                              f"read{'' if len(ks) > 1 else 's'} {_listing(reads)}"
+                              for reads, ks in by_reads.items())
             return self.declined(output, f"branches read different inputs ({parts})")
         if len(edges) >= 2:
             held = _listing(self.ir.node(ops[0].output).module_path or ops[0].output

@@ -47,14 +47,15 @@ class PartialCompileWarning(UserWarning):
     """The forward could not be traced; parts of the model run eagerly."""
 
 
-COMPILED, TRACED, EAGER = "compiled", "traced", "eager"
+COMPILED, TRACED, EAGER, UNREACHED = "compiled", "traced", "eager", "unreached"
 
 
 @dataclasses.dataclass
 class ModuleOutcome:
     """What happened to one submodule: ``compiled`` (runs its compiled graph), ``traced``
     (traces, but the passes change nothing, so it runs its own forward and saves the
-    dispatch) or ``eager`` (cannot be traced, or not reached yet)."""
+    dispatch), ``eager`` (cannot be traced) or ``unreached`` (not called through
+    ``__call__`` so far)."""
 
     path: str
     module_type: str
@@ -72,7 +73,7 @@ class ModuleOutcome:
 
     def __str__(self) -> str:
         extra = f", {self.variants} variant(s), {self.mixed_ops} mixed op(s)" \
-            if self.state != EAGER else ""
+            if self.state in (COMPILED, TRACED) else ""
         return f"{self.path or '<root>'} ({self.module_type}): {self.state}{extra} -- " \
                f"{self.reason}"
 
@@ -87,7 +88,7 @@ class PartialReport:
 
     def _visible(self) -> list[ModuleOutcome]:
         """Outcomes of modules not inside a traced one (whose graph or forward runs them)."""
-        whole = [p for p, o in self.outcomes.items() if o.state != EAGER]
+        whole = [p for p, o in self.outcomes.items() if o.state in (COMPILED, TRACED)]
         return [o for p, o in sorted(self.outcomes.items())
                 if not any(p.startswith(c + ".") for c in whole)]
 
@@ -107,8 +108,13 @@ class PartialReport:
 
     @property
     def eager(self) -> list[str]:
-        """Modules whose forward cannot be traced (or was not reached): it runs eagerly."""
+        """Modules whose forward cannot be traced: it runs eagerly."""
         return self._paths(EAGER)
+
+    @property
+    def unreached(self) -> list[str]:
+        """Modules not called through ``__call__`` so far (compiled on their first call)."""
+        return self._paths(UNREACHED)
 
     def counts(self) -> tuple[ModuleCounts, ModuleCounts]:
         """Basic modules of the traced parts before and after the passes (first variant of
@@ -122,7 +128,8 @@ class PartialReport:
         lines = [f"# Partial compile of {self.model}", "",
                  f"The forward of `<root>` runs eagerly: {self.root_error}", "",
                  f"{len(self.compiled)} module(s) compiled, {len(self.traced)} traced with "
-                 f"nothing to simplify (they run their own forward), {len(self.eager)} eager; "
+                 f"nothing to simplify (they run their own forward), {len(self.eager)} eager, "
+                 f"{len(self.unreached)} not reached; "
                  f"basic modules (conv/non-conv/total) of the traced parts: {before} before "
                  f"the passes, {after} after.", ""]
         lines += [f"* {o}" for o in self._visible()]
@@ -285,7 +292,7 @@ def compile_partially(model: nn.Module, example_inputs: tuple, root_error: Trace
                 children[name] = shadow_tree(child, child_path)
         object.__setattr__(shadow, "_modules", children)
         if path and type(module).forward is not nn.Module.forward:
-            outcome = ModuleOutcome(path, type(module).__name__, EAGER,
+            outcome = ModuleOutcome(path, type(module).__name__, UNREACHED,
                                     "not called through __call__ so far (not reached, or its "
                                     "parent calls another method of it)")
             outcomes[path] = outcome
@@ -310,7 +317,7 @@ def compile_partially(model: nn.Module, example_inputs: tuple, root_error: Trace
         d = dispatchers[path]
         args = calls[path]
         d._compile(_signature(args), args)
-        if d.outcome.state != EAGER:
+        if d.outcome.state in (COMPILED, TRACED):
             traced.append(path)
     if not traced:  # nothing the example run reaches can be traced
         raise root_error

@@ -235,10 +235,16 @@ class CompileReport:
     specializations: list[str] = dataclasses.field(default_factory=list)
     """Python branches taken on shapes: the graph holds for inputs of these shapes."""
     baked_inputs: dict[str, str] = dataclasses.field(default_factory=dict)
-    """Non-tensor forward arguments baked into the graph, by name (their repr)."""
+    """Non-tensor forward arguments the first trace was made with (guarded, see ``guards``)."""
     captured: list[str] = dataclasses.field(default_factory=list)
     """Calls recorded as opaque nodes or factories, and bookkeeping dropped from the graph
     (one line each, with the source line; see :mod:`topo_compiler.capture`)."""
+    guards: list[str] = dataclasses.field(default_factory=list)
+    """What the first trace assumed, each checked on every call (``guards.Guard``)."""
+    baked_values: list[str] = dataclasses.field(default_factory=list)
+    """Python numbers held as constants that no guard watches, with their source line."""
+    variants: list[str] = dataclasses.field(default_factory=list)
+    """One line per traced variant (the first trace, then each re-trace and why)."""
 
     @property
     def input(self) -> StageReport:
@@ -290,18 +296,20 @@ class CompileReport:
                 "mixed_ops": [m.as_dict() for m in self.mixed_ops],
                 "timings": dict(self.timings), "warnings": list(self.warnings),
                 "specializations": list(self.specializations),
-                "baked_inputs": dict(self.baked_inputs), "captured": list(self.captured)}
+                "baked_inputs": dict(self.baked_inputs), "captured": list(self.captured),
+                "guards": list(self.guards),
+                "baked_values": list(self.baked_values), "variants": list(self.variants)}
 
     def to_json(self, indent: int | None = 2) -> str:
         """:meth:`as_dict` as JSON text."""
         return json.dumps(self.as_dict(), indent=indent)
 
     def to_markdown(self, max_mixed_ops: int | None = 16,
-                    max_decisions: int | None = 20) -> str:
+                    max_decisions: int | None = 20, max_guards: int | None = 32) -> str:
         """The report as Markdown: the stage table, the summary, the first ``max_decisions``
-        decisions and the first ``max_mixed_ops`` mixed ops with their counts at each stage
-        (``None``: all; ``0``: that section is one line saying how many there are).
-        Truncated lists end with "N more"."""
+        decisions, the first ``max_mixed_ops`` mixed ops with their counts at each stage and
+        the first ``max_guards`` guards (``None``: all; ``0``: that section is one line
+        saying how many there are).  Truncated lists end with "N more"."""
         lines = [f"## topo-compiler report: `{self.model}`", ""]
         passes = ", ".join(self.passes) if self.passes else "none"
         mode = "exact (keeps the function)" if self.exact else \
@@ -360,11 +368,26 @@ class CompileReport:
             lines += ["", "### Shape specializations", ""]
             lines += [f"- {s}" for s in self.specializations]
         if self.baked_inputs:
-            lines += ["", "### Baked (non-tensor) inputs", ""]
+            lines += ["", "### Non-tensor inputs (guarded)", ""]
             lines += [f"- `{k}` = {v}" for k, v in self.baked_inputs.items()]
         if self.captured:
             lines += ["", "### Captured and dropped", ""]
             lines += [f"- {c}" for c in self.captured]
+        if self.guards and max_guards == 0:
+            lines += ["", f"{len(self.guards)} guards, checked on every call: "
+                          f"`report.guards`, `--verbose`."]
+        elif self.guards:
+            shown_guards = self.guards if max_guards is None else self.guards[:max_guards]
+            lines += ["", f"### Guards ({len(self.guards)}, checked on every call)", ""]
+            lines += [f"- {g}" for g in shown_guards]
+            if len(shown_guards) < len(self.guards):
+                lines.append(f"- ... {len(self.guards) - len(shown_guards)} more")
+        if self.variants:
+            lines += ["", "### Variants", ""]
+            lines += [f"- {v}" for v in self.variants]
+        if self.baked_values:
+            lines += ["", "### Baked values (constants no guard watches)", ""]
+            lines += [f"- {b}" for b in self.baked_values]
         if self.warnings:
             lines += ["", "### Warnings", ""]
             lines += [f"- {w}" for w in self.warnings]

@@ -40,6 +40,7 @@ from torch import nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches, _orig_module_call
 
 from . import capture
+from . import guards as _guards
 from . import runtime  # noqa: F401 - registers the functions compiled graphs call
 from .meta import LEAF_FUNCTIONS, UNKNOWN, run_on_meta, to_meta
 
@@ -142,7 +143,12 @@ class ShapedProxy(fx.Proxy):
     def _concrete(self, what: str) -> Any:
         value = self.val
         if value is UNKNOWN or isinstance(value, torch.Tensor):
-            self.tracer.fail_on_value(self, what)
+            # guards: a mask or flag tensor decides; its value is guarded (see guards.py)
+            decided, real = self.tracer.guards.decide(self.node)
+            if not decided:
+                self.tracer.fail_on_value(self, what)
+            return real
+        self.tracer.guards.on_shape_use(self.node, value)  # guards: input dims consumed
         return value
 
     def __len__(self) -> int:
@@ -150,6 +156,7 @@ class ShapedProxy(fx.Proxy):
         if isinstance(value, torch.Tensor):
             if value.dim() == 0:
                 raise TypeError("len() of a 0-d tensor")
+            self.tracer.guards.on_dims(self.node, (0,))  # guards: len() of an input
             return value.shape[0]
         return len(self._concrete("len()"))
 
@@ -211,6 +218,12 @@ class TracedSupernet:
     capture_notes: list[str] = dataclasses.field(default_factory=list)
     """What was recorded as opaque calls or factories, traced through, or dropped
     (:mod:`.capture`)."""
+    guards: tuple = ()
+    """What the graph assumes about the model's state and the call (guards.Guard)."""
+    baked_values: list = dataclasses.field(default_factory=list)
+    """Python numbers held as constants that no guard watches (guards.BakedValue)."""
+    argument_names: tuple[str, ...] = ()
+    """The forward's parameters, in order (guards read arguments by position)."""
 
 
 _DEFAULT_NON_LEAVES = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList,
@@ -226,7 +239,8 @@ def _is_standard_leaf(m: nn.Module) -> bool:
 class SupernetTracer(fx.Tracer):
     """A :class:`torch.fx.Tracer` for supernets (see the module docstring)."""
 
-    def __init__(self, leaf_modules: Iterable[type | str] = ()):
+    def __init__(self, leaf_modules: Iterable[type | str] = (),
+                 options: "_guards.TraceOptions | None" = None):
         super().__init__(autowrap_functions=tuple(LEAF_FUNCTIONS))
         self.proxy_buffer_attributes = True
         leaf_modules = tuple(leaf_modules)
@@ -250,6 +264,8 @@ class SupernetTracer(fx.Tracer):
         self._shadow_sources: dict[int, nn.Module] = {}  # id(shadow) -> the user's module
         self._computing_meta = 0  # > 0 while running ops for meta values (capture.py)
         self.capture_notes: list[capture.CaptureNote] = []
+        self.guards = _guards.GuardRecorder(self, options)
+        """What the trace specialized on (see guards.py)."""
 
     # -- leaves ---------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -305,9 +321,11 @@ class SupernetTracer(fx.Tracer):
 
     def _shadow(self, m: nn.Module, path: str) -> nn.Module:
         """A shallow copy of ``m`` whose plain tensor attributes are ``get_attr`` proxies."""
-        shadow = object.__new__(type(m))
+        shadow = object.__new__(_guards.recording_type(type(m)))  # guards: attribute reads
         shadow.__dict__.update(m.__dict__)
         self._shadow_sources[id(shadow)] = m
+        self.guards.register_shadow(shadow, path, m)
+        shadow.__dict__.update(self.guards.dynamic_attributes(path, m))
         for field in ("_parameters", "_buffers", "_modules"):
             object.__setattr__(shadow, field, dict(getattr(m, field)))
         for name, value in m.__dict__.items():
@@ -354,6 +372,7 @@ class SupernetTracer(fx.Tracer):
             self._module_stack.append(("", self.root))
             args = list(args)
             args[0] = self._shadow(self.root, "")
+        self.guards.patch_dynamic_globals()  # guards: dynamic globals read 0-d tensors
         return fn, args
 
     # -- arguments and meta values ---------------------------------------------------
@@ -385,6 +404,7 @@ class SupernetTracer(fx.Tracer):
         if frame is not None:
             node.meta["source"] = (frame.f_code.co_filename, frame.f_lineno,
                                    frame.f_code.co_name)
+            self.guards.on_frame(frame)  # guards: globals and closures this code reads
         user_leaf = kind == "call_module" and \
             not _is_standard_leaf(self.root.get_submodule(target))
         with capture.computing_meta(self, run_user_code=user_leaf):
@@ -449,7 +469,8 @@ class SupernetTracer(fx.Tracer):
                         "(leaf_modules=[...])") from exc
 
     # -- the whole trace --------------------------------------------------------------
-    def trace_supernet(self, root: nn.Module, example_inputs: Sequence[Any]) -> TracedSupernet:
+    def trace_supernet(self, root: nn.Module, example_inputs: Sequence[Any],
+                       example_kwargs: Mapping[str, Any] | None = None) -> TracedSupernet:
         self._registered_names = {}
         self._registered_tensors = {}
         for n, t in itertools.chain(root.named_parameters(remove_duplicate=True),
@@ -472,35 +493,59 @@ class SupernetTracer(fx.Tracer):
             raise TypeError(f"example_inputs has {len(example_inputs)} values but "
                             f"{type(root).__name__}.forward takes {len(positional)} "
                             f"positional arguments ({', '.join(p.name for p in positional)})")
-        missing = [p.name for p in positional[len(example_inputs):]
-                   if p.default is inspect.Parameter.empty]
+        example_kwargs = dict(example_kwargs or {})
+        names = [p.name for p in params]
+        unknown = [k for k in example_kwargs if k not in names]
+        if unknown:
+            raise TypeError(f"example_kwargs names {', '.join(unknown)}, which "
+                            f"{type(root).__name__}.forward does not take ({', '.join(names)})")
+        values: dict[str, Any] = dict(zip([p.name for p in positional], example_inputs))
+        twice = [k for k in example_kwargs if k in values]
+        if twice:
+            raise TypeError(f"example_kwargs gives {', '.join(twice)} again (already in "
+                            f"example_inputs)")
+        values.update(example_kwargs)
+        missing = [p.name for p in params
+                   if p.name not in values and p.default is inspect.Parameter.empty]
         if missing:
             raise TypeError(f"example_inputs lacks a value for {type(root).__name__}.forward "
                             f"argument(s) {', '.join(missing)}")
+        for p in params:
+            values.setdefault(p.name, p.default)
         concrete: dict[str, Any] = {}
-        for p, value in zip(positional, example_inputs):
+        for i, name in enumerate(names):
+            value = values[name]
             if _is_tensor_tree(value):
-                self._example[p.name] = to_meta(value)
+                self._example[name] = to_meta(value)
+            elif self.guards.dynamic_argument(i, value):
+                # guards: a number that changes every call stays a graph input
+                self._example[name] = torch.tensor(float(value), dtype=torch.float64,
+                                                   device="meta")
             else:
-                concrete[p.name] = value
-        for p in positional[len(example_inputs):]:
-            concrete[p.name] = p.default
+                concrete[name] = value
+        self.guards.on_arguments(names, values, [n for n in self._example
+                                                 if _is_tensor_tree(values[n])])
         # fx makes one placeholder per pytree leaf, numbered from 1 (Tracer._proxy_placeholder)
         self._concrete_leaves = {f"{name}_{i}": leaf for name, value in concrete.items()
                                  for i, leaf in enumerate(pytree.tree_leaves(value), 1)}
 
         attrs_before = set(root.__dict__)
-        with _guard_random(self), capture.capturing(self):
+        with _guard_random(self), capture.capturing(self), self.guards.active():
             graph = self.trace(root, concrete_args=concrete or None)
         for name in set(root.__dict__) - attrs_before:  # fx keeps tensor constants on the root
             self.plain_tensor_attrs[name] = root.__dict__.pop(name)
         _check_fx_can_generate(graph, root, concrete)
         self.capture_notes.extend(capture.drop_bookkeeping(graph))
+        _keep_argument_names(graph, concrete)
+        self.guards.finish(graph)
         _drop_dead_python_values(graph)
         return TracedSupernet(graph=graph, root=root, leaf_paths=frozenset(self.leaf_paths),
                               tensor_attrs=dict(self.plain_tensor_attrs),
                               example_inputs=tuple(example_inputs), baked_inputs=concrete,
                               specializations=list(self.specializations),
+                              guards=tuple(self.guards.guards.values()),
+                              baked_values=list(self.guards.baked),
+                              argument_names=tuple(names),
                               device_type=_device_type(example_inputs),
                               capture_notes=[str(n) for n in self.capture_notes])
 
@@ -519,6 +564,21 @@ def _check_fx_can_generate(graph: fx.Graph, root: nn.Module, concrete: dict[str,
             module_path="", module_type=type(root).__name__,
             way_out="wrap the model in a module whose forward has no defaulted arguments and "
                     "passes them explicitly")
+
+
+def _keep_argument_names(graph: fx.Graph, concrete: dict[str, Any]) -> None:
+    """fx names the placeholder of a concrete argument ``index_1``; give it its own name
+    back, so that the generated forward keeps the model's argument names."""
+    if isinstance(graph._codegen, fx.graph._PyTreeCodeGen):
+        return
+    taken = {n.target for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        if node.op != "placeholder" or not node.target.endswith("_1"):
+            continue
+        name = node.target[:-2]
+        if name in concrete and name not in taken and \
+                pytree.tree_flatten(concrete[name])[1].is_leaf():
+            node.target = name
 
 
 def _device_type(example_inputs: Sequence[Any]) -> str:
@@ -580,6 +640,9 @@ def _drop_dead_python_values(graph: fx.Graph) -> None:
     for node in reversed(list(graph.nodes)):
         if node.users or node.op in ("placeholder", "output", "call_module") or \
                 node.target is operator.setitem:
+            continue
+        if node.meta.get("python_only"):  # a mask condition decided at trace time
+            graph.erase_node(node)
             continue
         val = node.meta.get("val")
         if node.op == "get_attr" or not isinstance(val, torch.Tensor) and val is not UNKNOWN \
@@ -687,17 +750,21 @@ def _rng_states() -> tuple[Any, ...]:
 # --------------------------------------------------------------------------------------
 
 def trace_supernet(model: nn.Module, example_inputs: Any,
-                   leaf_modules: Iterable[type | str] = ()) -> TracedSupernet:
+                   leaf_modules: Iterable[type | str] = (), *,
+                   example_kwargs: Mapping[str, Any] | None = None,
+                   options: "_guards.TraceOptions | None" = None) -> TracedSupernet:
     """Trace ``model`` into a module-level fx graph with meta values from ``example_inputs``.
 
     Standard ``torch.nn`` layers stay leaves (``call_module`` nodes); ``leaf_modules`` names
-    more (classes or qualified names).  Raises :class:`TraceError` for constructs that a trace
-    cannot follow faithfully.
+    more (classes or qualified names); ``example_kwargs`` gives keyword arguments (keyword-only
+    ones too).  Raises :class:`TraceError` for constructs that a trace cannot follow
+    faithfully.  ``options`` (``guards.TraceOptions``) is how a re-trace asks for values
+    to be read at run time.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, (torch.Tensor, Mapping)) or \
             not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    tracer = SupernetTracer(leaf_modules)
-    return tracer.trace_supernet(model, tuple(example_inputs))
+    tracer = SupernetTracer(leaf_modules, options)
+    return tracer.trace_supernet(model, tuple(example_inputs), example_kwargs)

@@ -65,7 +65,8 @@ class Cell(nn.Module):
     states = [s0, s1]
     offset = 0
     for i in range(self._steps):
-      s = sum(weights2[offset + j] * self._bns[offset + j](self._ops[offset + j](h, weights[offset + j]))
+      s = sum(weights2[offset + j] *
+              self._bns[offset + j](self._ops[offset + j](h, weights[offset + j]))
               for j, h in enumerate(states))
       offset += len(states)
       states.append(s)
@@ -78,7 +79,8 @@ class Network(nn.Module):
     super(Network, self).__init__()
     self._steps = steps
     C_curr = 3 * C
-    self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+    self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
+                              nn.BatchNorm2d(C_curr))
     C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
     self.cells = nn.ModuleList()
     reduction_prev = False
