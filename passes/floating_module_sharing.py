@@ -26,6 +26,7 @@ of weights appear.  ``exact=True`` therefore never applies it.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 from topo_compiler.analysis import MixedOp, tensor_meta
 from topo_compiler.ir import Shared, SupernetIR
@@ -47,9 +48,12 @@ class FloatingPlan:
     length: int
     removed: int
 
-    def describe(self, op: MixedOp) -> str:
-        return (f"{driver.display_name(op)}: candidates {list(self.members)} share a floating "
-                f"module of {self.length} ({self.removed} modules removed)")
+    def kind(self, names: Sequence[str]) -> str:
+        """What like decisions share, in the user's words (candidate ``names``)."""
+        return f"{', '.join(names)} share a floating module of {self.length}"
+
+    def detail(self) -> str:
+        return f"{self.removed} modules removed"
 
 
 def match_fms(ir: SupernetIR, op: MixedOp, exact: bool) -> FloatingPlan | None:
@@ -119,6 +123,7 @@ class FloatingModuleSharing(Pass):
     """``fms``: compute a floating module between two stacked halves once."""
 
     name = "fms"
+    changes_function = True  # a shared floating module sees the mixture of its inputs
     visit_seed: int | None = None
     """Visit mixed ops in a seeded random order (the result must not depend on it)."""
 

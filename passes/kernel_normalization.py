@@ -135,13 +135,17 @@ class KernelNormalization(Pass):
     """``kn``: standardize the learnable kernels of merged and linear candidates (Eq. 28)."""
 
     name = "kn"
+    changes_function = True  # standardized kernels are other kernels
 
     def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
         if ctx.exact:
             return False
         requests = _Requests(ir)
         merged = [n.name for n in ir.nodes() if n.notes.kernels is not None]
-        merges = sum(request_merged(ir, m, requests) for m in merged)
+        # a merge's kernels, or a single candidate's with its weight folded in
+        requested = [m for m in merged if request_merged(ir, m, requests)]
+        merges = sum(1 for m in requested if len(ir.node(m).notes.merged or ()) > 1)
+        folded = len(requested) - merges
         convs: dict[str, None] = {}  # find them all first: requesting replaces nodes
         for op in find_mixed_ops(ir):
             for i, cand in enumerate(op.candidates):
@@ -153,9 +157,12 @@ class KernelNormalization(Pass):
         count = requests.apply()
         if merges:
             ctx.decide(f"normalized the kernels entering {merges} merged convolutions")
+        if folded:
+            ctx.decide(f"normalized the kernels of {folded} convolutions computing one "
+                       f"candidate each (with its weight folded in)")
         if kept_apart:
             ctx.decide(f"normalized the kernels of {kept_apart} linear candidate convolutions "
                        f"kept apart")
         if count:
             ctx.decide(f"{count} kernels normalized by one call per kernel shape")
-        return bool(merges or kept_apart)
+        return bool(requested or kept_apart)

@@ -14,6 +14,7 @@ import dataclasses
 import random
 from typing import Any, Callable
 
+from topo_compiler import naming
 from topo_compiler.analysis import MixedOp, find_mixed_ops, mixed_op_at
 from topo_compiler.descriptors import Ref
 from topo_compiler.ir import NodeNotes, SupernetIR, map_refs
@@ -81,7 +82,10 @@ def run_on_mixed_ops(ir: SupernetIR, ctx: PassContext,
         op = mixed_op_at(ir, op.output, op.name)
         plan = match(op) if op is not None else None
         if plan is not None:
+            names = naming.candidate_names(ir, op, plan.members)  # before the rewrite
+            kind, where, edge = plan.kind(names), naming.where(ir, op), naming.edge_of(ir, op)
             rewrite(op, plan)
-            ctx.decide(plan.describe(op))
+            ctx.decide(f"{where}: {kind} ({plan.detail()})", kind=kind, mixed_op=edge,
+                       removed=plan.removed)
             changed = True
     return changed

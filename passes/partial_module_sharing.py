@@ -37,6 +37,7 @@ no ``w'``), which equals the original for every weight, including weights that s
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 from topo_compiler.analysis import MixedOp, tensor_meta
 from topo_compiler.descriptors import Kind
@@ -62,12 +63,14 @@ class SharingPlan:
     removed: int
     """Basic modules the rewrite removes."""
 
-    def describe(self, op: MixedOp) -> str:
+    def kind(self, names: Sequence[str]) -> str:
+        """What like decisions share, in the user's words (candidate ``names``)."""
         ends = " and ".join(e for e, on in (("leading", self.share_lead),
                                              ("trailing", self.share_trail)) if on)
-        return (f"{driver.display_name(op)}: candidates {list(self.members)} share their "
-                f"{ends} module "
-                f"({self.removed} modules removed)")
+        return f"{', '.join(names)} share their {ends} module"
+
+    def detail(self) -> str:
+        return f"{self.removed} modules removed"
 
 
 def _trail_is_exact(view: CandidateView, ir: SupernetIR) -> bool:

@@ -53,11 +53,12 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from topo_compiler import runtime
+from topo_compiler import naming, runtime
 from topo_compiler.analysis import MixedOp, tensor_meta
 from topo_compiler.descriptors import Ref
 from topo_compiler.ir import SupernetIR
 from topo_compiler.pass_manager import Pass, PassContext
+from topo_compiler.report import Decision
 from topo_compiler.passes import mixed_op_driver as driver
 from topo_compiler.passes.linear_candidates import (CONV, KernelBuilder, LinearCandidate,
                                                     functional_conv, linear_candidate,
@@ -88,23 +89,29 @@ class MergePlan:
     estimate: str
     inexact: tuple[str, ...]
 
-    def describe(self, op: MixedOp) -> str:
+    removed = 0  # merging keeps the module count of Table II's conv units: see the counts
+
+    def kind(self, names: Sequence[str]) -> str:
+        """What like decisions share, in the user's words (candidate ``names``)."""
         if self.form == "drop":
-            return (f"{driver.display_name(op)}: dropped {len(self.members)} zero "
-                    f"candidate(s) ({self.estimate})")
-        what = ", ".join(c.label for c in self.candidates)
+            return f"dropped the zero candidate{'s' if len(self.members) > 1 else ''}"
         k = "x".join(str(f) for f in self.frame)
         d = "" if all(v == 1 for v in self.frame_dilation) else \
             f" d{'x'.join(map(str, self.frame_dilation))}"
+        return f"merged {', '.join(names)} into one {self.form} {k}{d} conv"
+
+    def detail(self) -> str:
+        if self.form == "drop":
+            return self.estimate
+        what = "[" + ", ".join(c.label for c in self.candidates) + "]"
         note = f"; {', '.join(self.inexact)} merged in the paper's mode only (exact in the " \
                f"interior)" if self.inexact else ""
-        return (f"{driver.display_name(op)}: merged {len(self.members)} candidates "
-                f"[{what}] into one {self.form} {k}{d} conv ({self.estimate}){note}")
+        return f"{what}: {self.estimate}{note}"
 
 
 def match_merge(ir: SupernetIR, op: MixedOp, exact: bool, device: DeviceModel,
                 form: str | None = None, batch: int | None = None,
-                why: list[str] | None = None) -> MergePlan | None:
+                why: list[Decision] | None = None) -> MergePlan | None:
     """The cheapest merge of ``op``'s linear candidates, or None (never edits the IR).
 
     ``form`` forces one form (see :class:`Reparameterization`) and skips the cost model:
@@ -123,10 +130,14 @@ def match_merge(ir: SupernetIR, op: MixedOp, exact: bool, device: DeviceModel,
     sh = shapes_of(ir, op, device)
     if batch is not None:
         sh = dataclasses.replace(sh, batch=batch)
-    reasons: list[str] = []
+    reasons: list[tuple[str, str]] = []  # (why, in words like decisions share; estimates)
     plan = _merge_plan(linear, sh, form, reasons) if len(linear) >= 2 else None
-    if why is not None and plan is None:
-        why.extend(f"{driver.display_name(op)}: kept {r}" for r in reasons)
+    if why is not None and plan is None and reasons:
+        names = ", ".join(naming.candidate_names(ir, op, [c.index for c in linear
+                                                          if not c.zero]))
+        where, edge = naming.where(ir, op), naming.edge_of(ir, op)
+        why.extend(Decision(f"{where}: kept {text}", f"kept {names} apart: {short}", edge)
+                   for short, text in reasons)
     zeros = tuple(c for c in linear if c.zero and (plan is None or c.index not in plan.members))
     if zeros and plan is not None:
         return dataclasses.replace(plan, members=plan.members + tuple(c.index for c in zeros),
@@ -147,7 +158,7 @@ class _GroupCost(NamedTuple):
 
 
 def _merge_plan(linear: list[LinearCandidate], sh: Shapes, form: str | None,
-                why: list[str]) -> MergePlan | None:
+                why: list[tuple[str, str]]) -> MergePlan | None:
     if form is not None:
         return _forced(linear, form)
 
@@ -171,8 +182,9 @@ def _merge_plan(linear: list[LinearCandidate], sh: Shapes, form: str | None,
     if current is None:
         live = [c for c in linear if not c.zero]
         if len(live) >= 2 and any(p.learnable for c in live for p in c.pieces):
-            why.append(f"[{what}] apart: no convolution computes them together (strides "
-                       f"differ or their outputs do not align)")
+            why.append(("no convolution computes them together",
+                        f"[{what}] apart: no convolution computes them together (strides "
+                        f"differ or their outputs do not align)"))
         return None
     apart_all = apart(linear, sh)
     choice = current.choice
@@ -180,10 +192,11 @@ def _merge_plan(linear: list[LinearCandidate], sh: Shapes, form: str | None,
     before = apart_all.seconds
     after = total.seconds
     if after > before or total.saved_bytes > apart_all.saved_bytes:
-        why.append(f"[{what}] apart: est. step {before * 1e3:.3g} ms, saved "
-                   f"{apart_all.saved_bytes / 1024:.3g} KiB apart vs {after * 1e3:.3g} ms, "
-                   f"{total.saved_bytes / 1024:.3g} KiB with {len(group)} of them in one "
-                   f"{choice.form} convolution")
+        why.append(("merging them would make the step costlier",
+                    f"[{what}] apart: est. step {before * 1e3:.3g} ms, saved "
+                    f"{apart_all.saved_bytes / 1024:.3g} KiB apart vs {after * 1e3:.3g} ms, "
+                    f"{total.saved_bytes / 1024:.3g} KiB with {len(group)} of them in one "
+                    f"{choice.form} convolution"))
         return None  # never merge when merging makes the step costlier
     estimate = (f"est. step time {100 * (after / before - 1):+.0f}%, saved bytes "
                 f"{100 * (total.saved_bytes / max(apart_all.saved_bytes, 1) - 1):+.0f}%, "
@@ -323,11 +336,11 @@ class Reparameterization(Pass):
 
     def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
         device = DEVICES.get(self.device or ir.device_type, DEVICES["cpu"])
-        declined: list[str] = []
+        declined: list[Decision] = []
         changed = driver.run_on_mixed_ops(
             ir, ctx, lambda op: match_merge(ir, op, ctx.exact, device, self.form, self.batch,
                                             declined),
             lambda op, plan: rewrite_merge(ir, op, plan), nested=True)
-        for line in dict.fromkeys(declined):
-            ctx.decide(line)
+        for d in dict.fromkeys(declined):
+            ctx.decide(d, kind=d.kind, mixed_op=d.mixed_op)
         return changed

@@ -9,7 +9,8 @@ from torch import nn
 
 from helpers import logits_of
 from supernets import FOREIGN
-from topo_compiler import (CompileReport, NoMixedOpWarning, TraceError, compile_supernet)
+from topo_compiler import (AlreadyCompiledWarning, CompileReport, NoMixedOpWarning, TraceError,
+                           compile_supernet)
 from topo_compiler.spaces import build, default_input
 
 
@@ -169,6 +170,57 @@ def test_options_are_validated():
         compile_supernet(lambda x: x, x)
     with pytest.raises(TypeError, match="exact"):
         compile_supernet(model, x, passes=(), exact="yes")
+
+
+class _Edge(nn.Module):
+    """A short mixed op: two ReLU-conv-BN candidates and a skip."""
+
+    def __init__(self, C=4):
+        super().__init__()
+        self.ops = nn.ModuleList([
+            nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, k, padding=k // 2, bias=False),
+                          nn.BatchNorm2d(C)) for k in (3, 5)] + [nn.Identity()])
+        self.alpha = nn.Parameter(1e-3 * torch.randn(3))
+
+    def forward(self, x):
+        w = self.alpha.softmax(0)
+        return sum(wi * op(x) for wi, op in zip(w, self.ops))
+
+
+def test_example_inputs_none_is_one_clear_type_error():
+    with pytest.raises(TypeError) as info:
+        compile_supernet(_Edge(), None)
+    text = str(info.value)
+    assert "example_inputs is None" in text and "_Edge.forward(x)" in text
+    assert "torch.randn(" in text and "\n" not in text and "conv2d" not in text
+
+
+def test_compiling_a_compiled_supernet_warns_and_compiles_its_source_once():
+    model, x = _Edge(), torch.randn(2, 4, 6, 6)
+    compiled = compile_supernet(model, x)
+    with pytest.warns(AlreadyCompiledWarning, match="compiling its source model .*_Edge"):
+        again = compile_supernet(compiled, x)
+    assert again.source_model is model
+    assert again.report.model == "_Edge"
+    modules = lambda gm: sorted(n.target for n in gm.graph.nodes if n.op == "call_module")
+    assert modules(again) == modules(compiled)  # nothing rewritten a second time
+    assert again.report.final.counts == compiled.report.final.counts
+    torch.testing.assert_close(again(x), compiled(x))
+
+
+# why: importing torch._dynamo makes torch itself call its deprecated torch.jit.script_method
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_goes_after_compile_supernet():
+    model, x = _Edge(), torch.randn(2, 4, 6, 6)
+    with pytest.raises(TypeError, match=r"compile the plain model first, then torch.compile "
+                                        r"the result: torch.compile\(compile_supernet"):
+        compile_supernet(torch.compile(model), x)
+    compiled = compile_supernet(model, x, exact=True)
+    fast = torch.compile(compiled, backend="aot_eager")  # inductor works too, and is slower
+    out = fast(x)
+    torch.testing.assert_close(out, model(x))
+    out.sum().backward()
+    assert model.alpha.grad is not None and model.ops[0][1].weight.grad is not None
 
 
 def test_model_without_mixed_ops_warns_and_stays_equivalent():

@@ -1,9 +1,9 @@
 """Partial and floating module sharing: Table II counts, exactness, one-hot vertices,
 an independent eager implementation of Eq. 4-13, fixed point and honest flags."""
+import hashlib
 import math
 import warnings
 
-import networkx as nx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,8 @@ from torch import nn
 import strategies
 from helpers import assert_same_step, logits_of
 from supernets import FOREIGN
-from topo_compiler import compile_supernet, lift, lower, trace_supernet
+from topo_compiler import (AlreadyCompiledWarning, compile_supernet, lift, lower,
+                           trace_supernet)
 from topo_compiler.api import analyze
 from topo_compiler.pass_manager import FixedPoint, PassManager
 from topo_compiler.passes.floating_module_sharing import FloatingModuleSharing
@@ -59,8 +60,10 @@ def test_competing_groupings_take_the_larger_saving():
     model, x = darts_edge(pool_bn=True)
     report = compile_supernet(model, x, passes=("pms",)).report
     assert report.stages[1].name == "pms"
-    assert "[4, 5, 6, 7] share their leading and trailing module (6 modules removed)" in \
-        report.stages[1].decisions[0]
+    (first,) = report.stages[1].decisions
+    assert first == ("op over input x: SepConv 3x3, SepConv 5x5, DilConv 3x3 d2, DilConv 5x5 d2 "
+                     "share their leading and trailing module (6 modules removed)")
+    assert first.kind.startswith("SepConv 3x3") and first.removed == 6 and first.mixed_op == "op"
 
 
 @pytest.mark.parametrize("space,layers", [("darts", 3), ("nb201", 1), ("wide", 2)])
@@ -215,6 +218,7 @@ def _manager(pms_seed=None, fms_seed=None, exact=False):
                                     FloatingModuleSharing(fms_seed)))], exact=exact)
 
 
+@pytest.mark.slow  # every pass twice over three built-in networks
 def test_second_run_changes_nothing():
     model = build("darts", C=4, layers=3)
     x = default_input("darts", resolution=8)
@@ -224,8 +228,11 @@ def test_second_run_changes_nothing():
     second = _manager().run(ir)
     assert not any(s.changed for s in second)
     compiled = compile_supernet(model, x, passes=SHARING)
-    again = compile_supernet(compiled, x, passes=SHARING)
-    assert [s.changed for s in again.report.stages] == [False, False, False]
+    retraced = _manager().run(_ir(compiled, x))  # the lowered graph is a fixed point too
+    assert [s.changed for s in retraced] == [False, False, False]
+    with pytest.warns(AlreadyCompiledWarning, match="compiling its source model"):
+        again = compile_supernet(compiled, x, passes=SHARING)
+    assert again.source_model is model
     assert again.report.final.counts == compiled.report.final.counts
 
 
@@ -241,14 +248,19 @@ def test_changed_flags_are_honest(spec):
 
 
 def _structure_hash(ir):
-    """Weisfeiler-Lehman hash of the IR: node names and creation order do not enter it."""
-    g = nx.DiGraph()
-    for node in ir.nodes():
-        g.add_node(node.name, label=repr(node.desc.signature))
-    g.add_edges_from(ir.graph.edges)
-    return nx.weisfeiler_lehman_graph_hash(g, node_attr="label", iterations=4)
+    """A hash of the IR's structure that node names and creation order do not enter: each
+    node hashes its descriptor with the sorted hashes of its inputs (a Merkle hash of the
+    DAG), and the graph hashes the sorted node hashes."""
+    node_hash = {}
+    for name in ir.topological_order():
+        node = ir.node(name)
+        inputs = sorted(node_hash[r] for r in node.inputs)
+        node_hash[name] = hashlib.sha256(
+            repr((node.desc.signature, inputs)).encode()).hexdigest()
+    return hashlib.sha256(repr(sorted(node_hash.values())).encode()).hexdigest()
 
 
+@pytest.mark.slow  # four compilations of a 3-cell DARTS network
 def test_result_does_not_depend_on_visit_order():
     """Rewriting the mixed ops in shuffled orders gives the same graph up to node names, and
     the same function."""
@@ -262,6 +274,7 @@ def test_result_does_not_depend_on_visit_order():
         with torch.no_grad():
             outputs.append(lower(ir)(x))
     assert len(hashes) == 1
+    assert _structure_hash(_ir(model, x)) not in hashes  # the hash sees the rewrites
     for out in outputs[1:]:
         torch.testing.assert_close(out, outputs[0], rtol=0, atol=0)
 

@@ -8,7 +8,7 @@ parameters and optimizers.
 """
 
 from .analysis import Candidate, MixedOp, find_mixed_ops
-from .api import NoMixedOpWarning, compile_supernet
+from .api import AlreadyCompiledWarning, NoMixedOpWarning, compile_supernet
 from .ir import IRVerificationError, SupernetIR
 from .lift import lift
 from .lower import CompiledSupernet, lower
@@ -17,8 +17,8 @@ from .tracer import TraceError, trace_supernet
 
 __all__ = [
     "compile_supernet", "CompiledSupernet", "CompileReport", "ModuleCounts", "TraceError",
-    "NoMixedOpWarning", "IRVerificationError", "trace_supernet", "lift", "lower",
-    "SupernetIR", "MixedOp", "Candidate", "find_mixed_ops", "count_modules",
+    "NoMixedOpWarning", "AlreadyCompiledWarning", "IRVerificationError", "trace_supernet",
+    "lift", "lower", "SupernetIR", "MixedOp", "Candidate", "find_mixed_ops", "count_modules",
 ]
 
 __version__ = "0.1.0"

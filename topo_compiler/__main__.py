@@ -2,6 +2,7 @@
 
     python -m topo_compiler                  # DARTS, 8 cells, the paper's full pipeline
     python -m topo_compiler nb201 --passes pms,fms --exact
+    python -m topo_compiler darts --verbose  # every decision and every mixed op
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="example batch size")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--all-mixed-ops", action="store_true",
-                        help="list every mixed op, not only the first 16")
+                        help="also list every mixed op with its counts at each stage")
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument("--verbose", "-v", action="store_true",
+                      help="every decision and every mixed op (default: the stage table and "
+                           "one line per pass and kind of decision)")
+    talk.add_argument("--quiet", "-q", action="store_true",
+                      help="only the last line (module counts before and after)")
     args = parser.parse_args(argv)
 
     model = spaces.build(args.space, C=args.C, layers=args.layers)
@@ -40,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(report.to_json())
         return 0
-    print(report.to_markdown(max_mixed_ops=None if args.all_mixed_ops else 16))
+    if args.verbose:
+        print(report.to_markdown(max_mixed_ops=None, max_decisions=None, max_guards=None))
+    elif not args.quiet:
+        print(report.to_markdown(max_mixed_ops=None if args.all_mixed_ops else 0,
+                                 max_decisions=0, max_guards=0))
     first, last = report.input.counts, report.final.counts
     print(f"{args.space}: {len(report.mixed_ops)} mixed ops; basic modules "
           f"{first.total} -> {last.total} (conv {first.conv} -> {last.conv}, non-conv "

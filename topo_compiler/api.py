@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import warnings
@@ -11,7 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from . import guards
+from . import guards, naming
 from .analysis import MixedOp, declined_sums
 from .cuda_graphs import CudaGraphOptions
 from .ir import SupernetIR
@@ -23,7 +24,7 @@ from .report import CompileReport, MixedOpReport
 from .tracer import TraceError, trace_supernet
 from .vectorize import drop_identity_arithmetic, vectorize_weights
 
-__all__ = ["compile_supernet", "NoMixedOpWarning", "analyze"]
+__all__ = ["compile_supernet", "NoMixedOpWarning", "AlreadyCompiledWarning", "analyze"]
 
 analyze = tag_mixed_ops
 """The former name of :func:`~topo_compiler.lift.tag_mixed_ops` (tests and scripts use it)."""
@@ -35,10 +36,49 @@ class NoMixedOpWarning(UserWarning):
 
 def _candidate_summary(ir: SupernetIR, op: MixedOp) -> tuple[str, ...]:
     lines = []
-    for c in op.candidates:
+    for c, name in zip(op.candidates, naming.candidate_names(ir, op)):
         mods = [ir.node(n).desc.op for n in c.branch if ir.node(n).desc.is_module]
-        lines.append(f"{c.kind}: {'-'.join(mods)}" if mods else c.kind)
+        lines.append(f"{name}: {'-'.join(mods)}" if mods else name)
     return tuple(lines)
+
+
+class AlreadyCompiledWarning(UserWarning):
+    """``compile_supernet`` was given a :class:`CompiledSupernet`: it compiles the source
+    model instead, so no op is rewritten twice."""
+
+
+def _check_model(model: Any) -> nn.Module:
+    """The module to compile: ``model``, or the source of an already compiled supernet."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compile_supernet expects an nn.Module, got {type(model).__name__}")
+    wrapped = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(wrapped, nn.Module):
+        # why: dynamo's wrapper has a (*args, **kwargs) forward and hides the model
+        raise TypeError(
+            f"compile_supernet got a torch.compile'd module (OptimizedModule wrapping "
+            f"{type(wrapped).__name__}); compile the plain model first, then torch.compile "
+            f"the result: torch.compile(compile_supernet(model, example_inputs))")
+    if isinstance(model, CompiledSupernet):
+        source = model.source_model
+        warnings.warn(
+            f"compile_supernet got an already compiled supernet; compiling its source model "
+            f"({type(source).__name__}) with the options given instead, so no op is "
+            f"rewritten twice (pass the source model to silence this)",
+            AlreadyCompiledWarning, stacklevel=3)
+        return source
+    return model
+
+
+def _no_inputs_message(model: nn.Module) -> str:
+    try:
+        params = list(inspect.signature(type(model).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        params = []
+    args = ", ".join(params) or "x"
+    return (f"compile_supernet(model, example_inputs): example_inputs is None; pass example "
+            f"values for {type(model).__name__}.forward({args}): one tensor, or a tuple "
+            f"with one value per argument, e.g. torch.randn(64, 3, 32, 32) for an image "
+            f"batch (use your training batch size and the model's device)")
 
 
 def compile_supernet(model: nn.Module, example_inputs: Any, *,
@@ -53,27 +93,46 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
                      partial: bool = True,
                      cuda_graphs: bool | CudaGraphOptions = False
                      ) -> CompiledSupernet:
-    """Compile a one-shot NAS supernet into a cheaper, equivalent-by-design GraphModule.
+    """Compile a one-shot NAS supernet into a cheaper fx ``GraphModule``, same signature.
+
+    The default mode builds the paper's topology, which **changes the supernet's outputs on
+    purpose**: a trailing BatchNorm shared by several candidates normalizes their mixture,
+    floating modules are shared, kernels entering a merge are standardized (KN).  At a
+    one-hot architecture (each mixed op's weights a vertex of the simplex) the shared graph
+    computes the chosen sub-network (with KN, with its standardized kernels).
+    ``exact=True`` keeps the function for every input and architecture weight (outputs and
+    gradients equal the model's up to float rounding) and simplifies less.
+
+    Move the model to its device (and dtype) first, and compile with your training batch
+    size: tracing only reads shapes (the batch size stays symbolic in the graph), but the
+    merge cost model weighs activations of that size against kernels.
 
     Args:
-        model: the supernet; it is only read, never modified (also when compiling fails).
-        example_inputs: a tensor or a tuple of the forward's positional arguments; shapes
-            come from them (the batch size stays symbolic).  Non-tensor arguments are
-            guarded: a call with other values re-traces (see ``cache_size_limit``).
+        model: the supernet, an ``nn.Module``; only read, never modified (also when
+            compiling fails).  An already compiled supernet warns and its source model is
+            compiled instead; a ``torch.compile``'d module is refused (compile the plain
+            model first, then ``torch.compile`` the result).
+        example_inputs: a tensor, or a tuple with one value per positional forward argument
+            (e.g. ``(x, alphas)``); tensors give the shapes and dtypes, the batch size
+            (dimension 0) stays free; non-tensor values are guarded: a call with other
+            values re-traces (see ``cache_size_limit``).
         passes: pass names to run, in the pipeline's order (``"pms"``, ``"fms"``,
-            ``"merge"``, ``"fold"``, ``"kn"``; ``"merge"`` brings ``"fold"`` along);
-            ``None`` runs the paper's full pipeline, ``()`` none.
+            ``"merge"``, ``"fold"``, ``"kn"``; ``"merge"`` brings ``"fold"`` along) as a
+            sequence or a comma-separated string; ``None`` runs the paper's full pipeline,
+            ``()`` none (the model regenerated as it is).
         exact: apply only rewrites that keep the function for every input and every
-            architecture weight.
+            architecture weight (no FMS, no KN, only exact merges).
         dump_dir: write the IR before the first pass and after each pass (``00-input.dot``,
-            ``01-pms.svg``...) and the report (JSON, Markdown) there.
+            ``01-pms.svg``...) and the report (``report.json``, ``report.md``) there.
         dump_formats: picture formats besides DOT ("svg", "png", "pdf"; needs graphviz's dot).
         dump_view: what the pictures show: "cell" (the first cell with mixed ops), "edge"
             (the first mixed op) or "full".
-        leaf_modules: extra module classes or qualified names to keep opaque.
+        leaf_modules: extra module classes or qualified names (``"cells.0.sampler"``) to
+            keep opaque: what a :class:`~topo_compiler.tracer.TraceError` asks for.
         pass_options: per-pass options, e.g. ``{"merge": {"device": "cuda"}}`` (the cost
             model's machine) or ``{"merge": {"form": "dense"}}``.
-        hooks: extra callables ``hook(stage_index, stage_report, ir)`` run after each stage.
+        hooks: extra callables ``hook(stage_index, stage_report, ir)`` run after the input
+            stage (index 0) and after every pass run.
         example_kwargs: keyword arguments of the example call (keyword-only ones too), e.g.
             ``compile_supernet(model, (x,), example_kwargs={"tau": 1.0})``.
         cache_size_limit: how many variants (the first trace and re-traces) a compiled
@@ -90,13 +149,43 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
             ``compiled.cuda_graphs.stats`` (also ``report.cuda_graphs``) counts both.
 
     Returns:
-        A :class:`~topo_compiler.lower.CompiledSupernet` sharing ``model``'s parameters and
-        buffers, with the same forward signature and outputs, and ``.report``.  Each call
-        checks the guards (what the trace assumed about arguments, the model's attributes
-        and mode, globals, input shapes, mask tensors) and re-traces when one fails.
+        A :class:`~topo_compiler.lower.CompiledSupernet`: call it like the model (same
+        forward signature, same output structure and shapes).  It shares the model's
+        parameters, buffers and leaf modules (an optimizer built on ``model.parameters()``
+        trains it; ``state_dict()`` keys are the model's), follows ``train()``/``eval()``,
+        reaches the model's public methods (``arch_parameters()``, ``genotype()``), and
+        carries ``.report``, a :class:`~topo_compiler.report.CompileReport` (stages, module
+        counts, decisions, timings in seconds).  Each call checks the guards (what the
+        trace assumed about arguments, the model's attributes and mode, globals, input
+        shapes, mask tensors) and re-traces when one fails.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or is a ``torch.compile``'d module;
+            ``example_inputs`` is ``None`` or does not match the forward's arguments;
+            ``exact`` is not a bool.
+        ValueError: an unknown pass name, pass option, dump format or dump view.
+        TraceError: with ``partial=False``, a construct the tracer cannot follow
+            (data-dependent control flow, random sampling in ``forward``); the message names
+            the module, the source line and the way out (usually ``leaf_modules=[...]``).
+            By default the untraceable forwards run eagerly instead (see ``partial``).
+
+    Warns:
+        NoMixedOpWarning: the model has no mixed op (it compiles to an equivalent graph).
+        AlreadyCompiledWarning: ``model`` is a ``CompiledSupernet``.
+
+    Example::
+
+        model = spaces.build("darts").cuda()            # the model on its device first
+        x = torch.randn(64, 3, 32, 32, device="cuda")   # your training batch size
+        compiled = compile_supernet(model, x)
+        w_opt = torch.optim.SGD(model.weights(), lr=0.025)
+        loss = F.cross_entropy(compiled(x), y)          # (64, 10) logits, like model(x)
+        loss.backward(); w_opt.step()
+        print(compiled.report.summary())                # one line per pass and decision
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"compile_supernet expects an nn.Module, got {type(model).__name__}")
+    model = _check_model(model)
+    if example_inputs is None:
+        raise TypeError(_no_inputs_message(model))
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be True or False, got {exact!r}")
     if not isinstance(cuda_graphs, (bool, CudaGraphOptions)):
@@ -133,8 +222,8 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
     ir = lift(traced)
     mixed = tag_mixed_ops(ir)
     declined = [d.describe() for d in declined_sums(ir)]  # for the report, not the console
-    mixed_reports = [MixedOpReport(m.name, m.input, m.output, m.form, _candidate_summary(ir, m))
-                     for m in mixed]
+    mixed_reports = [MixedOpReport(m.name, naming.value_name(ir, m.input), m.output, m.form,
+                                   _candidate_summary(ir, m)) for m in mixed]
     timings["lift+analyze"] = time.perf_counter() - start
 
     report_warnings: list[str] = []

@@ -16,7 +16,7 @@ import time
 from typing import Callable, ClassVar, Sequence
 
 from .ir import SupernetIR
-from .report import StageReport, count_modules, counts_by_mixed_op
+from .report import Decision, StageReport, count_modules, counts_by_mixed_op
 
 __all__ = ["Pass", "PassContext", "PassManager", "FixedPoint", "FixedPointError", "Hook"]
 
@@ -27,17 +27,23 @@ class PassContext:
 
     exact: bool = False
     """Only rewrites that keep the function for every input and every weight."""
-    decisions: list[str] = dataclasses.field(default_factory=list)
+    decisions: list[Decision] = dataclasses.field(default_factory=list)
 
-    def decide(self, line: str) -> None:
-        """Record one decision (shown in the report under the running pass)."""
-        self.decisions.append(line)
+    def decide(self, line: str, *, kind: str = "", mixed_op: str = "",
+               removed: int = 0) -> None:
+        """Record one decision (shown in the report under the running pass): ``line`` in the
+        user's words; ``kind`` groups like decisions in the summary, ``mixed_op`` names the
+        edge concerned, ``removed`` counts the basic modules the rewrite removed."""
+        self.decisions.append(Decision(line, kind, mixed_op, removed))
 
 
 class Pass(abc.ABC):
     """A rewrite of the IR.  Subclasses are dataclasses whose fields are their options."""
 
     name: ClassVar[str]
+    changes_function: ClassVar[bool] = False
+    """Whether the pass changes the supernet's function on purpose (the paper's topology):
+    exact mode then skips it, and the report says so."""
 
     @abc.abstractmethod
     def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
@@ -103,6 +109,12 @@ class PassManager:
             f"make, or two passes undoing each other)")
 
     def _run_one(self, ir: SupernetIR, p: Pass, name: str, stages: list[StageReport]) -> bool:
+        if self.exact and p.changes_function:
+            if not any(st.name.split("#")[0] == p.name for st in stages):  # once, not per round
+                stages.append(self._stage(ir, name, False, 0.0, [],
+                                          skipped="exact mode: it changes the function"))
+                self._call_hooks(len(stages) - 1, stages[-1], ir)
+            return False
         ctx = PassContext(exact=self.exact)
         start = time.perf_counter()
         changed = p.run(ir, ctx)
@@ -118,9 +130,9 @@ class PassManager:
 
     @staticmethod
     def _stage(ir: SupernetIR, name: str, changed: bool, seconds: float,
-               decisions: list[str]) -> StageReport:
+               decisions: list[Decision], skipped: str = "") -> StageReport:
         return StageReport(name, changed, seconds, count_modules(ir), len(ir),
-                           counts_by_mixed_op(ir), list(decisions))
+                           counts_by_mixed_op(ir), list(decisions), skipped)
 
     def _call_hooks(self, index: int, stage: StageReport, ir: SupernetIR) -> None:
         for hook in self.hooks:

@@ -34,7 +34,7 @@ from .ir import IRNode, Role, SupernetIR
 from .report import CompileReport, StageReport, count_modules
 
 __all__ = ["View", "draw", "draw_network", "DumpHook", "have_dot", "INSTALL_DOT",
-           "cells_of", "edges_of"]
+           "cells_of", "edges_of", "report_html", "legend_html", "glossary_html", "GLOSSARY"]
 
 INSTALL_DOT = ("graphviz's `dot` program is not installed, so only DOT files were written; "
                "install it with `apt-get install graphviz` (Debian/Ubuntu), "
@@ -335,11 +335,18 @@ def draw_network(ir: SupernetIR, title: str = "") -> graphviz.Digraph:
     """The whole network collapsed: one box per cell (with its counts), other nodes kept
     when they are basic modules, weight arithmetic hidden."""
     cells = set(cells_of(ir))
+
+    def data(node: IRNode) -> bool:
+        """Activations only: weight and kernel arithmetic and parameters are not data flow
+        (one batched kernel normalization reads kernels of every cell)."""
+        return node.notes.role is None and \
+            node.opcode != "get_attr"
+
     cell_of: dict[str, str] = {}
     for node in ir.nodes():
         tag = node.notes.mixed_op
         path = _cell_of(tag) if tag else _cell_of(node.module_path + ".x")
-        if path in cells and not node.notes.is_weight:
+        if path in cells and data(node):
             cell_of[node.name] = path
     counts = count_modules(ir)
     g = graphviz.Digraph(name="network", graph_attr={
@@ -375,6 +382,8 @@ def draw_network(ir: SupernetIR, title: str = "") -> graphviz.Digraph:
         memo[name] = set()
         out: set[str] = set()
         for p in ir.node(name).inputs:
+            if not data(ir.node(p)):
+                continue
             gp = group(p)
             out |= {gp} if gp else reach(p, memo)
         memo[name] = out
@@ -455,15 +464,73 @@ class DumpHook:
             self.files.append(self.dir / name)
 
 
-def report_html(report: CompileReport) -> str:
-    """The report's stage table and decisions as an HTML fragment."""
+GLOSSARY = (
+    ("pms", "partial module sharing (paper 3.2.1): candidates that start with the same "
+            "module (siblings) or end with the same module (a common child) compute it once, "
+            "weighted by the sum of their weights"),
+    ("fms", "floating module sharing (3.2.2): a module in the middle of several candidates "
+            "(the BN-ReLU between a separable convolution's halves) is computed once between "
+            "two selections"),
+    ("merge", "reparameterization (3.4): linear candidates (convolutions of any kernel size, "
+              "identity, average pooling, zero) become one convolution whose kernel is the "
+              "weighted sum of theirs, when the cost model says it is cheaper"),
+    ("fold", "weight folding: a candidate's architecture weight is folded into the "
+             "convolution or BatchNorm computing its term (w * conv(z) = conv(z, w K)), "
+             "which keeps the function"),
+    ("kn", "kernel normalization (3.5, Eq. 28): every learnable kernel entering a merge is "
+           "standardized per output filter, which keeps the reparameterized search stable"),
+)
+
+
+def legend_html() -> str:
+    """The pictures' colours and shapes as an HTML legend (the same table as in the DOT)."""
+    items = [(text, STYLE[kind][1], "#333333") for text, kind in _LEGEND]
+    items += [("architecture weight", WEIGHT_STYLE[1], "#333333"),
+              ("merged conv", MERGED_STYLE[1], "#333333"),
+              ("shared module (PMS)", "#ffffff", SHARED_COLOURS["sibling"]),
+              ("floating module (FMS)", "#ffffff", SHARED_COLOURS["floating"])]
+    swatches = "".join(
+        f'<span class="swatch" style="background:{fill};border-color:{border}'
+        f'{";border-width:3px" if border != "#333333" else ""}">{html.escape(text)}</span>'
+        for text, fill, border in items)
+    return f'<div class="legend">{swatches}</div>'
+
+
+def glossary_html() -> str:
+    """One paragraph: what each pass does, and how to read the pictures."""
+    passes = "; ".join(f"<b>{name}</b>: {html.escape(text)}" for name, text in GLOSSARY)
+    return (f"<p class=\"glossary\">{passes}. A stage named <code>pms#2</code> is the "
+            f"second run of pms: PMS and FMS repeat until neither changes the graph (the "
+            f"paper's Alg. 1). In the pictures each grey frame is one mixed op; edges carry "
+            f"tensor shapes without the batch dimension (dashed: scalars and weights); "
+            f"<code>× w[i, j]</code> multiplies by the architecture weight in row i, column "
+            f"j of the alphas' softmax, <code>w_S</code> is a shared group's summed weight "
+            f"and <code>w'</code> a weight within the group; the caption counts basic "
+            f"modules as the paper's Table II does.</p>")
+
+
+def report_html(report: CompileReport, max_decisions: int = 40) -> str:
+    """The report's stage table, summary and first ``max_decisions`` decisions (then "N more
+    decisions") as an HTML fragment."""
+    def changed(s) -> str:
+        return f"skipped: {html.escape(s.skipped)}" if s.skipped else \
+            "yes" if s.changed else "no"
+
     rows = "".join(
-        f"<tr><td>{html.escape(s.name)}</td><td>{'yes' if s.changed else 'no'}</td>"
+        f"<tr><td>{html.escape(s.name)}</td><td>{changed(s)}</td>"
         f"<td>{s.seconds * 1e3:.0f}</td><td>{s.counts.conv}</td><td>{s.counts.non_conv}</td>"
         f"<td>{s.counts.total}</td></tr>" for s in report.stages)
-    decisions = "".join(f"<li><b>{html.escape(s.name)}</b>: {html.escape(d)}</li>"
-                        for s in report.stages for d in s.decisions[:20])
-    return (f"<table><tr><th>stage</th><th>changed</th><th>ms</th><th>conv</th>"
-            f"<th>non-conv</th><th>total</th></tr>{rows}</table>"
-            f"<details><summary>decisions</summary><ul>{decisions}</ul></details>")
-
+    summary = "".join(f"<li>{html.escape(line)}</li>" for line in report.summary().splitlines())
+    every = report.decisions
+    shown = every[:max_decisions]
+    decisions = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(str(d))}</li>"
+                        for name, d in shown)
+    more = f"<p>{len(every) - len(shown)} more decisions: every one is in " \
+           f"<a href=\"report.md\">report.md</a>.</p>" if len(shown) < len(every) else ""
+    return (f"<div style=\"display:flex;gap:2em;align-items:flex-start\"><table><tr>"
+            f"<th>stage</th><th>changed</th><th>ms</th><th>conv</th><th>non-conv</th>"
+            f"<th>total</th></tr>{rows}</table>"
+            f"<div><b>Summary</b> (one line per pass and kind of decision)"
+            f"<ul class=\"summary\">{summary}</ul>"
+            f"<details><summary>decisions ({len(every)})</summary><ul>{decisions}</ul>{more}"
+            f"</details></div></div>")

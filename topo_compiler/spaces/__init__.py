@@ -54,11 +54,42 @@ def _builder(name: str, kw: dict) -> Callable[..., SearchModel]:
 
 def build(name: str, C: int = 16, layers: Optional[int] = None, num_classes: int = 10,
           **kw) -> nn.Module:
-    """Build the search space ``name`` (one of :data:`SPACES`) with ``C``
-    initial channels; ``layers=None`` uses the space's default (darts 8,
-    nb201 5 cells per stage, wide 5).  Extra keyword arguments are those of
-    the space's own ``build`` (e.g. ``edge=True`` for a single searchable edge);
-    unknown ones raise ``TypeError``."""
+    """Build the supernet of search space ``name``, in training mode on the CPU.
+
+    Args:
+        name: one of :data:`SPACES`: ``"darts"`` (8 cells, 14 mixed ops each, 8
+            candidates: 112 mixed ops), ``"nb201"`` (3 stages of ``layers`` cells,
+            6 edges of 5 candidates each: 90 mixed ops), ``"wide"`` (Table VI: 16
+            candidates per edge, 5 cells: 70 mixed ops).
+        C: channels after the stem (the first cells' width; doubled at each reduction).
+        layers: cells (darts, wide) or cells per stage (nb201); ``None`` is the
+            space's default (8, 5, 5).
+        num_classes: logits of the classifier.
+        **kw: the space's own options (unknown ones raise ``TypeError``):
+            ``edge=True`` builds one searchable edge of ``C`` channels instead of
+            a network; darts and wide take ``pool_bn`` (BatchNorm after the pools,
+            default True), ``steps``, ``multiplier``, ``stem_multiplier``; darts
+            and nb201 take ``primitives`` (names from :data:`OPS`); wide takes
+            ``num_ops`` (a sub-space of the first k candidates, Fig. 8).
+
+    Returns:
+        A :class:`SearchModel` taking ``(batch, 3, H, W)`` images (``H``, ``W``
+        divisible by 4) and returning ``(batch, num_classes)`` logits; nb201
+        returns ``(features, logits)`` with ``(batch, 4 * C)`` pooled features.
+        With ``edge=True`` it takes and returns ``(batch, C, H, W)`` feature
+        maps.  ``arch_parameters()`` are the alphas, ``weights()`` the other
+        parameters; :func:`default_input` gives a matching example input.
+
+    Raises:
+        ValueError: an unknown space, ``layers < 1``, or an unknown primitive.
+        TypeError: a keyword argument the space does not take.
+
+    Example::
+
+        model = spaces.build("darts", C=16, layers=8)
+        x = spaces.default_input("darts", batch=64)       # (64, 3, 32, 32)
+        compiled = compile_supernet(model, x)
+    """
     return _builder(name, kw)(C, layers, num_classes, **kw)
 
 
