@@ -80,12 +80,12 @@ class Settings:
     C: int = 8
     layers: int = 5
     resolution: int = 16
-    n_train: int = 384
-    n_val: int = 384
+    n_train: int = 256
+    n_val: int = 256
     n_test: int = 297
     batch: int = 32
     epochs: int = 3
-    retrain_epochs: int = 6
+    retrain_epochs: int = 4
     seeds: tuple[int, ...] = (0, 1, 2)
     data_seed: int = 0
     w_lr: float = 0.025
