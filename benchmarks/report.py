@@ -276,6 +276,9 @@ def run_section(result: dict[str, Any]) -> str:
     if compile_line:
         lines += ["", compile_line]
     lines += [""] + _peer_lines(result["peers"], result["peers_note"])
+    if result.get("guards"):
+        from .guard_cost import guard_cost_line
+        lines += ["", "### Guards", "", guard_cost_line(result["guards"])]
     return "\n".join(lines)
 
 

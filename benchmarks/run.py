@@ -30,6 +30,7 @@ from topo_compiler.passes import PASSES
 from topo_compiler.spaces import SPACES
 
 from .configs import CONFIGURATIONS, Configuration, full_method, select
+from .guard_cost import measure_guard_cost
 from .peers import measure_peers
 from .progress import Progress
 from .report import (
@@ -199,8 +200,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     durations["peers"], clock = time.perf_counter() - clock, time.perf_counter()
     curve = (scaling_curve(args.scaling_ops, sizes["wide"], settings, scaled, progress)
              if args.scaling else None)
-    durations["scaling"] = time.perf_counter() - clock
+    durations["scaling"], clock = time.perf_counter() - clock, time.perf_counter()
     progress.close()
+    # guard checks per call on the CPU DARTS supernet (8 cells), whatever the run's sizes
+    guards = measure_guard_cost(device=args.device) if "darts" in args.spaces else None
+    durations["guards"] = time.perf_counter() - clock
 
     meta = {"machine": machine_info(settings.device), "command": _command(argv),
             "revision": revision,
@@ -209,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "compile_budget_s": settings.compile_budget_s, "seed": settings.seed,
             "durations_s": durations}
     result = {"meta": meta, "spaces": spaces, "peers": peers, "scaling": curve,
+              "guards": guards,
               "peers_note": _peers_note(args, peer_spaces, peer_timeout, settings)}
     _write(args, result)
     return result

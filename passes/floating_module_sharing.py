@@ -14,7 +14,10 @@ Both selections are now next to weighted sums, so their convolutions can be merg
 
 f is the longest run of basic modules that two or more candidates have strictly inside their
 chain; among runs the pass takes the one removing the most modules, ``(|F| - 1) * len(f)``,
-then the longer run, then the larger group, then the earliest candidates.
+then the longer run, then the larger group, then the earliest candidates.  Members must agree
+in the shape and dtype of every tensor the rewrite joins (``a_i(x)``, f's output and the
+candidate's output): MBConv candidates with expand ratios 3 and 6 share a floating ReLU6 among
+themselves, never across ratios.
 
 Exact only at the vertices of the simplex (one-hot weights), by the paper's design: products
 of weights appear.  ``exact=True`` therefore never applies it.
@@ -24,12 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from topo_compiler.analysis import MixedOp
+from topo_compiler.analysis import MixedOp, tensor_meta
 from topo_compiler.ir import Shared, SupernetIR
 from topo_compiler.pass_manager import Pass, PassContext
 from topo_compiler.passes import mixed_op_driver as driver
-from topo_compiler.passes.selection import (group_selection, rebuild_selection, share_key,
-                                            view_candidate, weighted_sum)
+from topo_compiler.passes.selection import (group_selection, rebuild_selection, remove_replaced,
+                                            share_key, view_candidate, weighted_sum)
 
 __all__ = ["FloatingModuleSharing", "FloatingPlan", "match_fms"]
 
@@ -64,9 +67,13 @@ def match_fms(ir: SupernetIR, op: MixedOp, exact: bool) -> FloatingPlan | None:
                 run = tuple(keys[start:stop])
                 if None in run:
                     break
-                runs.setdefault(run, {}).setdefault(i, start)  # first occurrence
+                # the two selections sum a_i(x) and b_i(f(y)), and f's output replaces the
+                # others': every joined tensor must agree in shape and dtype
+                joins = (tensor_meta(ir, chain[start - 1]), tensor_meta(ir, chain[stop - 1]),
+                         tensor_meta(ir, chain[-1]))
+                runs.setdefault((run, joins), {}).setdefault(i, start)  # first occurrence
     options = []
-    for run, where in runs.items():
+    for (run, _), where in runs.items():
         if len(where) < 2:
             continue
         members = tuple(sorted(where))
@@ -103,7 +110,7 @@ def rewrite_fms(ir: SupernetIR, op: MixedOp, plan: FloatingPlan) -> str:
     out = weighted_sum(ir, seconds, tag, name="second_selection")
     new_out = rebuild_selection(ir, op, plan.members, out, selection, tag)
     for chain, (start, stop) in zip(chains[1:], plan.spans[1:]):
-        ir.remove_dead([chain[stop - 1]])
+        remove_replaced(ir, chain[start:stop])
     return new_out
 
 

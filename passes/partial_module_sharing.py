@@ -15,7 +15,10 @@ or both is a candidate rewrite; the pass takes the one that removes the most bas
 (``(|S| - 1)`` per shared module), breaking ties by the larger group, then by sharing both
 ends, then by candidate order.  On a DARTS edge the four convolutions share their ReLU and BN
 (6 modules removed) rather than all six parametric-or-pooling candidates sharing their BN (5);
-the next round then shares the BN of the pools and the convolution group.
+the next round then shares the BN of the pools and the convolution group.  A group joins
+only tensors of one shape and dtype: shared leading modules give one, and the inputs the inner
+selection sums (the trailing modules' inputs) must agree -- "the same" ReLU after a 24- and a
+48-channel tensor is no common child.
 
 Exactness:
 
@@ -35,14 +38,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from topo_compiler.analysis import MixedOp
+from topo_compiler.analysis import MixedOp, tensor_meta
 from topo_compiler.descriptors import Kind
 from topo_compiler.ir import Shared, SupernetIR
 from topo_compiler.pass_manager import Pass, PassContext
 from topo_compiler.passes import mixed_op_driver as driver
 from topo_compiler.passes.selection import (CandidateView, group_selection, make_out_of_place,
-                                            rebuild_selection, share_key, view_candidate,
-                                            weighted_sum)
+                                            rebuild_selection, remove_replaced, share_key,
+                                            view_candidate, weighted_sum)
 
 __all__ = ["PartialModuleSharing", "SharingPlan", "match_pms"]
 
@@ -81,13 +84,16 @@ def match_pms(ir: SupernetIR, op: MixedOp, exact: bool) -> SharingPlan | None:
     trail_groups: dict[tuple, list[int]] = {}
     for v in views:
         if v.lead is not None:
-            lead_groups.setdefault(share_key(ir.node(v.lead), compare_buffers=exact),
-                                   []).append(v.index)
+            # one computation of h stands for all: same function, same shape and dtype out
+            key = (share_key(ir.node(v.lead), compare_buffers=exact), tensor_meta(ir, v.lead))
+            lead_groups.setdefault(key, []).append(v.index)
         # a one-module candidate (lead == trail) can join a sibling group only
         if v.trail is not None and v.trail != v.lead and \
                 (not exact or _trail_is_exact(v, ir)):
-            trail_groups.setdefault(share_key(ir.node(v.trail), compare_buffers=exact),
-                                    []).append(v.index)
+            # the inner selection sums the trail inputs: they must agree in shape and dtype
+            key = (share_key(ir.node(v.trail), compare_buffers=exact),
+                   tensor_meta(ir, v.trail_input), tensor_meta(ir, v.trail))
+            trail_groups.setdefault(key, []).append(v.index)
     options: list[SharingPlan] = []
     for members in lead_groups.values():
         options.append(SharingPlan(tuple(members), True, False, len(members) - 1))
@@ -140,7 +146,10 @@ def rewrite_pms(ir: SupernetIR, op: MixedOp, plan: SharingPlan, exact: bool) -> 
                                 notes=tag.notes(shared=Shared.COMMON_CHILD),
                                 source=g.source).name
         make_out_of_place(ir, group_out)
-    return rebuild_selection(ir, op, plan.members, group_out, selection, tag)
+    new_out = rebuild_selection(ir, op, plan.members, group_out, selection, tag)
+    if plan.share_trail:
+        remove_replaced(ir, [v.trail for v in views])
+    return new_out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,9 @@ never makes the step costlier.  The report states each decision and its estimate
 Exactness: merging is exact, except average pooling with ``count_include_pad=False`` (DARTS's
 choice), whose divisor shrinks at the borders: that pool is merged in the paper's mode only,
 and the decision says so.  Candidates with different strides or outputs that do not align
-(asymmetric frames) are never merged together.
+(asymmetric frames) are never merged together, nor is a candidate whose output differs in
+shape or dtype from the mixed op's (one the sum broadcasts).  When two or more linear
+candidates stay apart, the decision says why, with the cost model's estimates.
 
 Linear candidates are recognized in :mod:`~topo_compiler.passes.linear_candidates`; folding
 an architecture weight into the single convolution or BatchNorm computing its term is the
@@ -52,7 +54,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from topo_compiler import runtime
-from topo_compiler.analysis import MixedOp
+from topo_compiler.analysis import MixedOp, tensor_meta
 from topo_compiler.descriptors import Ref
 from topo_compiler.ir import SupernetIR
 from topo_compiler.pass_manager import Pass, PassContext
@@ -101,21 +103,30 @@ class MergePlan:
 
 
 def match_merge(ir: SupernetIR, op: MixedOp, exact: bool, device: DeviceModel,
-                form: str | None = None, batch: int | None = None) -> MergePlan | None:
+                form: str | None = None, batch: int | None = None,
+                why: list[str] | None = None) -> MergePlan | None:
     """The cheapest merge of ``op``'s linear candidates, or None (never edits the IR).
 
     ``form`` forces one form (see :class:`Reparameterization`) and skips the cost model:
-    every linear candidate is merged when the form applies.
+    every linear candidate is merged when the form applies.  ``why`` collects one line per
+    declined merge of two or more linear candidates (the cost model's estimates).
     """
     out = ir.node(op.output).val
     if not isinstance(out, torch.Tensor) or not isinstance(ir.node(op.input).val, torch.Tensor):
         return None
-    linear = [lc for i in range(len(op.candidates))
-              if (lc := linear_candidate(ir, op, i, exact)) is not None]
+    want = tensor_meta(ir, op.output)
+    # one convolution computes them all: each live candidate must give the op's own shape
+    # and dtype (a candidate broadcast by the sum, or computing in another dtype, stays)
+    linear = [lc for i, cand in enumerate(op.candidates)
+              if (lc := linear_candidate(ir, op, i, exact)) is not None and
+              (lc.zero or tensor_meta(ir, cand.output) == want)]
     sh = shapes_of(ir, op, device)
     if batch is not None:
         sh = dataclasses.replace(sh, batch=batch)
-    plan = _merge_plan(linear, sh, form) if len(linear) >= 2 else None
+    reasons: list[str] = []
+    plan = _merge_plan(linear, sh, form, reasons) if len(linear) >= 2 else None
+    if why is not None and plan is None:
+        why.extend(f"{driver.display_name(op)}: kept {r}" for r in reasons)
     zeros = tuple(c for c in linear if c.zero and (plan is None or c.index not in plan.members))
     if zeros and plan is not None:
         return dataclasses.replace(plan, members=plan.members + tuple(c.index for c in zeros),
@@ -135,8 +146,8 @@ class _GroupCost(NamedTuple):
     rest: Estimate
 
 
-def _merge_plan(linear: list[LinearCandidate], sh: Shapes,
-                form: str | None) -> MergePlan | None:
+def _merge_plan(linear: list[LinearCandidate], sh: Shapes, form: str | None,
+                why: list[str]) -> MergePlan | None:
     if form is not None:
         return _forced(linear, form)
 
@@ -156,7 +167,12 @@ def _merge_plan(linear: list[LinearCandidate], sh: Shapes,
             trial = score([g for g in group if g is not c])
             if trial is not None and (current is None or trial.seconds < current.seconds):
                 group, current, improved = [g for g in group if g is not c], trial, True
+    what = ", ".join(c.label for c in linear)
     if current is None:
+        live = [c for c in linear if not c.zero]
+        if len(live) >= 2 and any(p.learnable for c in live for p in c.pieces):
+            why.append(f"[{what}] apart: no convolution computes them together (strides "
+                       f"differ or their outputs do not align)")
         return None
     apart_all = apart(linear, sh)
     choice = current.choice
@@ -164,6 +180,10 @@ def _merge_plan(linear: list[LinearCandidate], sh: Shapes,
     before = apart_all.seconds
     after = total.seconds
     if after > before or total.saved_bytes > apart_all.saved_bytes:
+        why.append(f"[{what}] apart: est. step {before * 1e3:.3g} ms, saved "
+                   f"{apart_all.saved_bytes / 1024:.3g} KiB apart vs {after * 1e3:.3g} ms, "
+                   f"{total.saved_bytes / 1024:.3g} KiB with {len(group)} of them in one "
+                   f"{choice.form} convolution")
         return None  # never merge when merging makes the step costlier
     estimate = (f"est. step time {100 * (after / before - 1):+.0f}%, saved bytes "
                 f"{100 * (total.saved_bytes / max(apart_all.saved_bytes, 1) - 1):+.0f}%, "
@@ -303,6 +323,11 @@ class Reparameterization(Pass):
 
     def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
         device = DEVICES.get(self.device or ir.device_type, DEVICES["cpu"])
-        return driver.run_on_mixed_ops(
-            ir, ctx, lambda op: match_merge(ir, op, ctx.exact, device, self.form, self.batch),
+        declined: list[str] = []
+        changed = driver.run_on_mixed_ops(
+            ir, ctx, lambda op: match_merge(ir, op, ctx.exact, device, self.form, self.batch,
+                                            declined),
             lambda op, plan: rewrite_merge(ir, op, plan), nested=True)
+        for line in dict.fromkeys(declined):
+            ctx.decide(line)
+        return changed

@@ -34,7 +34,7 @@ from topo_compiler.runtime import nonzero_or_one
 
 __all__ = ["CandidateView", "view_candidate", "SHAREABLE_KINDS",
            "share_key", "Selection", "rebuild_selection", "weighted_sum",
-           "make_out_of_place"]
+           "make_out_of_place", "remove_replaced"]
 
 SHAREABLE_KINDS = (Kind.CONV, Kind.LINEAR, Kind.NORM, Kind.ACT, Kind.POOL, Kind.MODULE)
 """Basic modules the sharing passes may compute once (dropout is stochastic: two dropouts of
@@ -129,11 +129,14 @@ def _chain(ir: SupernetIR, x: str, cand: Candidate, lead: str | None) -> tuple[s
 # --------------------------------------------------------------------------------------
 
 def weight_node(ir: SupernetIR, op: MixedOp, index: int, tag: Tag) -> str:
-    """The node holding candidate ``index``'s weight (a getitem for the stack form)."""
+    """The node holding candidate ``index``'s weight (a getitem for the stack forms)."""
     ref = op.candidates[index].weight
     if ref.index is None:
         return ref.node
-    return ir.add_node("call_function", operator.getitem, (Ref(ref.node), ref.index),
+    # one element, no dimensions: w.view(-1, 1, 1, 1, 1)[i] would broadcast what it scales
+    vector = ir.node(ref.node).val
+    item = (ref.index,) + (0,) * (vector.dim() - 1) if vector.dim() > 1 else ref.index
+    return ir.add_node("call_function", operator.getitem, (Ref(ref.node), item),
                        origin=tag.origin, notes=tag.notes(role=Role.WEIGHT)).name
 
 
@@ -194,7 +197,8 @@ def rebuild_selection(ir: SupernetIR, op: MixedOp, members: Sequence[int],
     or by nothing when ``group_out`` is None (the members contribute zero).
 
     The other candidates keep their weights; the summing nodes are rebuilt in candidate
-    order and the old ones removed.  Returns the new output node of the mixed op.
+    order and the old ones removed (a zero slot of a stack goes with them: its term is
+    exactly zero).  Returns the new output node of the mixed op.
     """
     members = set(members)
     first = min(members)
@@ -202,7 +206,7 @@ def rebuild_selection(ir: SupernetIR, op: MixedOp, members: Sequence[int],
     for i, cand in enumerate(op.candidates):
         if i == first and group_out is not None:
             terms.append((selection.group_weight, group_out))
-        elif i not in members:
+        elif i not in members and not cand.slot:  # a zero slot's term is exactly zero
             terms.append((weight_node(ir, op, i, tag), cand.output))
     new_out = weighted_sum(ir, terms, tag, name="mixed")
     ir.replace_all_uses(op.output, new_out)
@@ -227,3 +231,17 @@ def make_out_of_place(ir: SupernetIR, name: str) -> None:
         ir.set_target(name, str(node.target)[:-1])
     elif "inplace" in node.kwargs:
         ir.set_args(name, node.args, {**node.kwargs, "inplace": False})
+
+
+def remove_replaced(ir: SupernetIR, names: Sequence[str]) -> None:
+    """Remove the modules a rewrite replaced by a shared one, and what only they read.
+
+    ``remove_dead`` keeps in-place nodes (their mutation may be what a later reader sees),
+    but a replaced module's readers all read the shared module now: left in the graph, an
+    in-place one would still clobber its input, which the new selections read.
+    """
+    for name in reversed(list(names)):
+        if name in ir and not ir.users(name):
+            preds = ir.node(name).inputs
+            ir.remove_node(name)
+            ir.remove_dead(preds)

@@ -9,8 +9,10 @@ or BatchNorm goes into that module's kernel or affine transform.
 Exact (the same function, the same running-statistics update, for every input and weight),
 so it also runs with ``exact=True``.  It removes the product of full tensors together with
 the output autograd kept for ``w``'s gradient.  A product is folded only where it is the
-module's only use.  Runs after ``merge``: the selections PMS, FMS and merge leave behind are
-where such products sit.  Naming ``merge`` in ``passes=`` also runs ``fold`` (see
+module's only use, and a convolution only where its scaled kernel -- which autograd keeps
+for backward instead -- is no larger than the output it frees (:func:`fold_pays`, at the
+pass's ``batch``: kernels do not grow with the batch, activations do).  Runs after
+``merge``: the selections PMS, FMS and merge leave behind are where such products sit.  Naming ``merge`` in ``passes=`` also runs ``fold`` (see
 :data:`~topo_compiler.passes.IMPLIED`), which keeps the results ``merge`` gave when it
 folded weights itself.
 """
@@ -18,6 +20,7 @@ folded weights itself.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -29,7 +32,7 @@ from topo_compiler.pass_manager import Pass, PassContext
 from topo_compiler.passes.linear_candidates import KernelBuilder, conv_piece, scaled_conv
 from topo_compiler.passes.mixed_op_driver import Tag
 
-__all__ = ["WeightFolding", "match_fold", "fold_weights"]
+__all__ = ["WeightFolding", "match_fold", "fold_pays", "fold_weights"]
 
 _FOLDABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -91,18 +94,37 @@ def rewrite_fold(ir: SupernetIR, match: FoldMatch) -> str:
     return new
 
 
-def fold_weights(ir: SupernetIR) -> list[str]:
-    """Fold every foldable product, in program order, so nested products (``w_F * (w' *
-    conv)``) fold one after the other; returns the products folded."""
-    folded = []
+def fold_pays(ir: SupernetIR, match: FoldMatch, batch: int | None = None) -> bool:
+    """Whether the fold keeps no more bytes for backward than it frees: the product kept
+    the term's output (for ``w``'s gradient), a folded convolution keeps its scaled kernel
+    and bias; ``batch`` scales the output (default: the example inputs' batch)."""
+    term = ir.node(match.term)
+    if term.kind is not Kind.CONV:
+        return True  # BatchNorm: a C-element scaled affine transform
+    piece, _ = conv_piece(ir, match.term)
+    out = term.val.numel() * (batch / term.val.shape[0] if batch else 1)
+    kernel = piece.out_channels * (piece.in_channels // piece.groups) * \
+        math.prod(piece.kernel_size) + (piece.out_channels if piece.bias else 0)
+    return kernel <= out
+
+
+def fold_weights(ir: SupernetIR, batch: int | None = None) -> tuple[list[str], list[str]]:
+    """Fold every foldable product that pays (:func:`fold_pays`), in program order, so nested
+    products (``w_F * (w' * conv)``) fold one after the other; returns (the products folded,
+    the products kept because folding would keep more)."""
+    folded, kept = [], []
     for name in ir.topological_order():
         if name not in ir:
             continue
         match = match_fold(ir, name)
-        if match is not None:
+        if match is None:
+            continue
+        if fold_pays(ir, match, batch):
             rewrite_fold(ir, match)
             folded.append(name)
-    return folded
+        else:
+            kept.append(name)
+    return folded, kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +133,18 @@ class WeightFolding(Pass):
     term."""
 
     name = "fold"
+    batch: int | None = None
+    """Batch size the memory comparison assumes (default: the example inputs'): compile with
+    the training batch or say it here."""
 
     def run(self, ir: SupernetIR, ctx: PassContext) -> bool:
-        folded = fold_weights(ir)
+        folded, kept = fold_weights(ir, self.batch)
         if folded:
             ctx.decide(f"folded {len(folded)} weights into the convolution or BatchNorm "
                        f"that computes their term (w * conv(z) = conv(z, w K), w * bn(u) = "
                        f"bn(u) with its affine transform scaled)")
+        if kept:
+            ctx.decide(f"kept {len(kept)} products w * conv(z) as they are: the scaled "
+                       f"kernel autograd would keep is larger than the output it frees at "
+                       f"batch {self.batch or 'of the example inputs'}")
         return bool(folded)

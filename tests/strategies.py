@@ -7,10 +7,16 @@ often share leading and trailing modules, as real search spaces do):
 * ``("relu", form)`` with form module / functional / method,
 * ``("conv", k, dilation, depthwise, bias)`` ("same" padding),
 * ``("bn", affine)``,
-* ``("maxpool",)``, ``("avgpool", count_include_pad)``.
+* ``("maxpool",)``, ``("avgpool", count_include_pad)``,
+* ``("expand", ratio)``: a 1x1 convolution to ``ratio * C`` channels; the modules after it
+  work on that width until ``("project",)`` (or the chain's end) maps back to ``C``
+  (MBConv's inverted bottleneck: :func:`mbconv` builds the whole block).
 
 The stride of an edge applies to the first spatial module of each chain (a pool is prepended
-when a chain has none).
+when a chain has none).  A cell's mixed ops sum their candidates in one of three forms
+(``sum``, ``stack``, ``slot``: NNI's stack with a zero slot for ``none`` appended), and with
+``edge_norm`` the edges run in parallel, each on its own state, under their own
+``BatchNorm(affine=False)``, summed with soft edge weights (PC-DARTS's edge normalization).
 """
 from __future__ import annotations
 
@@ -32,6 +38,13 @@ class CellSpec:
     candidates: tuple[tuple[tuple, ...], ...]     # per edge: candidate chains (same count)
     alpha_scale: float
     seed: int
+    form: str = "sum"                             # "sum", "stack" or "slot"
+    edge_norm: bool = False
+
+    @property
+    def n_weights(self) -> int:
+        """Architecture weights per edge: one per candidate, plus the zero slot."""
+        return len(self.candidates[0]) + (self.form == "slot")
 
 
 class FunctionalReLU(nn.Module):
@@ -54,7 +67,8 @@ class Zero(nn.Module):
         return x[:, :, ::self.stride, ::self.stride].mul(0.)
 
 
-def _module(token: tuple, C: int, stride: int) -> nn.Module:
+def _module(token: tuple, C: int, stride: int, base: int | None = None) -> nn.Module:
+    """The module of ``token`` on ``C`` channels (``base``: the edge's width, for expand)."""
     kind = token[0]
     if kind == "relu":
         return nn.ReLU() if token[1] == "module" else FunctionalReLU(token[1])
@@ -62,6 +76,10 @@ def _module(token: tuple, C: int, stride: int) -> nn.Module:
         _, k, d, depthwise, bias = token
         return nn.Conv2d(C, C, k, stride=stride, padding=d * (k - 1) // 2, dilation=d,
                          groups=C if depthwise else 1, bias=bias)
+    if kind == "expand":
+        return nn.Conv2d(C, (base or C) * token[1], 1, bias=False)
+    if kind == "project":
+        return nn.Conv2d(C, base or C, 1, bias=False)
     if kind == "bn":
         return nn.BatchNorm2d(C, affine=token[1])
     if kind == "maxpool":
@@ -82,21 +100,37 @@ def build_candidate(chain: tuple, C: int, stride: int) -> nn.Module:
     tokens = list(chain)
     if stride != 1 and not any(t[0] in SPATIAL for t in tokens):
         tokens.insert(0, ("avgpool", True))
-    mods, strided = [], False
+    mods, strided, width = [], False, C
     for t in tokens:
         s = stride if t[0] in SPATIAL and not strided else 1
         strided |= t[0] in SPATIAL
-        mods.append(_module(t, C, s))
+        mods.append(_module(t, width, s, C))
+        if t[0] in ("expand", "project"):
+            width = C * t[1] if t[0] == "expand" else C
+    if width != C:  # MBConv's linear projection back to the edge's width
+        mods.append(nn.Conv2d(width, C, 1, bias=False))
     return nn.Sequential(*mods)
 
 
+def mbconv(ratio: int, k: int) -> tuple:
+    """An MBConv chain: expand, BN, ReLU, depthwise kxk, BN, ReLU, projection, BN."""
+    return (("expand", ratio), ("bn", True), ("relu", "module"), ("conv", k, 1, True, False),
+            ("bn", True), ("relu", "module"), ("project",), ("bn", False))
+
+
 class MixedOp(nn.Module):
-    def __init__(self, C: int, chains, stride: int):
+    def __init__(self, C: int, chains, stride: int, form: str = "sum"):
         super().__init__()
         self._ops = nn.ModuleList(build_candidate(c, C, stride) for c in chains)
+        self.form = form
 
     def forward(self, x, weights):
-        return sum(w * op(x) for w, op in zip(weights, self._ops))
+        if self.form == "sum":
+            return sum(w * op(x) for w, op in zip(weights, self._ops))
+        outs = torch.stack([op(x) for op in self._ops])
+        if self.form == "slot":
+            outs = torch.cat([outs, torch.zeros_like(outs[:1])], 0)
+        return (outs * weights.view(-1, 1, 1, 1, 1)).sum(0)
 
 
 class RandomSupernet(nn.Module):
@@ -108,10 +142,16 @@ class RandomSupernet(nn.Module):
         C = spec.channels
         self.resolution = spec.resolution
         self.stem = nn.Conv2d(3, C, 3, padding=1, bias=False)
-        self.edges = nn.ModuleList(MixedOp(C, chains, s)
+        self.edges = nn.ModuleList(MixedOp(C, chains, s, spec.form)
                                    for chains, s in zip(spec.candidates, spec.strides))
-        n = len(spec.candidates[0])
-        self.alphas = nn.Parameter(spec.alpha_scale * torch.randn(len(spec.strides), n))
+        self.alphas = nn.Parameter(spec.alpha_scale * torch.randn(len(spec.strides),
+                                                                  spec.n_weights))
+        self.edge_norm = spec.edge_norm
+        if spec.edge_norm:  # each edge reads its own state and has its own BatchNorm
+            self.states = nn.ModuleList(nn.Conv2d(C, C, 1, bias=False) for _ in spec.strides)
+            self.edge_bns = nn.ModuleList(nn.BatchNorm2d(C, affine=False)
+                                          for _ in spec.strides)
+            self.betas = nn.Parameter(torch.randn(len(spec.strides)))
         self.head = nn.Linear(C, num_classes)
         # give BatchNorm non-trivial statistics and affine parameters
         for m in self.modules():
@@ -126,10 +166,17 @@ class RandomSupernet(nn.Module):
         return [self.alphas]
 
     def forward(self, x):
-        weights = F.softmax(self.alphas, dim=-1)
+        return self.cell(x, F.softmax(self.alphas, dim=-1))
+
+    def cell(self, x, weights):
         h = self.stem(x)
-        for i, edge in enumerate(self.edges):
-            h = edge(h, weights[i])
+        if self.edge_norm:
+            b = F.softmax(self.betas, dim=-1)
+            h = sum(b[i] * bn(edge(state(h), weights[i])) for i, (edge, state, bn) in
+                    enumerate(zip(self.edges, self.states, self.edge_bns)))
+        else:
+            for i, edge in enumerate(self.edges):
+                h = edge(h, weights[i])
         return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
     def example_input(self, batch: int = 2) -> torch.Tensor:
@@ -147,24 +194,40 @@ def tokens() -> st.SearchStrategy[tuple]:
     )
 
 
-def chains(max_len: int = 4) -> st.SearchStrategy[tuple]:
-    return st.one_of(
-        st.just(("identity",)), st.just(("zero",)),
-        st.lists(tokens(), min_size=1, max_size=max_len).map(tuple))
+def chains(max_len: int = 4, widths: bool = False) -> st.SearchStrategy[tuple]:
+    """Candidate chains; ``widths`` adds expand tokens and whole MBConv blocks of random
+    expand ratio and kernel size (candidates whose inner tensors differ in width)."""
+    token = st.one_of(tokens(), st.tuples(st.just("expand"), st.sampled_from((1, 2, 3)))) \
+        if widths else tokens()
+    options = [st.just(("identity",)), st.just(("zero",)),
+               st.lists(token, min_size=1, max_size=max_len).map(tuple)]
+    if widths:
+        options.append(st.builds(mbconv, st.sampled_from((2, 3)), st.sampled_from((3, 5))))
+    return st.one_of(*options)
 
 
 @st.composite
-def cell_specs(draw, max_edges: int = 2, max_candidates: int = 5) -> CellSpec:
+def cell_specs(draw, max_edges: int = 2, max_candidates: int = 5,
+               variants: bool = False) -> CellSpec:
+    """Random cells; ``variants`` also draws widths (expand ratios, MBConv blocks), the
+    stack and zero-slot forms and edge normalization."""
     n_edges = draw(st.integers(1, max_edges))
     n_cands = draw(st.integers(2, max_candidates))
+    form = draw(st.sampled_from(("sum", "stack", "slot"))) if variants else "sum"
+    edge_norm = variants and draw(st.booleans())
+    strides = tuple(draw(st.sampled_from((1, 1, 2))) for _ in range(n_edges))
+    if edge_norm:  # the edges' outputs are summed: one stride for all
+        strides = (strides[0],) * n_edges
     return CellSpec(
         channels=draw(st.sampled_from((2, 4))),
         resolution=draw(st.sampled_from((6, 8))),
-        strides=tuple(draw(st.sampled_from((1, 1, 2))) for _ in range(n_edges)),
-        candidates=tuple(tuple(draw(chains()) for _ in range(n_cands))
+        strides=strides,
+        candidates=tuple(tuple(draw(chains(widths=variants)) for _ in range(n_cands))
                          for _ in range(n_edges)),
         alpha_scale=draw(st.sampled_from((0.0, 1e-3, 1.0, 3.0))),
         seed=draw(st.integers(0, 2 ** 16)),
+        form=form,
+        edge_norm=edge_norm,
     )
 
 
@@ -181,10 +244,7 @@ class RandomSupernetWithWeights(RandomSupernet):
     one-hot weights, a pruning mask, or any weights) instead of computing softmax(alpha)."""
 
     def forward(self, x, weights):
-        h = self.stem(x)
-        for i, edge in enumerate(self.edges):
-            h = edge(h, weights[i])
-        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+        return self.cell(x, weights)
 
 
 def build_with_weights(spec: CellSpec) -> tuple[nn.Module, torch.Tensor]:
@@ -194,7 +254,7 @@ def build_with_weights(spec: CellSpec) -> tuple[nn.Module, torch.Tensor]:
 def one_hot_rows(spec: CellSpec) -> list[torch.Tensor]:
     """Every vertex of the simplex for every edge at once: row k picks candidate k
     (modulo the row length) on each edge."""
-    n_edges, n = len(spec.strides), len(spec.candidates[0])
+    n_edges, n = len(spec.strides), spec.n_weights
     out = []
     for k in range(n):
         w = torch.zeros(n_edges, n)

@@ -108,3 +108,14 @@ def test_quick_cli_writes_json_and_markdown(tmp_path):
         assert (rows[name]["status"] == "not implemented yet") == bool(missing)
     text = markdown.read_text()
     assert "| nb201 | traced |" in text and "benchmarks:cpu:begin" in text
+
+
+def test_guard_cost_measures_the_checks_of_an_unchanged_model():
+    from benchmarks.guard_cost import guard_cost_line, measure_guard_cost
+    from benchmarks.suite import Sizes
+
+    cost = measure_guard_cost(sizes=Sizes(batch=2, C=4, layers=3, resolution=8), calls=20,
+                              steps=1)
+    assert cost["guards"] > 0 and cost["check_us"] > 0 and cost["eager_step_ms"] > 0
+    assert cost["fraction"] == pytest.approx(cost["check_us"] / 1e3 / cost["eager_step_ms"])
+    assert f"{cost['guards']} guards" in guard_cost_line(cost)

@@ -179,7 +179,7 @@ def run(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")
         try:
             compiled = compile_supernet(model, inputs, passes=passes, exact=args.exact,
-                                        hooks=[keep])
+                                        hooks=[keep], partial=False)  # pictures need one IR
         except TraceError as exc:
             shape = "x".join(str(v) for v in inputs[0].shape)
             raise VizError(f"the input shape {shape} does not fit {name}: "

@@ -1,26 +1,56 @@
 """Mixed-op analysis: find the weighted sums of candidate branches that read one input.
 
-A mixed op (the paper's Eq. 2) is ``o(x) = sum_i w_i * o_i(x)``.  In a traced supernet it
-appears in one of two forms:
+What a mixed op is
+------------------
+The paper's Eq. 1-2: one edge of the supernet reads a tensor ``x`` and returns
+``o(x) = sum_i w_i * o_i(x)`` over its candidate operations ``o_i``, with one architecture
+weight ``w_i`` per candidate.  In a traced supernet a node computes a mixed op when:
 
-* **sum form** -- a tree of ``add`` nodes (``sum(...)`` starts it with a literal ``0``) whose
-  leaves are terms ``w_i * o_i`` (either operand order), each ``w_i`` a one-element weight::
+1. **It is a weighted sum** of two or more terms, in one of three forms:
 
-      add(add(add(0, mul(w0, o0)), mul(w1, o1)), mul(o2, w2))
+   * *sum form* -- a tree of ``add`` nodes (``sum(...)`` starts it with a literal ``0``)
+     whose leaves are terms ``w_i * o_i`` (either operand order)::
 
-* **stack form** -- ``sum(stack([o_0, ..., o_n]) * w.view(-1, 1, 1, 1, 1), 0)`` (NNI's
-  ``DartsLayerChoice``), the weight vector viewed to broadcast over the stacked candidates.
+         add(add(add(0, mul(w0, o0)), mul(w1, o1)), mul(o2, w2))
 
-Each candidate's *branch* is the set of nodes only it uses, found by walking back from its
-output while every user of a node lies in the branch; what the branches read is the mixed op's
-*input*.  A weighted sum is a mixed op only when all candidates read the same single input and
-no weight depends on it: residual adds (unweighted), PC-DARTS's edge-normalised sum and a
-cell's sum over edges (weighted, but over different inputs) are not.
+   * *stack form* -- ``sum(stack([o_0, ..., o_n]) * w.view(-1, 1, 1, 1, 1), 0)``;
+   * *stack-plus-slot form* -- the stack with a block of zeros appended for the ``none``
+     candidate, ``cat([stack(o...), zeros_like(stack[:1])], 0)``, weighted by ``n + 1``
+     weights; each zero row is a candidate (a *slot*: it has no tensor of its own).
+
+2. **Each weight is an architecture weight**: a one-element tensor (or element ``i`` of a
+   weight vector) that does not depend on the data the candidates compute on.
+
+3. **Every candidate reads the same single input x.**  A candidate's *branch* is the set of
+   nodes only it uses, found by walking back from its output while every user of a node
+   lies in the branch; what the branch reads is the candidate's input.  An identity
+   candidate is ``x`` itself.  A candidate that is constant zero in any form counts: the
+   ``Zero`` op ``x.mul(0.)`` (strided or not), ``zeros_like(x)``, ``x.new_zeros(...)``, a
+   zero slot.  A selection nested inside a branch whose weights derive from other
+   architecture weights than the sum's own is an edge of its own: the walk stops at its
+   input (where that edge starts), however far back the branch would otherwise reach.
+
+4. **It chooses among candidates, not among edges**: at most one term may hold a mixed op
+   over other architecture weights.  Two or more such terms make the sum a combination of
+   edges -- PC-DARTS's edge normalization ``b0 * bn0(mixed0(s0)) + b1 * bn1(mixed1(s1))``,
+   whose weights stay soft in the final network -- and never a mixed op, even when both
+   edges read one tensor.
+
+Nested selections built from the sum's own weights (the cascaded selections of Eq. 7-8 the
+sharing passes create, ``w'_i = w_i / w_S``) are part of their candidate, so a rewritten
+mixed op is found again, whole, by the next round.
+
+Not mixed ops: residual adds (unweighted), a cell's sum over edges and DARTS's node sums
+(over different inputs), edge normalization (rule 4), data-dependent gates (rule 2), sums
+with a term not weighted by one element.  Every weighted sum of two or more terms that is
+not taken is listed by :func:`declined_sums` with the reason and its source line (for the
+report), e.g. ``branches read different inputs``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterable
 
 import networkx as nx
@@ -29,13 +59,14 @@ import torch
 from .descriptors import Kind, Ref
 from .ir import SupernetIR
 
-__all__ = ["WeightRef", "Candidate", "MixedOp", "find_mixed_ops", "mixed_op_at"]
+__all__ = ["WeightRef", "Candidate", "MixedOp", "DeclinedSum", "find_mixed_ops",
+           "mixed_op_at", "declined_sums", "tensor_meta"]
 
 
 @dataclasses.dataclass(frozen=True)
 class WeightRef:
     """Where a candidate's architecture weight w_i lives: a one-element node, or element
-    ``index`` of a weight vector (stack form)."""
+    ``index`` of a weight vector (stack forms)."""
 
     node: str
     index: int | None = None
@@ -49,14 +80,18 @@ class Candidate:
     """One candidate operation o_i of a mixed op."""
 
     output: str
-    """The node holding o_i(x); the mixed op's input itself for an identity candidate."""
+    """The node holding o_i(x); the mixed op's input itself for an identity candidate; the
+    block of zeros for a slot."""
     branch: tuple[str, ...]
-    """Nodes only this candidate uses, in program order (empty for identity)."""
+    """Nodes only this candidate uses, in program order (empty for identity and slots)."""
     weight: WeightRef
     term: str | None
-    """The node computing w_i * o_i (sum form); None in the stack form."""
+    """The node computing w_i * o_i (sum form); None in the stack forms."""
     kind: str
     """'zero', 'identity' or 'op'."""
+    slot: bool = False
+    """A zero row appended to the stack: no tensor of its own, its term is exactly zero
+    whatever the input (``zeros_like`` of anything, even of inf or nan, is 0)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +103,11 @@ class MixedOp:
     input: str
     candidates: tuple[Candidate, ...]
     sum_nodes: tuple[str, ...]
-    """The nodes that weight and sum the candidates (terms, adds / stack, mul, sum)."""
+    """The nodes that weight and sum the candidates (terms, adds / stack, cat, mul, sum)."""
     output: str
     """The node holding the weighted sum."""
     form: str
-    """'sum' or 'stack'."""
+    """'sum', 'stack' or 'stack+slot'."""
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -82,6 +117,28 @@ class MixedOp:
             out.extend(c.branch)
         out.extend(self.sum_nodes)
         return tuple(dict.fromkeys(out))
+
+
+@dataclasses.dataclass(frozen=True)
+class DeclinedSum:
+    """A weighted sum of two or more terms that is not a mixed op, and why."""
+
+    output: str
+    """The node holding the sum."""
+    reason: str
+    where: str
+    """The source line that computes the sum (``file.py:123``), or its module path."""
+
+    def describe(self) -> str:
+        return f"weighted sum at {self.where} ({self.output}) is not a mixed op: {self.reason}"
+
+
+def tensor_meta(ir: SupernetIR, name: str) -> tuple | None:
+    """(shape, dtype) of a node's meta tensor; None when it holds no tensor."""
+    val = ir.node(name).val
+    if not isinstance(val, torch.Tensor):
+        return None
+    return tuple(val.shape), val.dtype
 
 
 def _is_scalar(val) -> bool:
@@ -100,11 +157,50 @@ def _operands(ir: SupernetIR, name: str) -> list | None:
     return list(node.args) if len(node.args) == 2 else None
 
 
+def _where(ir: SupernetIR, name: str) -> str:
+    node = ir.node(name)
+    if node.source:
+        return f"{os.path.basename(node.source[0])}:{node.source[1]}"
+    return node.module_path or "<root>"
+
+
+def _listing(names: Iterable[str], limit: int = 3) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 class _Finder:
+    """Matches weighted sums, each once (memoized): a MixedOp, a DeclinedSum, or None for a
+    node that is no weighted sum of two or more terms."""
+
     def __init__(self, ir: SupernetIR):
         self.ir = ir
         self.g = ir.graph
         self._ancestors: dict[str, set[str]] = {}
+        self._sources: dict[str, frozenset[str]] = {}
+        self._at: dict[str, MixedOp | DeclinedSum | None] = {}
+
+    def at(self, root: str) -> MixedOp | DeclinedSum | None:
+        if root not in self._at:
+            self._at[root] = None  # a DAG has no cycles; this only guards re-entry
+            if self.is_add(root):
+                self._at[root] = None if self.is_zero_start(root) else self.sum_form(root)
+            else:
+                self._at[root] = self.stack_form(root)
+        return self._at[root]
+
+    def is_root(self, name: str) -> bool:
+        """Whether ``name`` can end a weighted sum: an add no enclosing add tree expands, or
+        the reduction of a stack form."""
+        node = self.ir.node(name)
+        if node.desc.op == "sum":
+            return True
+        if not self.is_add(name):
+            return False
+        users = list(self.g.successors(name))
+        return not (len(users) == 1 and self.is_add(users[0]) and
+                    not self.is_zero_start(users[0]))
 
     # -- terms and trees --------------------------------------------------------------
     def weighted_term(self, name: str) -> tuple[str, str] | None:
@@ -155,16 +251,18 @@ class _Finder:
         return adds, leaves
 
     # -- branches ---------------------------------------------------------------------
-    def branch(self, output: str, consumer: str) -> tuple[list[str], set[str]]:
-        """(exclusive nodes, data inputs) of the candidate producing ``output``."""
+    def branch(self, output: str, consumer: str,
+               stop: frozenset[str] = frozenset()) -> tuple[list[str], set[str]]:
+        """(exclusive nodes, data inputs) of the candidate producing ``output``; the walk
+        never enters the nodes in ``stop``."""
         succ, pred, node_of = self.g.succ, self.g.pred, self.ir.node
         owned: set[str] = set()
-        if all(u == consumer for u in succ[output]):
+        if output not in stop and all(u == consumer for u in succ[output]):
             owned.add(output)
             stack = list(pred[output])
             while stack:
                 name = stack.pop()
-                if name in owned:
+                if name in owned or name in stop:
                     continue
                 node = node_of(name)
                 if node.opcode in ("placeholder", "output") or _is_scalar(node.val):
@@ -198,39 +296,94 @@ class _Finder:
 
     def weight_reads(self, weight: str, input_: str) -> bool:
         """Whether the weight node depends on the mixed op's input (then it is no weight)."""
-        ancestors = self._ancestors.get(weight)
-        if ancestors is None:
-            ancestors = self._ancestors[weight] = nx.ancestors(self.g, weight)
-        return input_ in ancestors
+        return input_ in self.ancestors(weight)
+
+    def ancestors(self, name: str) -> set[str]:
+        got = self._ancestors.get(name)
+        if got is None:
+            got = self._ancestors[name] = nx.ancestors(self.g, name)
+        return got
+
+    def sources(self, weight: str) -> frozenset[str]:
+        """The leaves an architecture weight is computed from (its parameters or inputs)."""
+        got = self._sources.get(weight)
+        if got is None:
+            node_of = self.ir.node
+            got = frozenset(n for n in self.ancestors(weight) | {weight}
+                            if node_of(n).opcode in ("placeholder", "get_attr"))
+            self._sources[weight] = got
+        return got
+
+    def op_sources(self, op: MixedOp) -> frozenset[str]:
+        return frozenset().union(*(self.sources(c.weight.node) for c in op.candidates))
+
+    def foreign_selections(self, branch: list[str], own: frozenset[str]) -> list[MixedOp]:
+        """Mixed ops inside ``branch`` whose weights share no source with ``own``."""
+        found = []
+        for name in branch:
+            if self.is_root(name):
+                op = self.at(name)
+                if isinstance(op, MixedOp) and not (self.op_sources(op) & own):
+                    found.append(op)
+        return found
 
     def build(self, terms: list[tuple[WeightRef, str, str | None]], consumer_of,
-              sum_nodes: list[str], output: str, form: str) -> MixedOp | None:
-        """A MixedOp from (weight, candidate output, term) triples, or None."""
-        if len(terms) < 2:
+              sum_nodes: list[str], output: str, form: str,
+              slots: Iterable[tuple[WeightRef, str]] = ()) -> MixedOp | DeclinedSum | None:
+        """A MixedOp from (weight, candidate output, term) triples, a DeclinedSum saying why
+        the weighted sum is none, or None for fewer than two terms."""
+        slots = list(slots)
+        if len(terms) + len(slots) < 2:
             return None
-        cands, inputs = [], set()
-        for weight, out, term in terms:
-            branch, reads = self.branch(out, consumer_of(term, out))
+        own = frozenset().union(*(self.sources(w.node) for w, _, _ in terms),
+                                *(self.sources(w.node) for w, _ in slots))
+        cands, edges = [], []
+        for k, (weight, out, term) in enumerate(terms):
+            consumer = consumer_of(term, out)
+            branch, reads = self.branch(out, consumer)
+            nested = self.foreign_selections(branch, own)
+            if nested:  # a selection over other weights: its input is where this edge starts
+                edges.append((k, nested))
+                branch, reads = self.branch(out, consumer, frozenset(m.input for m in nested))
             if not branch:
                 reads = {out}
-            inputs |= reads
-            cands.append((weight, out, term, branch))
-            if len(inputs) > 1:
-                return None
-        if len(inputs) != 1:
-            return None
+            cands.append((weight, out, term, branch, reads))
+        inputs = set().union(*(r for *_, r in cands))
+        if len(inputs) > 1:
+            by_reads: dict[tuple[str, ...], list[int]] = {}
+            for k, (*_, reads) in enumerate(cands):
+                by_reads.setdefault(tuple(sorted(reads)), []).append(k)
+            parts = "; ".join(f"term{'s' if len(ks) > 1 else ''} {_listing(map(str, ks))} "
+                              f"read{'' if len(ks) > 1 else 's'} {_listing(reads)}"
+                              for reads, ks in by_reads.items())
+            return self.declined(output, f"branches read different inputs ({parts})")
+        if len(edges) >= 2:
+            held = _listing(self.ir.node(ops[0].output).module_path or ops[0].output
+                            for _, ops in edges)
+            return self.declined(
+                output, f"terms {_listing(str(k) for k, _ in edges)} hold mixed ops over "
+                        f"other architecture weights ({held}): a sum over edges, such as "
+                        f"edge normalization, not a choice among candidates")
+        if not inputs:
+            return self.declined(output, "no candidate reads a tensor")
         (input_,) = inputs
-        if any(self.weight_reads(w.node, input_) for w, _, _, _ in cands):
-            return None
-        candidates = tuple(
-            Candidate(out, tuple(branch), weight, term,
-                      self.candidate_kind(branch, out, input_))
-            for weight, out, term, branch in cands)
+        for weight, *_ in cands:
+            if self.weight_reads(weight.node, input_):
+                return self.declined(output, f"weight {weight} depends on the data "
+                                             f"({input_}): a gate, not an architecture weight")
+        candidates = [
+            Candidate(out, tuple(branch), weight, term, self.candidate_kind(branch, out, input_))
+            for weight, out, term, branch, _ in cands]
+        candidates += [Candidate(node, (), weight, None, "zero", slot=True)
+                       for weight, node in slots]
         sum_order = sorted(set(sum_nodes), key=lambda n: self.ir.node(n).order)
-        return MixedOp("", input_, candidates, tuple(sum_order), output, form)
+        return MixedOp("", input_, tuple(candidates), tuple(sum_order), output, form)
 
-    # -- the two forms ------------------------------------------------------------------
-    def sum_form(self, root: str) -> MixedOp | None:
+    def declined(self, output: str, reason: str) -> DeclinedSum:
+        return DeclinedSum(output, reason, _where(self.ir, output))
+
+    # -- the forms ---------------------------------------------------------------------
+    def sum_form(self, root: str) -> MixedOp | DeclinedSum | None:
         adds, leaves = self.sum_tree(root)
         if "<literal>" in leaves:
             return None
@@ -243,8 +396,9 @@ class _Finder:
         return self.build(terms, lambda term, out: term, adds + [t for _, _, t in terms],
                           root, "sum")
 
-    def stack_form(self, name: str) -> MixedOp | None:
-        """``sum(mul(stack([o...]), w_view), dim=0)`` -> MixedOp."""
+    def stack_form(self, name: str) -> MixedOp | DeclinedSum | None:
+        """``sum(mul(stacked, w_view), dim=0)`` -> MixedOp, where ``stacked`` is
+        ``stack([o...])`` or ``cat([stack([o...]), zeros], 0)``."""
         node = self.ir.node(name)
         if node.desc.op != "sum" or len(node.inputs) != 1:
             return None
@@ -258,59 +412,128 @@ class _Finder:
                 list(self.g.successors(mul)) != [name]:
             return None
         for stacked, weights in ((ops[0].name, ops[1].name), (ops[1].name, ops[0].name)):
-            snode = self.ir.node(stacked)
-            if snode.desc.op != "stack" or snode.desc.hparam("dim", 0) != 0 or \
-                    list(self.g.successors(stacked)) != [mul]:
+            got = self.stacked(stacked, mul)
+            if got is None:
                 continue
-            items = snode.args[0] if snode.args else snode.kwargs.get("tensors")
-            if not isinstance(items, (list, tuple)) or \
-                    not all(isinstance(i, Ref) for i in items):
-                continue
+            items, stack_node, slots, extra = got
+            n = len(items) + len(slots)
             wval = self.ir.node(weights).val
-            n = len(items)
             if not isinstance(wval, torch.Tensor) or wval.numel() != n or \
                     wval.dim() == 0 or wval.shape[0] != n:
                 continue
-            terms = [(WeightRef(weights, i), item.name, None) for i, item in enumerate(items)]
-            return self.build(terms, lambda term, out: stacked, [stacked, mul, name], name,
-                              "stack")
+            terms = [(WeightRef(weights, i), item, None) for i, item in items]
+            slot_refs = [(WeightRef(weights, i), zero) for i, zero in slots]
+            return self.build(terms, lambda term, out: stack_node,
+                              extra + [mul, name], name,
+                              "stack+slot" if slots else "stack", slot_refs)
         return None
+
+    def stacked(self, name: str, consumer: str) -> tuple | None:
+        """``([(row, item)], stack node, [(row, zero block)], summing nodes)`` of a stack of
+        candidates, possibly with zero slots concatenated along dim 0; None otherwise."""
+        node = self.ir.node(name)
+        if list(self.g.successors(name)) != [consumer]:
+            return None
+        stack = self._stack_items(name)
+        if stack is not None:
+            return [(i, item) for i, item in enumerate(stack)], name, [], [name]
+        if node.desc.op != "cat" or not isinstance(node.val, torch.Tensor) or \
+                node.desc.hparam("dim", 0) not in (0, -node.val.dim()):
+            return None
+        parts = node.args[0] if node.args else node.kwargs.get("tensors")
+        if not isinstance(parts, (list, tuple)) or not all(isinstance(p, Ref) for p in parts):
+            return None
+        stacks = [p.name for p in parts if self._stack_items(p.name) is not None]
+        if len(stacks) != 1:
+            return None
+        (stack_node,) = stacks
+        items, slots, extra, row = [], [], [name, stack_node], 0
+        for p in parts:
+            if p.name == stack_node:
+                items += [(row + i, item) for i, item in enumerate(self._stack_items(p.name))]
+                row += len(self._stack_items(p.name))
+                continue
+            zero = self._zero_block(p.name, name, stack_node)
+            if zero is None:
+                return None
+            rows, nodes = zero
+            slots += [(row + i, p.name) for i in range(rows)]
+            extra += nodes
+            row += rows
+        if set(self.g.successors(stack_node)) - set(extra):
+            return None  # the stack feeds something besides the cat and its zero blocks
+        return items, stack_node, slots, extra
+
+    def _stack_items(self, name: str) -> list[str] | None:
+        node = self.ir.node(name)
+        if node.desc.op != "stack" or node.desc.hparam("dim", 0) != 0:
+            return None
+        items = node.args[0] if node.args else node.kwargs.get("tensors")
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, Ref) for i in items):
+            return None
+        return [i.name for i in items]
+
+    def _zero_block(self, name: str, consumer: str, stack: str) -> tuple | None:
+        """(rows, nodes) when ``name`` is a constant-zero block read only by ``consumer``
+        and computed from nothing but ``stack`` (``zeros_like(outs[:1])``)."""
+        node = self.ir.node(name)
+        if node.kind is not Kind.ZERO or not isinstance(node.val, torch.Tensor) or \
+                node.val.dim() == 0:
+            return None
+        branch, reads = self.branch(name, consumer)
+        if not branch or reads - {stack} or any(
+                self.ir.node(n).kind not in (Kind.ZERO, Kind.LAYOUT, Kind.SHAPE)
+                for n in branch):
+            return None
+        return node.val.shape[0], branch
 
 
 def find_mixed_ops(ir: SupernetIR) -> list[MixedOp]:
     """Every mixed op of the IR, in program order, named by its place in the network."""
-    return list(ir.cached("mixed_ops", lambda: _find_mixed_ops(ir), reads_notes=False))
+    return list(_analyse(ir)[0])
 
 
-def _find_mixed_ops(ir: SupernetIR) -> tuple[MixedOp, ...]:
+def declined_sums(ir: SupernetIR) -> list[DeclinedSum]:
+    """Every weighted sum of two or more terms that is not a mixed op, with the reason."""
+    return list(_analyse(ir)[1])
+
+
+def _analyse(ir: SupernetIR) -> tuple[tuple[MixedOp, ...], tuple[DeclinedSum, ...]]:
+    return ir.cached("weighted_sums", lambda: _find(ir), reads_notes=False)
+
+
+def _find(ir: SupernetIR) -> tuple[tuple[MixedOp, ...], tuple[DeclinedSum, ...]]:
     finder = _Finder(ir)
     found: list[MixedOp] = []
     absorbed: set[str] = set()
-    for name in reversed(list(nx.topological_sort(ir.graph))):  # outer sums first
+    declined: list[tuple[DeclinedSum, set[str]]] = []
+    in_declined: set[str] = set()
+    for name in reversed(ir.topological_order()):  # outer sums first
         if name in absorbed:
             continue
-        if finder.is_add(name):
-            if finder.is_zero_start(name):
-                continue
-            op = finder.sum_form(name)
-        else:
-            op = finder.stack_form(name)
-        if op is not None:
-            found.append(op)
-            absorbed.update(op.sum_nodes)
+        got = finder.at(name)
+        if isinstance(got, MixedOp):
+            found.append(got)
+            absorbed.update(got.sum_nodes)
+        elif isinstance(got, DeclinedSum) and name not in in_declined:
+            # an add tree flattens nested sums: when the whole tree is declined, its inner
+            # sums are tried on their own (DARTS's node sum holds whole mixed ops)
+            nodes = set(finder.sum_tree(name)[0]) if finder.is_add(name) else {name}
+            declined.append((got, nodes))
+            in_declined |= nodes
     found.sort(key=lambda m: ir.node(m.output).order)
-    return tuple(_name_mixed_ops(ir, found))
+    # a declined tree holding a mixed op's sum is a sum over mixed ops, not a weighted sum
+    kept = sorted((d for d, nodes in declined if not nodes & absorbed),
+                  key=lambda d: ir.node(d.output).order)
+    return tuple(_name_mixed_ops(ir, found)), tuple(kept)
 
 
 def mixed_op_at(ir: SupernetIR, output: str, name: str = "") -> MixedOp | None:
     """The mixed op whose weighted sum ends at node ``output`` (a local re-analysis)."""
     if output not in ir:
         return None
-    finder = _Finder(ir)
-    op = finder.sum_form(output) if finder.is_add(output) else finder.stack_form(output)
-    return None if op is None else dataclasses.replace(op, name=name)
-
-
+    op = _Finder(ir).at(output)
+    return dataclasses.replace(op, name=name) if isinstance(op, MixedOp) else None
 def _common_prefix(paths: Iterable[str]) -> str:
     split = [p.split(".") for p in paths if p]
     if not split:

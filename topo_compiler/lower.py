@@ -7,6 +7,9 @@ carry over) plus the modules and tensors passes added.
 
 from __future__ import annotations
 
+import copy
+import inspect
+import types
 from typing import Any
 
 import torch
@@ -21,17 +24,33 @@ __all__ = ["CompiledSupernet", "lower"]
 class CompiledSupernet(fx.GraphModule):
     """The compiled supernet: an fx ``GraphModule`` sharing the user's parameters.
 
-    ``report`` is the :class:`~topo_compiler.report.CompileReport`.  Public attributes the
-    compiled module lacks (``arch_parameters()``, ``genotype()``...) are looked up on the
-    source model, whose tensors it shares.
+    ``report`` is the :class:`~topo_compiler.report.CompileReport`.  Calling it checks the
+    guards of its variants (see :mod:`topo_compiler.guards`) and runs the one that holds,
+    re-tracing when none does.  Methods of the model it lacks (``arch_parameters()``,
+    ``genotype()``, ``loss(x, y)``...) run the model's code with ``self`` reading the model's
+    attributes and calling the compiled forward.  ``copy.deepcopy`` copies the model with it;
+    pickling stores the model and the compile settings and compiles again on load.
     """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        dispatch = self.__dict__.get("_dispatch")
+        if dispatch is None:  # a variant run by its dispatcher, or a bare lowering
+            return super().__call__(*args, **kwargs)
+        return dispatch(args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             source = self.__dict__.get("_source_model")
-            if source is None or name.startswith("_") or name in ("forward",):
+            if source is None or name.startswith("__") or name in ("forward",):
+                raise
+            static = inspect.getattr_static(type(source), name, None)
+            if isinstance(static, types.FunctionType):  # a method: `self(x)` runs compiled
+                return types.MethodType(static, self.model_view())
+            if isinstance(static, property) and static.fget is not None:
+                return static.fget(self.model_view())
+            if name.startswith("_"):
                 raise
             value = getattr(source, name)  # raises AttributeError naming `name`
             if isinstance(value, (nn.Module, torch.Tensor)):
@@ -42,6 +61,70 @@ class CompiledSupernet(fx.GraphModule):
     def source_model(self) -> nn.Module:
         """The model this was compiled from (shares parameters and buffers)."""
         return self.__dict__["_source_model"]
+
+    @property
+    def variants(self) -> list[Any]:
+        """The traced variants, most recent first (``guards.Variant``: module, guards,
+        reason)."""
+        dispatch = self.__dict__.get("_dispatch")
+        return list(dispatch.variants) if dispatch is not None else []
+
+    def model_view(self) -> nn.Module:
+        """The model as its methods see it when called through the compiled module: every
+        attribute is the model's own (same ``__dict__``), but calling it, or its ``forward``,
+        runs the compiled supernet."""
+        view = self.__dict__.get("_view")
+        if view is None:
+            source = self.source_model
+            compiled = self
+
+            def call(_, *args: Any, **kwargs: Any) -> Any:
+                return compiled(*args, **kwargs)
+
+            base = type(source)
+            cls = type(base.__name__, (base,), {"__call__": call, "forward": call,
+                                                "__module__": base.__module__,
+                                                "__qualname__": base.__qualname__})
+            view = object.__new__(cls)
+            object.__setattr__(view, "__dict__", source.__dict__)
+            self.__dict__["_view"] = view
+        return view
+
+    def train(self, mode: bool = True) -> "CompiledSupernet":
+        """Train/eval mode for the compiled module, its variants and the model (whose flags
+        the guards read)."""
+        super().train(mode)
+        dispatch = self.__dict__.get("_dispatch")
+        if dispatch is not None:
+            dispatch.train(mode)
+            dispatch.model.train(mode)
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "CompiledSupernet":
+        source = self.__dict__.get("_source_model")
+        model = copy.deepcopy(source, memo)  # first: shared tensors and leaves map through memo
+        res = CompiledSupernet.__new__(CompiledSupernet)
+        memo[id(self)] = res
+        for key, value in self.__dict__.items():
+            if key not in ("_dispatch", "_view", "_graph"):
+                res.__dict__[key] = copy.deepcopy(value, memo)
+        type(res).__name__ = type(self).__name__
+        res.graph = copy.deepcopy(self.graph)
+        dispatch = self.__dict__.get("_dispatch")
+        if dispatch is not None:
+            res.__dict__["_dispatch"] = dispatch.rebind(model, res, memo)
+            res.__dict__["report"] = res.__dict__["_dispatch"].report
+        return res
+
+    def __reduce__(self):
+        """Pickle the model and the compile settings; loading compiles again (fx's own
+        pickling re-traces the generated code through torch.fx, which cannot follow the
+        compiler's runtime functions)."""
+        from .api import recompile
+
+        dispatch = self.__dict__.get("_dispatch")
+        dynamic = tuple(dispatch.dynamic) if dispatch is not None else ()
+        return (recompile, (self.source_model, self.__dict__["_compile_call"], dynamic))
 
 
 def _mirror_into(target: nn.Module, source: nn.Module, path: str, shared: set[str],

@@ -118,6 +118,16 @@ class CompileReport:
     warnings: list[str] = dataclasses.field(default_factory=list)
     specializations: list[str] = dataclasses.field(default_factory=list)
     baked_inputs: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Non-tensor forward arguments the first trace was made with (guarded, see ``guards``)."""
+    captured: list[str] = dataclasses.field(default_factory=list)
+    """Calls recorded as opaque nodes or factories, and bookkeeping dropped from the graph
+    (one line each, with the source line; see :mod:`topo_compiler.capture`)."""
+    guards: list[str] = dataclasses.field(default_factory=list)
+    """What the first trace assumed, each checked on every call (``guards.Guard``)."""
+    baked_values: list[str] = dataclasses.field(default_factory=list)
+    """Python numbers held as constants that no guard watches, with their source line."""
+    variants: list[str] = dataclasses.field(default_factory=list)
+    """One line per traced variant (the first trace, then each re-trace and why)."""
 
     @property
     def input(self) -> StageReport:
@@ -140,7 +150,9 @@ class CompileReport:
                 "mixed_ops": [m.as_dict() for m in self.mixed_ops],
                 "timings": dict(self.timings), "warnings": list(self.warnings),
                 "specializations": list(self.specializations),
-                "baked_inputs": dict(self.baked_inputs)}
+                "baked_inputs": dict(self.baked_inputs), "captured": list(self.captured),
+                "guards": list(self.guards),
+                "baked_values": list(self.baked_values), "variants": list(self.variants)}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.as_dict(), indent=indent)
@@ -187,8 +199,22 @@ class CompileReport:
             lines += ["", "### Shape specializations", ""]
             lines += [f"- {s}" for s in self.specializations]
         if self.baked_inputs:
-            lines += ["", "### Baked (non-tensor) inputs", ""]
+            lines += ["", "### Non-tensor inputs (guarded)", ""]
             lines += [f"- `{k}` = {v}" for k, v in self.baked_inputs.items()]
+        if self.captured:
+            lines += ["", "### Captured and dropped", ""]
+            lines += [f"- {c}" for c in self.captured]
+        if self.guards:
+            lines += ["", f"### Guards ({len(self.guards)}, checked on every call)", ""]
+            lines += [f"- {g}" for g in self.guards[:32]]
+            if len(self.guards) > 32:
+                lines.append(f"- ... {len(self.guards) - 32} more")
+        if self.variants:
+            lines += ["", "### Variants", ""]
+            lines += [f"- {v}" for v in self.variants]
+        if self.baked_values:
+            lines += ["", "### Baked values (constants no guard watches)", ""]
+            lines += [f"- {b}" for b in self.baked_values]
         if self.warnings:
             lines += ["", "### Warnings", ""]
             lines += [f"- {w}" for w in self.warnings]

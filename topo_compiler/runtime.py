@@ -14,7 +14,10 @@ function instead of tracing into it (:data:`~.meta.LEAF_FUNCTIONS`).
   :func:`embed_rows`, :func:`eye_pointwise`;
 * kernel normalization (Eq. 28): :func:`normalize_kernel`, :func:`normalize_kernels`;
 * conditional weights of cascaded selections (Eq. 8): :func:`nonzero_or_one`;
-* weight folding: :func:`scaled_batch_norm`.
+* weight folding: :func:`scaled_batch_norm`;
+* calls the tracer records whole (autograd Functions, scripted functions, checkpoints,
+  distributions; :mod:`~.capture`): :class:`OpaqueCall`, whose meta value comes from the rule
+  the tracer hands it.
 
 Shapes follow ``torch.nn.functional``: kernels are ``(C_out, C_in / groups, *k)`` with 1, 2
 or 3 spatial dimensions.  This module imports nothing from the passes.
@@ -23,10 +26,12 @@ or 3 spatial dimensions.  This module imports nothing from the passes.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .meta import shape_rule
@@ -34,7 +39,7 @@ from .meta import shape_rule
 __all__ = ["place", "depthwise_to_dense", "separable_to_dense", "group_to_dense",
            "weighted_kernel_sum", "stack_depthwise", "stack_pointwise", "weighted_bias_sum",
            "fixed_kernel", "embed_rows", "eye_pointwise", "normalize_kernel",
-           "normalize_kernels", "KN_EPS", "nonzero_or_one", "scaled_batch_norm"]
+           "normalize_kernels", "KN_EPS", "nonzero_or_one", "scaled_batch_norm", "OpaqueCall"]
 
 
 def place(kernel: torch.Tensor, dilation: Sequence[int], start: Sequence[int],
@@ -241,3 +246,41 @@ shape_rule(normalize_kernel)(lambda k: _meta(k.shape, k))
 shape_rule(normalize_kernels)(lambda ks: tuple(_meta(k.shape, k) for k in ks))
 shape_rule(nonzero_or_one)(lambda w: _meta(w.shape, w))
 shape_rule(scaled_batch_norm)(lambda bn, x, scale: x)
+
+
+class OpaqueCall:
+    """Runs ``fn`` on its arguments, rebuilt from the node's tensors and the constants the
+    tracer captured (functions, modules, Python values fx cannot write into code)::
+
+        gates = BinarizeSTE.apply(probs)   ->   gates = BinarizeSTE_apply(probs)
+
+    The original runs, so a custom backward is kept.  On meta tensors it returns
+    ``meta_rule(fn, args, kwargs)``; handed a proxy (a compiled graph traced again) it
+    records itself as one node.
+    """
+
+    def __init__(self, fn: Callable[..., Any], label: str, spec: Any, constants: list[Any],
+                 slots: list[int], meta_rule: Callable[[Callable, tuple, dict], Any]):
+        self.fn = fn
+        self.__name__ = self.__qualname__ = label
+        self.__module__ = __name__
+        self.spec = spec
+        self.constants = constants
+        self.slots = slots
+        self.meta_rule = meta_rule
+
+    def __repr__(self) -> str:
+        return f"<opaque {self.__name__}>"
+
+    def __call__(self, *tensors: Any) -> Any:
+        proxy = next((t for t in tensors if isinstance(t, fx.Proxy)), None)
+        if proxy is not None:
+            return proxy.tracer.create_proxy("call_function", self, tensors, {})
+        leaves = list(self.constants)
+        for slot, value in zip(self.slots, tensors):
+            leaves[slot] = value
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        if any(isinstance(t, torch.Tensor) and t.device.type == "meta"
+               for t in pytree.tree_leaves(list(tensors))):
+            return self.meta_rule(self.fn, args, kwargs)
+        return self.fn(*args, **kwargs)

@@ -26,6 +26,7 @@ import dataclasses
 import inspect
 import itertools
 import linecache
+import operator
 import os
 import random
 import sys
@@ -38,6 +39,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches, _orig_module_call
 
+from . import capture
+from . import guards as _guards
 from . import runtime  # noqa: F401 - registers the functions compiled graphs call
 from .meta import LEAF_FUNCTIONS, UNKNOWN, run_on_meta, to_meta
 
@@ -122,6 +125,7 @@ class ShapedProxy(fx.Proxy):
     """
 
     _is_param = False  # nn.Parameter's isinstance check reads this attribute
+    _is_buffer = False  # and nn.Buffer's (assigning a traced value to an attribute)
 
     @property
     def val(self) -> Any:
@@ -139,7 +143,12 @@ class ShapedProxy(fx.Proxy):
     def _concrete(self, what: str) -> Any:
         value = self.val
         if value is UNKNOWN or isinstance(value, torch.Tensor):
-            self.tracer.fail_on_value(self, what)
+            # guards: a mask or flag tensor decides; its value is guarded (see guards.py)
+            decided, real = self.tracer.guards.decide(self.node)
+            if not decided:
+                self.tracer.fail_on_value(self, what)
+            return real
+        self.tracer.guards.on_shape_use(self.node, value)  # guards: input dims consumed
         return value
 
     def __len__(self) -> int:
@@ -147,6 +156,7 @@ class ShapedProxy(fx.Proxy):
         if isinstance(value, torch.Tensor):
             if value.dim() == 0:
                 raise TypeError("len() of a 0-d tensor")
+            self.tracer.guards.on_dims(self.node, (0,))  # guards: len() of an input
             return value.shape[0]
         return len(self._concrete("len()"))
 
@@ -173,9 +183,11 @@ class ShapedProxy(fx.Proxy):
     def keys(self):  # ** on a proxy of a dict
         return self._concrete("dict keys").keys()
 
+    def __setitem__(self, key: Any, value: Any) -> None:  # gates[1] = 1.0 (in place)
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
 
 def operator_index(value: Any) -> int:
-    import operator
     return operator.index(value)
 
 
@@ -203,6 +215,15 @@ class TracedSupernet:
     """Python branches decided on shapes while tracing (the graph assumes the same shapes)."""
     device_type: str = "cpu"
     """Device of the example inputs (the merge cost model's default machine)."""
+    capture_notes: list[str] = dataclasses.field(default_factory=list)
+    """What was recorded as opaque calls or factories, traced through, or dropped
+    (:mod:`.capture`)."""
+    guards: tuple = ()
+    """What the graph assumes about the model's state and the call (guards.Guard)."""
+    baked_values: list = dataclasses.field(default_factory=list)
+    """Python numbers held as constants that no guard watches (guards.BakedValue)."""
+    argument_names: tuple[str, ...] = ()
+    """The forward's parameters, in order (guards read arguments by position)."""
 
 
 _DEFAULT_NON_LEAVES = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList,
@@ -218,7 +239,8 @@ def _is_standard_leaf(m: nn.Module) -> bool:
 class SupernetTracer(fx.Tracer):
     """A :class:`torch.fx.Tracer` for supernets (see the module docstring)."""
 
-    def __init__(self, leaf_modules: Iterable[type | str] = ()):
+    def __init__(self, leaf_modules: Iterable[type | str] = (),
+                 options: "_guards.TraceOptions | None" = None):
         super().__init__(autowrap_functions=tuple(LEAF_FUNCTIONS))
         self.proxy_buffer_attributes = True
         leaf_modules = tuple(leaf_modules)
@@ -239,6 +261,11 @@ class SupernetTracer(fx.Tracer):
         self.leaf_paths: set[str] = set()
         self._random_calls: list[tuple[str, str | None, str | None, str | None]] = []
         self.specializations: list[str] = []
+        self._shadow_sources: dict[int, nn.Module] = {}  # id(shadow) -> the user's module
+        self._computing_meta = 0  # > 0 while running ops for meta values (capture.py)
+        self.capture_notes: list[capture.CaptureNote] = []
+        self.guards = _guards.GuardRecorder(self, options)
+        """What the trace specialized on (see guards.py)."""
 
     # -- leaves ---------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -279,7 +306,10 @@ class SupernetTracer(fx.Tracer):
     # -- module calls: shadows for non-leaves, meta values for leaves ----------------
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
-        path = self.path_of_module(m)
+        try:
+            path = self.path_of_module(m)
+        except NameError:  # built inside forward
+            return capture.call_unregistered_module(self, m, forward, args, kwargs)
         self._module_stack.append((path, m))
         try:
             if self.is_leaf_module(m, path):
@@ -291,13 +321,18 @@ class SupernetTracer(fx.Tracer):
 
     def _shadow(self, m: nn.Module, path: str) -> nn.Module:
         """A shallow copy of ``m`` whose plain tensor attributes are ``get_attr`` proxies."""
-        shadow = object.__new__(type(m))
+        shadow = object.__new__(_guards.recording_type(type(m)))  # guards: attribute reads
         shadow.__dict__.update(m.__dict__)
+        self._shadow_sources[id(shadow)] = m
+        self.guards.register_shadow(shadow, path, m)
+        shadow.__dict__.update(self.guards.dynamic_attributes(path, m))
         for field in ("_parameters", "_buffers", "_modules"):
             object.__setattr__(shadow, field, dict(getattr(m, field)))
         for name, value in m.__dict__.items():
             if name.startswith("_") and name in ("_parameters", "_buffers", "_modules"):
                 continue
+            if type(value) in (list, dict, set):  # self.history.append(...) stays here
+                value = shadow.__dict__[name] = copy.copy(value)
             replaced = self._proxy_tensors(value, f"{path}.{name}" if path else name)
             if replaced is not value:
                 shadow.__dict__[name] = replaced
@@ -337,6 +372,7 @@ class SupernetTracer(fx.Tracer):
             self._module_stack.append(("", self.root))
             args = list(args)
             args[0] = self._shadow(self.root, "")
+        self.guards.patch_dynamic_globals()  # guards: dynamic globals read 0-d tensors
         return fn, args
 
     # -- arguments and meta values ---------------------------------------------------
@@ -368,7 +404,11 @@ class SupernetTracer(fx.Tracer):
         if frame is not None:
             node.meta["source"] = (frame.f_code.co_filename, frame.f_lineno,
                                    frame.f_code.co_name)
-        node.meta["val"] = self._meta_value(node)
+            self.guards.on_frame(frame)  # guards: globals and closures this code reads
+        user_leaf = kind == "call_module" and \
+            not _is_standard_leaf(self.root.get_submodule(target))
+        with capture.computing_meta(self, run_user_code=user_leaf):
+            node.meta["val"] = self._meta_value(node)
         return proxy
 
     def _meta_value(self, node: fx.Node) -> Any:
@@ -405,10 +445,19 @@ class SupernetTracer(fx.Tracer):
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised with context below
             name = getattr(node.target, "__name__", str(node.target))
-            if module is not None and _looks_data_dependent(exc):
-                return _run_leaf_on_random_data(module, args, kwargs)
+            if module is not None:  # a leaf runs as is: no value check inside it
+                value = _run_leaf_on_random_data(module, args, kwargs)
+                if value is not UNKNOWN or _looks_data_dependent(exc):
+                    return value
             if name in _DATA_DEPENDENT or _looks_data_dependent(exc):
                 return UNKNOWN
+            if node.op == "call_function":  # no meta kernel: small real tensors
+                value = capture.value_on_real_data(node.target, args, kwargs)
+            else:
+                value = capture.value_on_real_data(
+                    lambda obj, *a, **k: getattr(obj, node.target)(*a, **k), args, kwargs)
+            if value is not UNKNOWN:
+                return value
             path, mtype = self.current_module()
             raise TraceError(
                 f"running `{name}` on the example inputs' shapes failed: "
@@ -420,7 +469,8 @@ class SupernetTracer(fx.Tracer):
                         "(leaf_modules=[...])") from exc
 
     # -- the whole trace --------------------------------------------------------------
-    def trace_supernet(self, root: nn.Module, example_inputs: Sequence[Any]) -> TracedSupernet:
+    def trace_supernet(self, root: nn.Module, example_inputs: Sequence[Any],
+                       example_kwargs: Mapping[str, Any] | None = None) -> TracedSupernet:
         self._registered_names = {}
         self._registered_tensors = {}
         for n, t in itertools.chain(root.named_parameters(remove_duplicate=True),
@@ -443,32 +493,61 @@ class SupernetTracer(fx.Tracer):
             raise TypeError(f"example_inputs has {len(example_inputs)} values but "
                             f"{type(root).__name__}.forward takes {len(positional)} "
                             f"positional arguments ({', '.join(p.name for p in positional)})")
-        missing = [p.name for p in positional[len(example_inputs):]
-                   if p.default is inspect.Parameter.empty]
+        example_kwargs = dict(example_kwargs or {})
+        names = [p.name for p in params]
+        unknown = [k for k in example_kwargs if k not in names]
+        if unknown:
+            raise TypeError(f"example_kwargs names {', '.join(unknown)}, which "
+                            f"{type(root).__name__}.forward does not take ({', '.join(names)})")
+        values: dict[str, Any] = dict(zip([p.name for p in positional], example_inputs))
+        twice = [k for k in example_kwargs if k in values]
+        if twice:
+            raise TypeError(f"example_kwargs gives {', '.join(twice)} again (already in "
+                            f"example_inputs)")
+        values.update(example_kwargs)
+        missing = [p.name for p in params
+                   if p.name not in values and p.default is inspect.Parameter.empty]
         if missing:
             raise TypeError(f"example_inputs lacks a value for {type(root).__name__}.forward "
                             f"argument(s) {', '.join(missing)}")
+        for p in params:
+            values.setdefault(p.name, p.default)
         concrete: dict[str, Any] = {}
-        for p, value in zip(positional, example_inputs):
+        for i, name in enumerate(names):
+            value = values[name]
             if _is_tensor_tree(value):
-                self._example[p.name] = to_meta(value)
+                self._example[name] = to_meta(value)
+            elif self.guards.dynamic_argument(i, value):
+                # guards: a number that changes every call stays a graph input
+                self._example[name] = torch.tensor(float(value), dtype=torch.float64,
+                                                   device="meta")
             else:
-                concrete[p.name] = value
-        for p in positional[len(example_inputs):]:
-            concrete[p.name] = p.default
+                concrete[name] = value
+        self.guards.on_arguments(names, values, [n for n in self._example
+                                                 if _is_tensor_tree(values[n])])
         # fx makes one placeholder per pytree leaf, numbered from 1 (Tracer._proxy_placeholder)
         self._concrete_leaves = {f"{name}_{i}": leaf for name, value in concrete.items()
                                  for i, leaf in enumerate(pytree.tree_leaves(value), 1)}
 
-        with _guard_random(self):
+        attrs_before = set(root.__dict__)
+        with _guard_random(self), capture.capturing(self), self.guards.active():
             graph = self.trace(root, concrete_args=concrete or None)
+        for name in set(root.__dict__) - attrs_before:  # fx keeps tensor constants on the root
+            self.plain_tensor_attrs[name] = root.__dict__.pop(name)
         _check_fx_can_generate(graph, root, concrete)
+        self.capture_notes.extend(capture.drop_bookkeeping(graph))
+        _keep_argument_names(graph, concrete)
+        self.guards.finish(graph)
         _drop_dead_python_values(graph)
         return TracedSupernet(graph=graph, root=root, leaf_paths=frozenset(self.leaf_paths),
                               tensor_attrs=dict(self.plain_tensor_attrs),
                               example_inputs=tuple(example_inputs), baked_inputs=concrete,
                               specializations=list(self.specializations),
-                              device_type=_device_type(example_inputs))
+                              guards=tuple(self.guards.guards.values()),
+                              baked_values=list(self.guards.baked),
+                              argument_names=tuple(names),
+                              device_type=_device_type(example_inputs),
+                              capture_notes=[str(n) for n in self.capture_notes])
 
 
 def _check_fx_can_generate(graph: fx.Graph, root: nn.Module, concrete: dict[str, Any]) -> None:
@@ -485,6 +564,21 @@ def _check_fx_can_generate(graph: fx.Graph, root: nn.Module, concrete: dict[str,
             module_path="", module_type=type(root).__name__,
             way_out="wrap the model in a module whose forward has no defaulted arguments and "
                     "passes them explicitly")
+
+
+def _keep_argument_names(graph: fx.Graph, concrete: dict[str, Any]) -> None:
+    """fx names the placeholder of a concrete argument ``index_1``; give it its own name
+    back, so that the generated forward keeps the model's argument names."""
+    if isinstance(graph._codegen, fx.graph._PyTreeCodeGen):
+        return
+    taken = {n.target for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        if node.op != "placeholder" or not node.target.endswith("_1"):
+            continue
+        name = node.target[:-2]
+        if name in concrete and name not in taken and \
+                pytree.tree_flatten(concrete[name])[1].is_leaf():
+            node.target = name
 
 
 def _device_type(example_inputs: Sequence[Any]) -> str:
@@ -544,7 +638,11 @@ def _drop_dead_python_values(graph: fx.Graph) -> None:
     made eagerly.  Unused nodes producing tensors are kept: they may be in-place updates.
     """
     for node in reversed(list(graph.nodes)):
-        if node.users or node.op in ("placeholder", "output", "call_module"):
+        if node.users or node.op in ("placeholder", "output", "call_module") or \
+                node.target is operator.setitem:
+            continue
+        if node.meta.get("python_only"):  # a mask condition decided at trace time
+            graph.erase_node(node)
             continue
         val = node.meta.get("val")
         if node.op == "get_attr" or not isinstance(val, torch.Tensor) and val is not UNKNOWN \
@@ -582,7 +680,7 @@ def _guard_random(tracer: SupernetTracer):
             return
 
         def recording(*args, **kwargs):
-            if not (only_eager and _has_proxy(args, kwargs)):
+            if not (only_eager and _has_proxy(args, kwargs)) and not tracer._computing_meta:
                 frame = _user_frame(sys._getframe(1))
                 path, mtype = tracer.current_module()
                 tracer._random_calls.append(
@@ -613,8 +711,10 @@ def _guard_random(tracer: SupernetTracer):
             f"frozen into the graph, so the compiled supernet would always take one path",
             module_path=path, module_type=mtype, source=source,
             way_out="sample outside the model and pass the sampled weights or path as a "
-                    "forward argument (tensor weights stay live), or mark the sampling "
-                    f"module as a leaf (leaf_modules=['{path}'])")
+                    "forward argument (tensor weights stay live), or draw it with a torch "
+                    "op on traced tensors (torch.rand_like(x)), which stays random; " +
+                    (f"or mark the sampling module as a leaf (leaf_modules=['{path}'])" if path
+                     else "or move the sampling into a submodule and mark it a leaf"))
     if _rng_states() != states:
         raise TraceError(
             "the forward consumed Python, numpy or torch random numbers at trace time; they "
@@ -650,17 +750,21 @@ def _rng_states() -> tuple[Any, ...]:
 # --------------------------------------------------------------------------------------
 
 def trace_supernet(model: nn.Module, example_inputs: Any,
-                   leaf_modules: Iterable[type | str] = ()) -> TracedSupernet:
+                   leaf_modules: Iterable[type | str] = (), *,
+                   example_kwargs: Mapping[str, Any] | None = None,
+                   options: "_guards.TraceOptions | None" = None) -> TracedSupernet:
     """Trace ``model`` into a module-level fx graph with meta values from ``example_inputs``.
 
     Standard ``torch.nn`` layers stay leaves (``call_module`` nodes); ``leaf_modules`` names
-    more (classes or qualified names).  Raises :class:`TraceError` for constructs that a trace
-    cannot follow faithfully.
+    more (classes or qualified names); ``example_kwargs`` gives keyword arguments (keyword-only
+    ones too).  Raises :class:`TraceError` for constructs that a trace cannot follow
+    faithfully.  ``options`` (``guards.TraceOptions``) is how a re-trace asks for values
+    to be read at run time.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, (torch.Tensor, Mapping)) or \
             not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    tracer = SupernetTracer(leaf_modules)
-    return tracer.trace_supernet(model, tuple(example_inputs))
+    tracer = SupernetTracer(leaf_modules, options)
+    return tracer.trace_supernet(model, tuple(example_inputs), example_kwargs)

@@ -23,13 +23,19 @@ are not mixed ops and are not counted.  Counts are by construction:
 * gdas_hard_weights: same topology as nb201_autodl               = 18
 * nni_darts:      2 cells x (2+3) LayerChoices (n_nodes=2)      = 10
   (plus 4 DartsInputChoices, not counted)
+* nni_darts_none_slot: the same, each LayerChoice stacking its candidates with a zero
+  slot for ``none`` appended                                   = 10
+* edge_norm:      2 cells x 2 edges (steps=1), each edge's output under its own
+  BatchNorm, weighted by edge-normalization betas (not counted) = 4
+* mbconv:         3 blocks of MBConv candidates (expand 3 and 6) = 3
 """
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import torch.nn as nn
 
-from . import darts_original, gdas_autodl, nb201_autodl, nni_layerchoice, pc_darts
+from . import (darts_original, edge_norm, gdas_autodl, mbconv, nb201_autodl, nni_layerchoice,
+               pc_darts)
 from .idioms import IDIOMS, Idiom
 from .untraceable import UNTRACEABLE, Case
 
@@ -76,6 +82,21 @@ FOREIGN = {
         nni_layerchoice.NUM_MIXED_OPS,           # 2 cells x (2+3) LayerChoices = 10
         OUTPUT_TENSOR, nni_layerchoice.get_alphas,
         source='microsoft/nni DartsLayerChoice / DartsInputChoice'),
+    'nni_darts_none_slot': Supernet(
+        nni_layerchoice.build_none_slot, nni_layerchoice.example_inputs,
+        nni_layerchoice.NUM_MIXED_OPS,           # 2 cells x (2+3) LayerChoices = 10
+        OUTPUT_TENSOR, nni_layerchoice.get_alphas,
+        source='microsoft/nni differentiable layer: stack + zeros_like slot for none'),
+    'edge_norm': Supernet(
+        edge_norm.build, edge_norm.example_inputs,
+        edge_norm.NUM_MIXED_OPS,                 # 2 cells x 2 edges = 4
+        OUTPUT_TENSOR, edge_norm.get_alphas,
+        source='yuhuixu1993/PC-DARTS edge normalization, one BatchNorm per edge'),
+    'mbconv': Supernet(
+        mbconv.build, mbconv.example_inputs,
+        mbconv.NUM_MIXED_OPS,                    # 3 blocks
+        OUTPUT_TENSOR, mbconv.get_alphas,
+        source='ProxylessNAS / FBNet-style MixedEdge over MBConv candidates'),
 }
 
 assert FOREIGN['darts_original'].num_mixed_ops == 42
@@ -83,6 +104,9 @@ assert FOREIGN['pc_darts'].num_mixed_ops == 27
 assert FOREIGN['nb201_autodl'].num_mixed_ops == 18
 assert FOREIGN['gdas_hard_weights'].num_mixed_ops == 18
 assert FOREIGN['nni_darts'].num_mixed_ops == 10
+assert FOREIGN['nni_darts_none_slot'].num_mixed_ops == 10
+assert FOREIGN['edge_norm'].num_mixed_ops == 4
+assert FOREIGN['mbconv'].num_mixed_ops == 3
 
 __all__ = [
     'FOREIGN', 'IDIOMS', 'UNTRACEABLE', 'Supernet', 'Idiom', 'Case',

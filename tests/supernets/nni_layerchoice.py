@@ -26,6 +26,9 @@ Idioms exercised:
   (len(op_results.size()) - 1)``, ``torch.sum(op_results *
   F.softmax(self.alpha, -1).view(*alpha_shape), 0)`` -- ``*args/**kwargs``
   forwarding, ``len()`` of a ``torch.Size``, stacked candidates;
+* ``DartsLayerChoiceNoneSlot`` (:func:`build_none_slot`): the stack form with a zero slot
+  for ``none`` appended (``torch.cat([outs, torch.zeros_like(outs[:1])], 0)``) and n + 1
+  softmax weights;
 * ``DartsInputChoice``: the same stack/softmax/sum but over a *list of
   different inputs* (``torch.stack(inputs)``) -- NOT a mixed op;
 * the quirky ``parameters()`` / ``named_parameters()`` overrides of both
@@ -118,6 +121,39 @@ class DartsLayerChoice(nn.Module):
 
     def export(self):
         return list(self.op_choices.keys())[torch.argmax(self.alpha).item()]
+
+
+class DartsLayerChoiceNoneSlot(nn.Module):
+    """The stack form with a zero slot for the ``none`` op: the candidate outputs are stacked,
+    a slot of zeros is appended (``torch.cat([outs, torch.zeros_like(outs[:1])], 0)``) and
+    ``n + 1`` softmax weights viewed as ``(-1, 1, 1, 1, 1)`` weight the ``n + 1`` slots before
+    ``sum(0)`` -- the form of the differentiable layer in later NNI versions."""
+
+    def __init__(self, layer_choice):
+        super(DartsLayerChoiceNoneSlot, self).__init__()
+        self.name = layer_choice.label
+        self.op_choices = nn.ModuleDict(OrderedDict([(name, layer_choice[name]) for name in layer_choice.names]))
+        self.alpha = nn.Parameter(torch.randn(len(self.op_choices) + 1) * 1e-3)
+
+    def forward(self, *args, **kwargs):
+        outs = torch.stack([op(*args, **kwargs) for op in self.op_choices.values()])
+        outs = torch.cat([outs, torch.zeros_like(outs[:1])], 0)
+        weights = F.softmax(self.alpha, -1).view(-1, 1, 1, 1, 1)
+        return (outs * weights).sum(0)
+
+    def parameters(self):
+        for _, p in self.named_parameters():
+            yield p
+
+    def named_parameters(self):
+        for name, p in super(DartsLayerChoiceNoneSlot, self).named_parameters():
+            if name == 'alpha':
+                continue
+            yield name, p
+
+    def export(self):
+        names = list(self.op_choices.keys()) + ['none']
+        return names[torch.argmax(self.alpha).item()]
 
 
 class DartsInputChoice(nn.Module):
@@ -436,15 +472,22 @@ NUM_MIXED_OPS = N_LAYERS * sum(range(2, N_NODES + 2))  # 2 * (2 + 3) = 10
 NUM_INPUT_CHOICES = N_LAYERS * N_NODES                 # 4 (not mixed ops)
 
 
-def build(channels=CHANNELS, n_layers=N_LAYERS, n_nodes=N_NODES, num_classes=NUM_CLASSES):
-    """NNI-DARTS-style CNN after LayerChoice/InputChoice replacement."""
+def build(channels=CHANNELS, n_layers=N_LAYERS, n_nodes=N_NODES, num_classes=NUM_CLASSES,
+          none_slot=False):
+    """NNI-DARTS-style CNN after LayerChoice/InputChoice replacement (``none_slot``: the
+    layer choices use the stack-plus-zero-slot form, :class:`DartsLayerChoiceNoneSlot`)."""
     model = CNN(INPUT_HW, 3, channels, num_classes, n_layers, n_nodes=n_nodes)
     # what nni's DartsTrainer.__init__ does:
     nas_modules = []
-    replace_layer_choice(model, DartsLayerChoice, nas_modules)
+    replace_layer_choice(model, DartsLayerChoiceNoneSlot if none_slot else DartsLayerChoice,
+                         nas_modules)
     replace_input_choice(model, DartsInputChoice, nas_modules)
     model.nas_modules = nas_modules  # plain list attribute, not registered
     return model
+
+
+def build_none_slot(**kwargs):
+    return build(none_slot=True, **kwargs)
 
 
 def example_inputs(batch_size=2):
@@ -457,4 +500,5 @@ def get_alphas(model):
 
 
 def get_layer_choice_alphas(model):
-    return [m.alpha for _, m in model.nas_modules if isinstance(m, DartsLayerChoice)]
+    return [m.alpha for _, m in model.nas_modules
+            if isinstance(m, (DartsLayerChoice, DartsLayerChoiceNoneSlot))]

@@ -1,0 +1,510 @@
+"""Capture: record what a trace cannot follow, instead of following it (or crashing).
+
+The tracer's proxy passes itself off as a ``torch.Tensor`` so that user code asking
+``isinstance(w, torch.Tensor)`` gets the truthful answer.  Native code believes it too: an
+autograd ``Function.apply``, a ``torch.jit.script`` function or a checkpoint handed a proxy
+reads it as a tensor and kills the interpreter.  While tracing, this module intercepts those
+entry points and records each call as **one opaque node** that runs the original at run
+time (a custom backward is kept, since the original ``apply`` runs)::
+
+    gates = BinarizeSTE.apply(probs)    ->    gates = BinarizeSTE_apply(probs)   # opaque
+
+It also records:
+
+* **factories** called from user code (``torch.zeros(n, c, h, w, device=x.device)``, the
+  tuple form, ``torch.rand``, legacy ``torch.FloatTensor(n, c, h, w)``) as graph nodes, never
+  evaluated for real while tracing, so sizes stay symbolic and random draws stay random;
+* **distributions** built from traced values (``Dirichlet(c).rsample()``): each method or
+  property read becomes an opaque node that builds the distribution at run time (argument
+  validation included);
+* **checkpoints** (``torch.utils.checkpoint``, both kinds) as one opaque call of the
+  checkpoint itself, so recomputation, and BatchNorm statistics updated by it, stay as in
+  eager code; the passes do not see inside the checkpointed function.
+
+Meta values of opaque nodes come from running the original on meta tensors or, when it has
+no meta kernel, on small real tensors made from the example shapes, with every RNG and every
+buffer of the model restored afterwards.
+
+After tracing, :func:`drop_bookkeeping` removes what no output depends on and only copies
+data out (``.cpu()``, ``.tolist()``, ``.numpy()``): logging of architecture weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import itertools
+import random
+import sys
+import types
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.fx._symbolic_trace import _maybe_revert_all_patches
+
+from .meta import UNKNOWN, to_meta
+from .runtime import OpaqueCall
+
+__all__ = ["CaptureNote", "record_opaque", "capturing", "computing_meta", "value_on_real_data",
+           "drop_bookkeeping", "call_unregistered_module", "FACTORIES"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureNote:
+    """One thing the tracer recorded differently from plain tracing, for the report."""
+
+    what: str
+    """``opaque``, ``factory``, ``checkpoint``, ``distribution``, ``dropped`` or
+    ``made-in-forward``."""
+    detail: str
+    source: str | None
+
+    def __str__(self) -> str:
+        where = f" ({self.source})" if self.source else ""
+        return f"{self.what}: {self.detail}{where}"
+
+
+# --------------------------------------------------------------------------------------
+# Opaque calls
+# --------------------------------------------------------------------------------------
+
+def _opaque_meta_value(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """Meta value of an opaque call: ``fn`` on the meta arguments, else on small real ones."""
+    with _buffers_kept(), rng_kept():  # a BatchNorm counts a batch before failing on meta
+        try:
+            with _maybe_revert_all_patches():  # modules it calls run, not record
+                return to_meta(fn(*args, **kwargs))
+        except Exception:  # noqa: BLE001 - no meta kernel, or code reading data
+            return value_on_real_data(fn, args, kwargs)
+
+
+def _real(tracer: Any, value: Any) -> Any:
+    """The user's object behind a shadow module (or a method or closure reading one)."""
+    sources = getattr(tracer, "_shadow_sources", {})
+    if isinstance(value, nn.Module):
+        return sources.get(id(value), value)
+    if isinstance(value, types.MethodType) and isinstance(value.__self__, nn.Module) and \
+            id(value.__self__) in sources:
+        return types.MethodType(value.__func__, sources[id(value.__self__)])
+    if isinstance(value, types.FunctionType) and value.__closure__:
+        cells = []
+        changed = False
+        for name, cell in zip(value.__code__.co_freevars, value.__closure__):
+            try:
+                content = cell.cell_contents
+            except ValueError:  # an empty cell
+                cells.append(cell)
+                continue
+            if isinstance(content, fx.Proxy):
+                raise _closure_error(tracer, value, name)
+            real = _real(tracer, content)
+            changed |= real is not content
+            cells.append(types.CellType(real) if real is not content else cell)
+        if changed:
+            return types.FunctionType(value.__code__, value.__globals__, value.__name__,
+                                      value.__defaults__, tuple(cells))
+    return value
+
+
+def _closure_error(tracer: Any, fn: Any, name: str) -> Exception:
+    from .tracer import TraceError, _describe_frame, _user_frame
+    path, mtype = tracer.current_module()
+    return TraceError(
+        f"`{getattr(fn, '__qualname__', fn)}` reads the traced value `{name}` from its "
+        f"closure and is handed to a call the tracer records as a whole",
+        module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
+        way_out=f"pass `{name}` to that function as an argument instead of closing over it")
+
+
+def record_opaque(tracer: Any, fn: Callable[..., Any], label: str, args: tuple,
+                  kwargs: dict, what: str = "opaque") -> fx.Proxy:
+    """One ``call_function`` node running ``fn(*args, **kwargs)`` at run time."""
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, fx.Proxy)]
+    constants = [None if i in slots else _real(tracer, leaf) for i, leaf in enumerate(leaves)]
+    counter = tracer.__dict__.setdefault("_opaque_count", {})
+    n = counter[label] = counter.get(label, 0) + 1
+    target = OpaqueCall(fn, label if n == 1 else f"{label}_{n}", spec, constants, slots,
+                        meta_rule=_opaque_meta_value)
+    proxy = tracer.create_proxy("call_function", target, tuple(leaves[i] for i in slots), {})
+    _note(tracer, what, f"`{label}` recorded as one opaque call `{proxy.node.name}`")
+    return proxy
+
+
+def _note(tracer: Any, what: str, detail: str) -> None:
+    from .tracer import _describe_frame, _user_frame
+    tracer.__dict__.setdefault("capture_notes", []).append(
+        CaptureNote(what, detail, _describe_frame(_user_frame())))
+
+
+def _has_proxy(tree: Any) -> bool:
+    return any(isinstance(leaf, fx.Proxy) for leaf in pytree.tree_leaves(tree))
+
+
+# --------------------------------------------------------------------------------------
+# Meta values when meta tensors are not enough
+# --------------------------------------------------------------------------------------
+
+_ACTIVE: list[Any] = []
+"""The tracer(s) tracing now (innermost last)."""
+
+
+@contextlib.contextmanager
+def computing_meta(tracer: Any, run_user_code: bool = False) -> Iterator[None]:
+    """While the tracer computes a meta value nothing it runs is the user's trace-time
+    randomness or a factory to record.  When that runs user code (a leaf module's forward),
+    every random generator is left as it was, too."""
+    tracer._computing_meta = getattr(tracer, "_computing_meta", 0) + 1
+    try:
+        with rng_kept() if run_user_code else contextlib.nullcontext():
+            yield
+    finally:
+        tracer._computing_meta -= 1
+
+
+@contextlib.contextmanager
+def rng_kept() -> Iterator[None]:
+    """Python's, numpy's and torch's CPU generators are left as they were."""
+    py_state = random.getstate()
+    np = sys.modules.get("numpy")
+    np_state = np.random.get_state() if np is not None else None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(py_state)
+        if np is not None:
+            np.random.set_state(np_state)
+
+
+def _computing(tracer: Any) -> bool:
+    return getattr(tracer, "_computing_meta", 0) > 0
+
+
+def value_on_real_data(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """Meta value of ``fn`` run on small real tensors shaped like the meta arguments.
+
+    Buffers of the traced model (BatchNorm statistics) are restored afterwards and random
+    generators are forked, so nothing the user can see changes.  ``UNKNOWN`` if it fails.
+    """
+    gen = torch.Generator().manual_seed(0)
+
+    def realize(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.device.type == "meta":
+            if v.is_floating_point():
+                return torch.empty(v.shape, dtype=v.dtype).uniform_(0.1, 1.0, generator=gen)
+            return torch.zeros(v.shape, dtype=v.dtype)
+        return v
+
+    try:
+        with _buffers_kept(), rng_kept(), torch.no_grad(), _maybe_revert_all_patches():
+            return to_meta(fn(*pytree.tree_map(realize, args), **pytree.tree_map(realize, kwargs)))
+    except Exception:  # noqa: BLE001 - the shape stays unknown; asking for it raises later
+        return UNKNOWN
+
+
+@contextlib.contextmanager
+def _buffers_kept() -> Iterator[None]:
+    """Restore every buffer of the model being traced (BatchNorm statistics) afterwards."""
+    buffers = []
+    for tracer in _ACTIVE[-1:]:
+        buffers = [(b, b.detach().clone()) for b in tracer.root.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+# --------------------------------------------------------------------------------------
+# The entry points intercepted while tracing
+# --------------------------------------------------------------------------------------
+
+FACTORIES = ("zeros", "ones", "empty", "full", "rand", "randn", "randint", "arange",
+             "linspace", "eye", "tensor", "normal")
+"""torch factories recorded as graph nodes when user code calls them while tracing."""
+
+_LEGACY = {"FloatTensor": torch.float32, "DoubleTensor": torch.float64,
+           "HalfTensor": torch.float16, "LongTensor": torch.int64, "IntTensor": torch.int32,
+           "ByteTensor": torch.uint8, "BoolTensor": torch.bool}
+
+
+def _from_user_code(depth: int = 2) -> bool:
+    from .tracer import _is_user_file
+    return _is_user_file(sys._getframe(depth).f_code.co_filename)
+
+
+@contextlib.contextmanager
+def capturing(tracer: Any) -> Iterator[None]:
+    """Install the interceptions for one trace; every one is undone however it ends."""
+    undo: list[Callable[[], None]] = []
+
+    def patch(owner: Any, name: str, value: Any) -> None:
+        had = name in owner.__dict__
+        old = owner.__dict__.get(name)
+        setattr(owner, name, value)
+        undo.append(lambda: setattr(owner, name, old) if had else delattr(owner, name))
+
+    _ACTIVE.append(tracer)
+    try:
+        _patch_function_apply(tracer, patch)
+        _patch_script_functions(tracer, patch)
+        _patch_checkpoint(tracer, patch)
+        _patch_distributions(tracer, patch)
+        _patch_factories(tracer, patch)
+        yield
+    finally:
+        for fn in reversed(undo):
+            fn()
+        _ACTIVE.remove(tracer)
+
+
+def _patch_function_apply(tracer: Any, patch: Callable) -> None:
+    from torch.autograd.function import Function
+    original = Function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        if _computing(tracer) or not _has_proxy((args, kwargs)):
+            return original.__get__(None, cls)(*args, **kwargs)
+        return record_opaque(tracer, original.__get__(None, cls), f"{cls.__name__}_apply",
+                             args, kwargs)
+
+    patch(Function, "apply", classmethod(apply))
+
+
+def _patch_script_functions(tracer: Any, patch: Callable) -> None:
+    script_function = torch.jit.ScriptFunction
+    original = script_function.__call__
+
+    def call(self, *args, **kwargs):
+        if _computing(tracer) or not _has_proxy((args, kwargs)):
+            return original(self, *args, **kwargs)
+        return record_opaque(tracer, self, f"{self.name}_scripted", args, kwargs)
+
+    patch(script_function, "__call__", call)
+
+
+def _patch_checkpoint(tracer: Any, patch: Callable) -> None:
+    import torch.utils.checkpoint as cp
+    original = cp.checkpoint
+
+    @functools.wraps(original)
+    def checkpoint(function, *args, **kwargs):
+        if _computing(tracer) or not _has_proxy((args, kwargs)):
+            return original(function, *args, **kwargs)
+        name = getattr(function, "__name__", type(function).__name__)
+        return record_opaque(tracer, original, f"checkpoint_{name}", (function, *args),
+                             kwargs, "checkpoint")
+
+    patch(cp, "checkpoint", checkpoint)
+    generator = cp._checkpoint_without_reentrant_generator
+
+    def refuse(function, preserve, context_fn, determinism_check, debug, *args, **kwargs):
+        if _computing(tracer) or not _has_proxy((args, kwargs)):
+            yield from generator(function, preserve, context_fn, determinism_check, debug,
+                                 *args, **kwargs)
+            return
+        raise _checkpoint_reference_error(tracer)
+
+    # reached through a `from torch.utils.checkpoint import checkpoint` reference, which the
+    # module patch above cannot see (the reentrant kind is caught as an autograd Function)
+    patch(cp, "_checkpoint_without_reentrant_generator", refuse)
+
+
+def _checkpoint_reference_error(tracer: Any) -> Exception:
+    from .tracer import TraceError, _describe_frame, _user_frame
+    path, mtype = tracer.current_module()
+    return TraceError(
+        "torch.utils.checkpoint(..., use_reentrant=False) reached through a name imported "
+        "before compiling cannot be recorded as one call",
+        module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
+        way_out="call it as torch.utils.checkpoint.checkpoint(...) (module attribute), or "
+                "use use_reentrant=True")
+
+
+class _DistributionCall:
+    """What ``SomeDistribution(traced, ...)`` gives while tracing: every method or property
+    read becomes an opaque node that builds the distribution at run time."""
+
+    def __init__(self, tracer: Any, cls: type, args: tuple, kwargs: dict):
+        self._tracer, self._cls, self._args, self._kwargs = tracer, cls, args, kwargs
+
+    def __getattr__(self, name: str) -> Any:
+        cls = self._cls
+        label = f"{cls.__name__}_{name}"
+        attr = getattr(cls, name)
+        if callable(attr) and not isinstance(attr, property):
+            def method(*margs, **mkwargs):
+                return record_opaque(self._tracer, functools.partial(_distribution_method,
+                                                                     cls, name),
+                                     label, (self._args, self._kwargs, margs, mkwargs), {},
+                                     "distribution")
+            return method
+        return record_opaque(self._tracer, functools.partial(_distribution_property, cls, name),
+                             label, (self._args, self._kwargs), {}, "distribution")
+
+
+def _distribution_method(cls: type, name: str, args: tuple, kwargs: dict, margs: tuple,
+                         mkwargs: dict) -> Any:
+    return getattr(cls(*args, **kwargs), name)(*margs, **mkwargs)
+
+
+def _distribution_property(cls: type, name: str, args: tuple, kwargs: dict) -> Any:
+    return getattr(cls(*args, **kwargs), name)
+
+
+def _patch_distributions(tracer: Any, patch: Callable) -> None:  # noqa: ARG001
+    from torch.distributions import Distribution
+
+    def new(cls, *args, **kwargs):
+        tracer = _ACTIVE[-1] if _ACTIVE else None
+        if tracer is not None and not _computing(tracer) and _has_proxy((args, kwargs)):
+            return _DistributionCall(tracer, cls, args, kwargs)
+        return object.__new__(cls)
+
+    # installed once and left in place (inert outside a trace): CPython cannot take a
+    # class's __new__ back once set, object.__new__ would then refuse the arguments
+    if "__new__" not in Distribution.__dict__:
+        Distribution.__new__ = new
+
+
+def _patch_factories(tracer: Any, patch: Callable) -> None:
+    from . import meta
+
+    def recorded(original: Callable, label: str) -> Callable:
+        @functools.wraps(original)
+        def factory(*args, **kwargs):
+            if _computing(tracer) or not (_has_proxy((args, kwargs)) or _from_user_code()):
+                return original(*args, **kwargs)
+            try:
+                proxy = tracer.create_proxy("call_function", original, args, kwargs)
+            except NotImplementedError:  # an argument fx cannot write (a numpy array)
+                if _has_proxy((args, kwargs)):
+                    raise
+                return original(*args, **kwargs)
+            _note(tracer, "factory", f"`torch.{label}` recorded as a graph node")
+            return proxy
+        return factory
+
+    for name in FACTORIES:
+        original = getattr(torch, name)
+        meta.register_shape_rule(original, _on_meta(original))
+        patch(torch, name, recorded(getattr(torch, name), name))
+
+    empty = torch.empty
+    for name, dtype in _LEGACY.items():
+        legacy = getattr(torch, name)
+
+        class _Legacy(type):
+            # isinstance(t, torch.FloatTensor) keeps its meaning while tracing
+            def __instancecheck__(cls, obj, legacy=legacy, dtype=dtype):
+                if isinstance(obj, fx.Proxy):  # the C check would read it as a tensor
+                    val = obj.node.meta.get("val")
+                    return isinstance(val, torch.Tensor) and val.dtype == dtype
+                return isinstance(obj, legacy)
+
+            def __call__(cls, *args, legacy=legacy, dtype=dtype, name=name, **kwargs):
+                sizes = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) \
+                    else args
+                if _computing(tracer) or not _has_proxy((args, kwargs)) or not sizes or \
+                        not all(isinstance(s, (int, fx.Proxy)) for s in sizes):
+                    return legacy(*args, **kwargs)
+                _note(tracer, "factory", f"`torch.{name}(sizes)` recorded as "
+                      f"`torch.empty(sizes, dtype={dtype})`")
+                return tracer.create_proxy("call_function", empty, tuple(sizes),
+                                           {"dtype": dtype, **kwargs})
+
+        patch(torch, name, _Legacy(name, (), {}))
+
+
+def _on_meta(factory: Callable) -> Callable:
+    def rule(*args, **kwargs):
+        kwargs = dict(kwargs)
+        kwargs["device"] = "meta"
+        kwargs.pop("generator", None)
+        kwargs.pop("pin_memory", None)
+        return factory(*args, **kwargs)
+    return rule
+
+
+# --------------------------------------------------------------------------------------
+# Modules made in forward
+# --------------------------------------------------------------------------------------
+
+def call_unregistered_module(tracer: Any, m: nn.Module, forward: Callable[..., Any],
+                             args: tuple, kwargs: dict) -> Any:
+    """A module built inside forward (``nn.Softmax(-1)(alpha)``): trace its forward as part
+    of the caller when it holds no parameters or buffers (building it again each call gives
+    the same function); refuse otherwise, since eager code would re-initialise it."""
+    from .tracer import TraceError, _describe_frame, _user_frame
+    state = [n for n, _ in itertools.chain(m.named_parameters(), m.named_buffers())]
+    if state:
+        path, mtype = tracer.current_module()
+        raise TraceError(
+            f"a {type(m).__name__} with parameters or buffers ({', '.join(state[:3])}) is "
+            f"built inside forward; every eager call would initialise it afresh",
+            module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
+            way_out=f"build the {type(m).__name__} in __init__ and call it from forward")
+    _note(tracer, "made-in-forward", f"{type(m).__name__} built in forward traced as its "
+          f"function")
+    return forward(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# Bookkeeping off the graph
+# --------------------------------------------------------------------------------------
+
+_COPY_OUT = {"cpu", "tolist", "numpy", "item"}
+"""Methods that copy data out of the graph: a chain ending in one with no user is logging."""
+_RANDOM_WORDS = ("rand", "bernoulli", "normal", "exponential", "dropout", "gumbel",
+                 "multinomial", "uniform", "poisson", "sample")
+
+
+def _pure(node: fx.Node) -> bool:
+    """A node whose only effect is its value (dropping it unused changes nothing)."""
+    if node.op not in ("call_function", "call_method", "get_attr"):
+        return False
+    if isinstance(node.target, OpaqueCall):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if node.op == "get_attr":
+        return True
+    if name.endswith("_") and not name.startswith("_") or "set" in name:
+        return False
+    return not any(w in name.lower() for w in _RANDOM_WORDS)
+
+
+def drop_bookkeeping(graph: fx.Graph) -> list[CaptureNote]:
+    """Remove chains no output depends on that end in a copy out of the graph.
+
+    ``alphas_cpu = softmax(alpha).detach().cpu()`` kept for logging costs a softmax and a
+    device copy each step and its value is not an output of the compiled module, so it is
+    dropped (the eager model's side effect of holding that copy is not reproduced).
+    """
+    notes: list[CaptureNote] = []
+    erased: set[fx.Node] = set()
+    for node in reversed(list(graph.nodes)):
+        if node in erased or node.users or node.op != "call_method" or \
+                node.target not in _COPY_OUT:
+            continue
+        source = node.meta.get("source")
+        where = f"{source[0]}:{source[1]}" if source else None
+        chain = [node]
+        frontier = [a for a in node.all_input_nodes]
+        graph.erase_node(node)
+        while frontier:
+            parent = frontier.pop()
+            if parent in chain or parent.users or not _pure(parent):
+                continue
+            chain.append(parent)
+            frontier.extend(parent.all_input_nodes)
+            graph.erase_node(parent)
+        erased.update(chain)
+        notes.append(CaptureNote("dropped", f"`.{node.target}()` no output depends on "
+                                 f"({len(chain)} node(s) removed)", where))
+    return notes

@@ -1,0 +1,329 @@
+"""Partial compile: graph breaks at module granularity.
+
+When a supernet's forward cannot be traced (a Gumbel redraw loop ``while True: ... if
+inf.any(): continue``, ``.item()`` of an argmax used as an index, Python-level sampling),
+its submodules often can: the cells or candidate ops take the sampled weights as tensors.
+:func:`compile_partially` runs the untraceable forwards eagerly and the traceable submodules
+compiled (GDAS, ``tests/supernets/gdas_autodl.py``)::
+
+    <root>                 eager     gdas_autodl.py:139 `if (torch.isinf(gumbels).any()) ...`
+      cells.0              eager     called through forward_gdas, not __call__: its ops below
+        cells.0.edges.1<-0.2  traced  ReLUConvBN: nothing to simplify, runs its own forward
+      stem                 traced    ...
+
+A submodule that traces is ``compiled`` when the passes change its graph (a DARTS cell taking
+the sampled weights as an argument) and ``traced`` when they change nothing (a single
+candidate op): it then runs its own forward, which costs no dispatch.
+
+The returned module is a shallow copy of the model's module tree (same classes, the very
+same parameters and buffers) in which each submodule's ``forward`` dispatches to its compiled
+graph.  Untraceable modules keep their own forward and their children dispatch in turn.
+
+Granularity: a compiled graph is keyed by its input signature (shapes after the batch,
+dtypes, non-tensor argument values).  A module that sees more than ``max_variants``
+signatures (one per argmax, say) stops being compiled and stays eager, so the cache never
+thrashes; its children, whose keys are few, are compiled instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import sys
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .report import ModuleCounts
+from .tracer import TraceError, _is_standard_leaf
+
+__all__ = ["PartialReport", "ModuleOutcome", "compile_partially", "PartialCompileWarning"]
+
+
+class PartialCompileWarning(UserWarning):
+    """The forward could not be traced; parts of the model run eagerly."""
+
+
+COMPILED, TRACED, EAGER, UNREACHED = "compiled", "traced", "eager", "unreached"
+
+
+@dataclasses.dataclass
+class ModuleOutcome:
+    """What happened to one submodule: ``compiled`` (runs its compiled graph), ``traced``
+    (traces, but the passes change nothing, so it runs its own forward and saves the
+    dispatch), ``eager`` (cannot be traced) or ``unreached`` (not called through
+    ``__call__`` so far)."""
+
+    path: str
+    module_type: str
+    state: str
+    reason: str
+    """Why it stayed eager (the construct and its source line), or what was compiled."""
+    variants: int = 0
+    mixed_ops: int = 0
+    reports: list[Any] = dataclasses.field(default_factory=list, repr=False)
+    """The :class:`~topo_compiler.report.CompileReport` of each traced variant."""
+
+    @property
+    def compiled(self) -> bool:
+        return self.state == COMPILED
+
+    def __str__(self) -> str:
+        extra = f", {self.variants} variant(s), {self.mixed_ops} mixed op(s)" \
+            if self.state in (COMPILED, TRACED) else ""
+        return f"{self.path or '<root>'} ({self.module_type}): {self.state}{extra} -- " \
+               f"{self.reason}"
+
+
+@dataclasses.dataclass
+class PartialReport:
+    """The partial compile's report: the root's refusal and each submodule's outcome."""
+
+    model: str
+    root_error: str
+    outcomes: dict[str, ModuleOutcome]
+
+    def _visible(self) -> list[ModuleOutcome]:
+        """Outcomes of modules not inside a traced one (whose graph or forward runs them)."""
+        whole = [p for p, o in self.outcomes.items() if o.state in (COMPILED, TRACED)]
+        return [o for p, o in sorted(self.outcomes.items())
+                if not any(p.startswith(c + ".") for c in whole)]
+
+    def _paths(self, state: str) -> list[str]:
+        return [o.path for o in self._visible() if o.state == state]
+
+    @property
+    def compiled(self) -> list[str]:
+        """Modules running a compiled graph (compiled on first call when the example run
+        did not reach them)."""
+        return self._paths(COMPILED)
+
+    @property
+    def traced(self) -> list[str]:
+        """Modules that trace but gain nothing from the passes: they run their own forward."""
+        return self._paths(TRACED)
+
+    @property
+    def eager(self) -> list[str]:
+        """Modules whose forward cannot be traced: it runs eagerly."""
+        return self._paths(EAGER)
+
+    @property
+    def unreached(self) -> list[str]:
+        """Modules not called through ``__call__`` so far (compiled on their first call)."""
+        return self._paths(UNREACHED)
+
+    def counts(self) -> tuple[ModuleCounts, ModuleCounts]:
+        """Basic modules of the traced parts before and after the passes (first variant of
+        each)."""
+        firsts = [self.outcomes[p].reports[0] for p in self.compiled + self.traced]
+        return (_sum_counts(r.input.counts for r in firsts),
+                _sum_counts(r.final.counts for r in firsts))
+
+    def to_markdown(self) -> str:
+        before, after = self.counts()
+        lines = [f"# Partial compile of {self.model}", "",
+                 f"The forward of `<root>` runs eagerly: {self.root_error}", "",
+                 f"{len(self.compiled)} module(s) compiled, {len(self.traced)} traced with "
+                 f"nothing to simplify (they run their own forward), {len(self.eager)} eager, "
+                 f"{len(self.unreached)} not reached; "
+                 f"basic modules (conv/non-conv/total) of the traced parts: {before} before "
+                 f"the passes, {after} after.", ""]
+        lines += [f"* {o}" for o in self._visible()]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+_MISSING = object()
+
+
+class _Dispatch:
+    """A submodule's ``forward`` in the partial model: its compiled graph for the input's
+    signature, compiled on first sight, or the module's own forward when it cannot be traced
+    or the passes gain nothing on it."""
+
+    def __init__(self, path: str, module: nn.Module, shadow: nn.Module,
+                 compile_fn: Callable[[nn.Module, tuple], nn.Module], max_variants: int,
+                 outcome: ModuleOutcome):
+        self.path = path
+        self.module = module
+        self.shadow = shadow
+        self.eager = type(module).forward.__get__(shadow)
+        self.compile_fn = compile_fn
+        self.max_variants = max_variants
+        self.variants: dict[Any, nn.Module | None] = {}
+        self.outcome = outcome
+        self.refused = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs or self.refused:
+            return self.eager(*args, **kwargs)
+        key = _signature(args)
+        compiled = self.variants.get(key, _MISSING)
+        if compiled is _MISSING:
+            compiled = self._compile(key, args)
+        if compiled is None:
+            return self.eager(*args)
+        return compiled(*args)
+
+    def _refuse(self, state: str, reason: str) -> None:
+        self.refused = True
+        self.outcome.state = state
+        self.outcome.reason = reason
+        if state == TRACED:  # the user's own module runs, its children need no dispatch
+            self.eager = self.module.forward
+            self.shadow.__dict__["forward"] = self.module.forward
+
+    def _compile(self, key: Any, args: tuple) -> nn.Module | None:
+        if sum(v is not None for v in self.variants.values()) >= self.max_variants:
+            self._refuse(EAGER, f"saw more than {self.max_variants} input signatures "
+                                f"(non-tensor arguments or shapes change from call to call); "
+                                f"kept eager so the compiled-graph cache does not thrash")
+            return None
+        try:
+            compiled = self.compile_fn(self.module, args)
+        except TraceError as exc:
+            self._refuse(EAGER, _short(exc))
+            return None
+        report = getattr(compiled, "report", None)
+        if report is not None:
+            self.outcome.reports.append(report)
+            self.outcome.mixed_ops = len(report.mixed_ops)
+        self.outcome.variants = len(self.variants) + 1
+        if not self.variants and report is not None and \
+                not any(st.changed for st in report.stages[1:]):
+            self._refuse(TRACED, "traced; the passes changed nothing, so it runs its own "
+                                 "forward")
+            return None
+        self.variants[key] = compiled
+        self.outcome.state = COMPILED
+        self.outcome.reason = "traced and compiled"
+        return compiled
+
+
+def _sum_counts(counts: Any) -> ModuleCounts:
+    counts = list(counts)
+    return ModuleCounts(sum(c.conv for c in counts), sum(c.non_conv for c in counts))
+
+
+def _signature(args: tuple) -> Any:
+    def key(a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            return ("T", tuple(a.shape[1:]), a.dtype, a.device.type)
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, tuple(key(v) for v in a))
+        if isinstance(a, dict):
+            return ("dict", tuple((k, key(v)) for k, v in sorted(a.items())))
+        try:
+            hash(a)
+            return ("V", a)
+        except TypeError:
+            return ("id", id(a))
+    return tuple(key(a) for a in args)
+
+
+def _short(exc: TraceError) -> str:
+    where = f" at {exc.source}" if exc.source else ""
+    return f"{exc.problem}{where}"
+
+
+def _record_calls(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
+    """Run a copy of the model once, eagerly, and keep each submodule's first arguments.
+
+    The copy keeps the user's parameters, buffers and random generators untouched.
+    """
+    twin = copy.deepcopy(model)
+    calls: dict[str, tuple] = {}
+    handles = []
+    for path, module in twin.named_modules():
+        if path and not _is_standard_leaf(module):
+            def hook(mod, args, kwargs, path=path):
+                if path not in calls and not kwargs:
+                    calls[path] = args
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    py_state = random.getstate()
+    np = sys.modules.get("numpy")
+    np_state = np.random.get_state() if np is not None else None
+    try:
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            twin(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        random.setstate(py_state)
+        if np is not None:
+            np.random.set_state(np_state)
+    return calls
+
+
+def compile_partially(model: nn.Module, example_inputs: tuple, root_error: TraceError,
+                      compile_fn: Callable[[nn.Module, tuple], nn.Module], *,
+                      max_variants: int = 8) -> nn.Module:
+    """The model with its untraceable forwards eager and its traceable submodules compiled.
+
+    ``compile_fn(module, args)`` compiles one submodule (raising :class:`TraceError` when it
+    cannot be traced).  Raises ``root_error`` when no submodule the example run reaches can
+    be traced (or the model does not run on ``example_inputs``).
+    """
+    outcomes: dict[str, ModuleOutcome] = {}
+    dispatchers: dict[str, _Dispatch] = {}
+    memo: dict[int, nn.Module] = {}
+
+    def shadow_tree(module: nn.Module, path: str) -> nn.Module:
+        if id(module) in memo:
+            return memo[id(module)]
+        shadow = object.__new__(type(module))
+        shadow.__dict__.update(module.__dict__)
+        for field in ("_parameters", "_buffers"):  # same tensors, registries of its own
+            shadow.__dict__[field] = dict(module.__dict__[field])
+        memo[id(module)] = shadow
+        children = {}
+        for name, child in module._modules.items():
+            child_path = f"{path}.{name}" if path else name
+            if child is None or _is_standard_leaf(child):
+                children[name] = child
+            else:
+                children[name] = shadow_tree(child, child_path)
+        object.__setattr__(shadow, "_modules", children)
+        if path and type(module).forward is not nn.Module.forward:
+            outcome = ModuleOutcome(path, type(module).__name__, UNREACHED,
+                                    "not called through __call__ so far (not reached, or its "
+                                    "parent calls another method of it)")
+            outcomes[path] = outcome
+            dispatch = _Dispatch(path, module, shadow, compile_fn, max_variants, outcome)
+            shadow.__dict__["forward"] = dispatch
+            dispatchers[path] = dispatch
+        return shadow
+
+    root = shadow_tree(model, "")
+    report = PartialReport(type(model).__name__, _short(root_error), outcomes)
+
+    # compile up front what the example run reaches, top-down (a compiled module's children
+    # run inside its graph and are not tried)
+    try:
+        calls = _record_calls(model, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - the model does not run on these inputs either
+        raise root_error from exc
+    traced: list[str] = []
+    for path in sorted(calls, key=lambda p: (p.count("."), p)):
+        if any(path.startswith(c + ".") for c in traced) or path not in dispatchers:
+            continue
+        d = dispatchers[path]
+        args = calls[path]
+        d._compile(_signature(args), args)
+        if d.outcome.state in (COMPILED, TRACED):
+            traced.append(path)
+    if not traced:  # nothing the example run reaches can be traced
+        raise root_error
+    root.__dict__["report"] = report
+    root.__dict__["source_model"] = model
+    warnings.warn(f"{type(model).__name__}.forward cannot be traced ({_short(root_error)}); "
+                  f"{len(report.compiled)} submodule(s) compiled, the rest runs eagerly "
+                  f"(see .report)", PartialCompileWarning, stacklevel=4)
+    return root
