@@ -580,7 +580,8 @@ def markdown(result: dict[str, Any], figure: str | None) -> str:
     names = list(result["summary"])
     lines += ["Per epoch (mean over seeds) and per seed:", "",
               "| configuration | supernet val acc per epoch | mean alpha entropy per epoch "
-              "(epoch 0: initial) | retrained test acc per seed (" + ", ".join(seeds) + ") |",
+              "(epoch 0: initial) | retrained test acc per seed (" + ", ".join(map(str, seeds))
+              + ") |",
               "|---|---|---|---|"]
     for name in names:
         s = result["summary"][name]
