@@ -80,12 +80,12 @@ class Settings:
     C: int = 8
     layers: int = 5
     resolution: int = 16
-    n_train: int = 384
-    n_val: int = 384
+    n_train: int = 256
+    n_val: int = 256
     n_test: int = 297
     batch: int = 32
     epochs: int = 3
-    retrain_epochs: int = 6
+    retrain_epochs: int = 4
     seeds: tuple[int, ...] = (0, 1, 2)
     data_seed: int = 0
     w_lr: float = 0.025
@@ -433,7 +433,8 @@ def search_seed(configs: Sequence[SearchConfig], settings: Settings, seed: int,
         traj = torch.stack(run.trajectory)
         diff = float((traj - torch.stack(eager.trajectory)).abs().max())
         out[c.name] = {
-            "compile_s": run.compile_s, "epoch_s": run.epoch_s, "epoch_cpu_s": run.epoch_cpu_s, "peak_bytes": memory[c.name],
+            "compile_s": run.compile_s, "epoch_s": run.epoch_s, "epoch_cpu_s": run.epoch_cpu_s,
+            "peak_bytes": memory[c.name],
             "val_acc": run.val_acc, "entropy": run.entropy, "genotype": genotype_dict(geno),
             "test_acc": retrained[key], "retrain_reused": reused,
             "retrain_cpu_s": retrain_cpu_s[key],
@@ -449,13 +450,13 @@ def search_seed(configs: Sequence[SearchConfig], settings: Settings, seed: int,
 
 
 def _kn_decisions(report: Any) -> list[str]:
-    """The merge and kn stages' summary decisions (what was merged, which kernels KN
+    """The merge, fold and kn stages' summary decisions (what was merged, which kernels KN
     normalized), from the compile report."""
     if report is None:
         return []
     lines = []
     for stage in report.stages:
-        if stage.name in ("merge", "kn"):
+        if stage.name in ("merge", "fold", "kn"):
             lines += [f"{stage.name}: {d}" for d in stage.decisions if not d.startswith("cells")]
     return lines
 
@@ -575,6 +576,25 @@ def markdown(result: dict[str, Any], figure: str | None) -> str:
     ]
     if figure:
         lines += [f"![validation accuracy and alpha entropy per epoch]({figure})", ""]
+    seeds = list(result["per_seed"])
+    names = list(result["summary"])
+    lines += ["Per epoch (mean over seeds) and per seed:", "",
+              "| configuration | supernet val acc per epoch | mean alpha entropy per epoch "
+              "(epoch 0: initial) | retrained test acc per seed (" + ", ".join(map(str, seeds))
+              + ") |",
+              "|---|---|---|---|"]
+    for name in names:
+        s = result["summary"][name]
+        accs = ", ".join(f"{result['per_seed'][seed][name]['test_acc']:.3f}" for seed in seeds)
+        lines.append(f"| {name} | {' '.join(f'{v:.3f}' for v in s['val_acc_mean_per_epoch'])} "
+                     f"| {' '.join(f'{v:.5f}' for v in s['entropy_mean_per_epoch'])} | {accs} |")
+    lines += ["", f"What the compiler did (seed {seeds[0]}'s compile reports, merge / fold / kn "
+                  f"summaries):", ""]
+    for name in names:
+        decisions = result["per_seed"][seeds[0]][name]["decisions"]
+        if decisions:
+            lines.append(f"- {name}: " + "; ".join(decisions))
+    lines += [""]
     lines.append("Genotypes (normal / reduce), per seed:")
     lines.append("")
     for seed, per in result["per_seed"].items():
