@@ -150,10 +150,14 @@ def test_reassigned_variable_alphas_retrace():
     torch.testing.assert_close(c(x), m(x))
 
 
-def test_replaced_candidate_retraces():
+@pytest.mark.parametrize("where", ["candidate", "edge"])
+def test_replaced_candidate_retraces(where):
     m = Network()
     c = compile_supernet(m, (x,), exact=True)
-    m.edge._ops[1] = nn.Conv2d(4, 4, 1)
+    if where == "candidate":
+        m.edge._ops[1] = nn.Conv2d(4, 4, 1)  # DARTS-PT / pruning replaces an op
+    else:
+        m.edge = MixedOp()  # a whole edge rebuilt
     torch.testing.assert_close(c(x), m(x))
     assert len(c.variants) == 2
 

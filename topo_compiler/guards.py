@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import dis
 import inspect
+import itertools
 import linecache
 import sys
 import types
@@ -934,6 +935,7 @@ class GuardSet:
         self.slots: list[_DynamicSlot] = []
         self._readers: list[Callable[[tuple], Any]] = []
         modules = dict(model.named_modules(remove_duplicate=False))
+        tables: dict[int, tuple[dict, dict]] = {}  # submodule tables checked in one term
         for k, g in enumerate(self.guards):
             expr, read = _reader(g.access, modules, namespace, k, g.expected)
             self._readers.append(read)
@@ -941,6 +943,10 @@ class GuardSet:
                 terms.append(expr)
                 continue
             if g.access[0] == "ident":
+                if g.access[3] == "_modules" and type(g.expected).__eq__ is object.__eq__:
+                    table = modules[g.access[1]]._modules
+                    tables.setdefault(id(table), (table, {}))[1][g.access[2]] = g.expected
+                    continue
                 namespace[f"e{k}"] = g.expected
                 terms.append(f"{expr} is e{k}")
                 continue
@@ -957,6 +963,18 @@ class GuardSet:
             else:
                 terms.append(f"_same({expr}, e{k})")
                 namespace["_same"] = _same
+        if tables:
+            # the submodules on the graph's paths, all in one C-level comparison: modules
+            # compare by identity; a key the trace did not read may differ too (a harmless
+            # re-trace), a key it read and is gone makes the lengths differ
+            expected: list[Any] = []
+            for table, seen in tables.values():
+                expected.extend(seen.get(key, value) for key, value in table.items())
+                expected.extend(_MISSING for key in seen if key not in table)
+            # dict views are live: they show the tables' contents at each call
+            namespace.update(_V=tuple(t.values() for t, _ in tables.values()), _E=expected,
+                             _chain=itertools.chain.from_iterable)
+            terms.insert(0, "[*_chain(_V)] == _E")
         body = " and ".join(terms) or "True"
         source = f"def check(a):\n    return {body}\n"
         exec(compile(source, "<topo_compiler guards>", "exec"), namespace)  # noqa: S102
