@@ -260,7 +260,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         specializations=traced.specializations,
         baked_inputs={k: repr(v) for k, v in traced.baked_inputs.items()},
         captured=list(traced.capture_notes), lowering=lowering,
-        guards=[_describe_guard(g, traced.argument_names) for g in traced.guards],
+        guards=_describe_guards(traced.guards, traced.argument_names),
         baked_values=[str(b) for b in traced.baked_values],
         variants=["variant 1: first trace"])
     if traced.baked_values:
@@ -309,6 +309,15 @@ def _compile_partially(model: nn.Module, example_inputs: Any, error: TraceError,
                                                                   (tuple, list)):
         example_inputs = (example_inputs,)
     return compile_partially(model, tuple(example_inputs), error, compile_one)
+def _describe_guards(found: Sequence[guards.Guard], names: Sequence[str]) -> list[str]:
+    lines = [_describe_guard(g, names) for g in found if g.access[0] != "ident"]
+    same = sum(g.access[0] == "ident" for g in found)
+    if same:
+        lines.append(f"the {same} parameters, buffers, tensor attributes and submodules the "
+                     f"graph reads are the same objects (replacing one re-traces)")
+    return lines
+
+
 def _describe_guard(g: guards.Guard, names: Sequence[str]) -> str:
     if g.dynamic:
         return f"{g.label(names)} is a number, read at run time"

@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import dis
 import inspect
+import itertools
 import linecache
 import sys
 import types
@@ -89,6 +90,9 @@ def describe_access(access: tuple, arg_names: Sequence[str] = ()) -> str:
     if kind == "global":
         _, module, chain = access
         return f"global `{'.'.join(chain)}` of `{module}`"
+    if kind == "ident":
+        _, path, name, _where = access
+        return f"the object at `{path + '.' if path else ''}{name}` (replaced on the model)"
     if kind == "cond":
         return f"the condition `{access[1]}` on " + ", ".join(
             describe_access(a, arg_names) for a in access[3])
@@ -197,8 +201,16 @@ def recording_type(cls: type) -> type:
                 _ACTIVE[-1].on_attribute(self, name, value)
         return value
 
+    base_set = cls.__setattr__
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if _ACTIVE and name[:2] != "__":
+            _ACTIVE[-1].on_assign(self, name, value)
+        base_set(self, name, value)
+
     try:
         made = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__,
+                                           "__setattr__": __setattr__,
                                            "__module__": cls.__module__,
                                            "__qualname__": cls.__qualname__})
     except TypeError:  # a class that refuses subclasses (__init_subclass__ with arguments)
@@ -305,6 +317,51 @@ class GuardRecorder:
         if real is _MISSING or not _guardable(real):
             return
         self._add(access, real, _frame_source(_user_frame()))
+
+    def on_assign(self, shadow: nn.Module, name: str, value: Any) -> None:
+        """``self.<name> = value`` in a traced forward: state the graph cannot carry over.
+
+        The assignment stays on the shadow (the trace never writes the user's model), so a
+        Python number the forward updates (``self.n += 1``) or a buffer it rebinds
+        (``self.steps += 1``) would keep its traced value in every compiled call.  Refuse it
+        with the way out; the same value written again (``self.flag = True``) is harmless.
+        """
+        entry = self._shadows.get(id(shadow))
+        if entry is None:
+            return
+        path, module, _ = entry
+        label = f"self.{name}" + (f" (`{path}.{name}`)" if path else "")
+        if name in module._buffers and value is not module._buffers[name]:
+            self._refuse_assignment(
+                path, module, f"forward rebinds the buffer {label} to a value computed in "
+                f"the graph (`self.{name} += ...` or `self.{name} = ...`); the compiled "
+                f"graph would compute it but never store it, so the buffer would keep its "
+                f"traced value",
+                f"update the buffer in place (`self.{name}.add_(1)`, `self.{name}.copy_(...)`),"
+                f" which the graph replays")
+        real = module.__dict__.get(name, _MISSING)
+        if type(real) in (int, float, bool) and \
+                (type(value) is not type(real) or value != real):
+            self._refuse_assignment(
+                path, module, f"forward updates the Python {type(real).__name__} attribute "
+                f"{label} (traced with {real!r}); a graph cannot replay a Python attribute "
+                f"update, so it would stay {real!r} and the output would use the traced "
+                f"value in every call",
+                f"keep it in a buffer updated in place (`self.register_buffer('{name}', "
+                f"torch.zeros((), dtype=torch.long))` and `self.{name}.add_(1)` in forward)")
+
+    def _refuse_assignment(self, path: str, module: nn.Module, problem: str,
+                           fix: str) -> None:
+        from .tracer import TraceError
+
+        mtype = type(module).__name__
+        leaf = f"mark the module as a leaf (leaf_modules=['{path}'] or [{mtype}]) so it " \
+               f"runs eagerly" if path else "compile_supernet's partial mode (the " \
+               "default) runs this forward eagerly and compiles its submodules"
+        raise TraceError(problem, module_path=path, module_type=mtype,
+                         source=_frame_source(_user_frame()),
+                         way_out=f"{fix}; or {leaf}; or make the update outside forward "
+                                 f"(in the training loop)")
 
     def dynamic_attributes(self, path: str, module: nn.Module) -> dict[str, Any]:
         """Replacement values (proxies of 0-d tensors) for the dynamic attributes of a
@@ -553,6 +610,32 @@ class GuardRecorder:
         for code, (namespace, free) in self._codes.items():
             self._scan_code(code, namespace, free)
         self._find_baked_constants(graph)
+        self._guard_identities(graph)
+
+    def _guard_identities(self, graph: fx.Graph) -> None:
+        """The graph reads these objects: a parameter, buffer or tensor attribute replaced
+        on the model (``model.alpha = nn.Parameter(...)``, ``model.ops[1] = Zero()``) must
+        re-trace.  In-place updates (optimizers, ``load_state_dict``) keep the objects."""
+        root = self.tracer.root
+        for node in graph.nodes:
+            if node.op not in ("get_attr", "call_module"):
+                continue
+            *parents, leaf = str(node.target).split(".")
+            owner, path = root, ""
+            for atom in parents:
+                child = owner._modules.get(atom) if isinstance(owner, nn.Module) else None
+                if child is None:
+                    break
+                self._add(("ident", path, atom, "_modules"), child)
+                owner, path = child, f"{path}.{atom}" if path else atom
+            else:
+                for where in ("_modules", "_parameters", "_buffers", "__dict__"):
+                    table = owner.__dict__ if where == "__dict__" else getattr(owner, where)
+                    value = table.get(leaf, _MISSING)
+                    if value is not _MISSING and (where == "_modules" or
+                                                  isinstance(value, torch.Tensor)):
+                        self._add(("ident", path, leaf, where), value)
+                        break
 
     def _scan_code(self, code: types.CodeType, namespace: dict, free: dict) -> None:
         module_name = namespace.get("__name__")
@@ -852,11 +935,20 @@ class GuardSet:
         self.slots: list[_DynamicSlot] = []
         self._readers: list[Callable[[tuple], Any]] = []
         modules = dict(model.named_modules(remove_duplicate=False))
+        tables: dict[int, tuple[dict, dict]] = {}  # submodule tables checked in one term
         for k, g in enumerate(self.guards):
             expr, read = _reader(g.access, modules, namespace, k, g.expected)
             self._readers.append(read)
             if g.access[0] == "tensor":
                 terms.append(expr)
+                continue
+            if g.access[0] == "ident":
+                if g.access[3] == "_modules" and type(g.expected).__eq__ is object.__eq__:
+                    table = modules[g.access[1]]._modules
+                    tables.setdefault(id(table), (table, {}))[1][g.access[2]] = g.expected
+                    continue
+                namespace[f"e{k}"] = g.expected
+                terms.append(f"{expr} is e{k}")
                 continue
             if g.dynamic:
                 terms.append(f"type({expr}) in (float, int)")
@@ -871,6 +963,18 @@ class GuardSet:
             else:
                 terms.append(f"_same({expr}, e{k})")
                 namespace["_same"] = _same
+        if tables:
+            # the submodules on the graph's paths, all in one C-level comparison: modules
+            # compare by identity; a key the trace did not read may differ too (a harmless
+            # re-trace), a key it read and is gone makes the lengths differ
+            expected: list[Any] = []
+            for table, seen in tables.values():
+                expected.extend(seen.get(key, value) for key, value in table.items())
+                expected.extend(_MISSING for key in seen if key not in table)
+            # dict views are live: they show the tables' contents at each call
+            namespace.update(_V=tuple(t.values() for t, _ in tables.values()), _E=expected,
+                             _chain=itertools.chain.from_iterable)
+            terms.insert(0, "[*_chain(_V)] == _E")
         body = " and ".join(terms) or "True"
         source = f"def check(a):\n    return {body}\n"
         exec(compile(source, "<topo_compiler guards>", "exec"), namespace)  # noqa: S102
@@ -887,6 +991,10 @@ class GuardSet:
             if g.access[0] == "tensor":
                 if not value.holds():
                     return g, value.read()
+                continue
+            if g.access[0] == "ident":
+                if value is not g.expected:
+                    return g, value
                 continue
             ok = _is_number(value) if g.dynamic else _same(value, g.expected)
             if not ok:
@@ -929,6 +1037,12 @@ def _reader(access: tuple, modules: dict[str, nn.Module], ns: dict, k: int,
         for name in chain[1:]:
             expr = f"getattr({expr}, {name!r}, _M)"
         return expr, lambda a: _read_chain(namespace, chain)
+    if kind == "ident":
+        _, path, name, where = access
+        table = modules[path].__dict__ if where == "__dict__" else \
+            getattr(modules[path], where)
+        ns[f"o{k}"] = table
+        return f"o{k}.get({name!r}, _M)", lambda a: table.get(name, _MISSING)
     if kind == "cond":
         _, _, steps, inputs = access
         readers = [_reader(i, modules, {}, 0)[1] for i in inputs]
@@ -1158,7 +1272,9 @@ class Dispatch:
         for v in self.variants:
             module = primary if v.module is self.variants[-1].module else \
                 copy.deepcopy(v.module, memo)
-            new.variants.append(Variant(module, GuardSet(v.guards.guards, model, new.holders),
+            guards = [dataclasses.replace(g, expected=memo.get(id(g.expected), g.expected))
+                      if g.access[0] == "ident" else g for g in v.guards.guards]
+            new.variants.append(Variant(module, GuardSet(guards, model, new.holders),
                                         v.reason))
         return new
 

@@ -58,6 +58,19 @@ class CompiledSupernet(fx.GraphModule):
                 raise
             return value
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``compiled.tau = 0.1`` sets the model's plain attribute (the guards read the
+        model); modules, tensors, private names and the compiled module's own attributes
+        stay here."""
+        source = self.__dict__.get("_source_model")
+        if source is not None and not name.startswith("_") and name != "training" and \
+                name not in self.__dict__ and name in source.__dict__ and \
+                not isinstance(value, (nn.Module, torch.Tensor)) and \
+                not isinstance(source.__dict__[name], (nn.Module, torch.Tensor)):
+            setattr(source, name, value)
+            return
+        super().__setattr__(name, value)
+
     @property
     def source_model(self) -> nn.Module:
         """The model this was compiled from (shares parameters and buffers)."""
