@@ -13,6 +13,7 @@ from torch import nn
 
 from . import guards
 from .analysis import MixedOp, declined_sums
+from .cuda_graphs import CudaGraphOptions
 from .ir import SupernetIR
 from .lift import lift, tag_mixed_ops
 from .lower import CompiledSupernet, lower
@@ -20,6 +21,7 @@ from .pass_manager import Hook, PassManager
 from .passes import build_pipeline, normalize_names
 from .report import CompileReport, MixedOpReport
 from .tracer import TraceError, trace_supernet
+from .vectorize import drop_identity_arithmetic, vectorize_weights
 
 __all__ = ["compile_supernet", "NoMixedOpWarning", "analyze"]
 
@@ -48,7 +50,9 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
                      hooks: Sequence[Hook] = (),
                      example_kwargs: Mapping[str, Any] | None = None,
                      cache_size_limit: int = guards.DEFAULT_CACHE_SIZE_LIMIT,
-                     partial: bool = True) -> CompiledSupernet:
+                     partial: bool = True,
+                     cuda_graphs: bool | CudaGraphOptions = False
+                     ) -> CompiledSupernet:
     """Compile a one-shot NAS supernet into a cheaper, equivalent-by-design GraphModule.
 
     Args:
@@ -80,6 +84,10 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
             :class:`~topo_compiler.partial.PartialReport`; ``dump_dir`` and ``hooks`` are
             not applied to the submodules); ``False`` raises the
             :class:`~topo_compiler.tracer.TraceError` instead.
+        cuda_graphs: run forward and backward as captured CUDA graphs (``True``, or a
+            :class:`~topo_compiler.cuda_graphs.CudaGraphOptions`); calls that do not fit a
+            capture (CPU tensors, grad disabled, a new shape's first call...) run uncaptured.
+            ``compiled.cuda_graphs.stats`` (also ``report.cuda_graphs``) counts both.
 
     Returns:
         A :class:`~topo_compiler.lower.CompiledSupernet` sharing ``model``'s parameters and
@@ -91,6 +99,8 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         raise TypeError(f"compile_supernet expects an nn.Module, got {type(model).__name__}")
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be True or False, got {exact!r}")
+    if not isinstance(cuda_graphs, (bool, CudaGraphOptions)):
+        raise TypeError(f"cuda_graphs must be a bool or CudaGraphOptions, got {cuda_graphs!r}")
     if not isinstance(cache_size_limit, int) or cache_size_limit < 1:
         raise ValueError(f"cache_size_limit must be a positive int, got {cache_size_limit!r}")
     options = guards.pending_options()  # set while a compiled supernet re-traces
@@ -111,6 +121,9 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         # a re-trace raises (its dispatcher reports it); keyword examples need the whole call
         if not partial or options is not None or example_kwargs:
             raise
+        if cuda_graphs:
+            warnings.warn("cuda_graphs is not applied to a partially compiled model: its "
+                          "compiled submodules run uncaptured", stacklevel=2)
         return _compile_partially(model, example_inputs, error, passes=passes, exact=exact,
                                   leaf_modules=leaf_modules, pass_options=pass_options,
                                   cache_size_limit=cache_size_limit)
@@ -136,6 +149,17 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
     stages[0].decisions.extend(declined)
     timings["passes"] = time.perf_counter() - start
 
+    lowering: list[str] = []
+    if names:  # why: with no pass, the compiled graph is the traced one, regenerated as is
+        start = time.perf_counter()
+        dropped = drop_identity_arithmetic(ir)
+        if dropped:
+            lowering.append(f"{dropped} additions of 0 / multiplications by 1 dropped")
+        vectorized = vectorize_weights(ir)
+        if vectorized:
+            lowering.append(vectorized)
+        timings["vectorize"] = time.perf_counter() - start
+
     start = time.perf_counter()
     compiled = lower(ir)
     timings["lower"] = time.perf_counter() - start
@@ -146,7 +170,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         timings=timings, warnings=report_warnings,
         specializations=traced.specializations,
         baked_inputs={k: repr(v) for k, v in traced.baked_inputs.items()},
-        captured=list(traced.capture_notes),
+        captured=list(traced.capture_notes), lowering=lowering,
         guards=[_describe_guard(g, traced.argument_names) for g in traced.guards],
         baked_values=[str(b) for b in traced.baked_values],
         variants=["variant 1: first trace"])
@@ -159,6 +183,10 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
                  "them as forward arguments.")
         warnings.warn(msg, guards.BakedValueWarning, stacklevel=2)
         compiled.report.warnings.append(msg)
+    if cuda_graphs:
+        from .cuda_graphs import install
+        graph_options = cuda_graphs if isinstance(cuda_graphs, CudaGraphOptions) else None
+        install(compiled, graph_options)  # also sets report.cuda_graphs
     if dump_dir is not None:
         dump.write_report(compiled.report)
     settings = guards.CompileSettings(passes=passes, exact=exact,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 import types
 from typing import Any
 
@@ -209,8 +210,53 @@ def lower(ir: SupernetIR, class_name: str | None = None) -> CompiledSupernet:
         gm.__dict__[alias] = gm.get_submodule(target) if target in ir.modules else \
             ir.attr(target)
     gm.__dict__["_source_model"] = ir.root
+    _shorten_attribute_chains(gm, graph)
     gm.graph = graph
     return gm
+
+
+def _shorten_attribute_chains(gm: nn.Module, graph: fx.Graph) -> None:
+    """Reach every module the graph calls or reads from through one attribute of ``gm``.
+
+        before:  getattr(getattr(getattr(self.cells, "0")._ops, "4").op, "1").weight
+        after:   self._cells_0__ops_4_op_1.weight
+
+    fx emits the chain for every call, one ``nn.Module.__getattr__`` per atom (some 11000 per
+    call in the 8-cell DARTS supernet).  The alias is a plain attribute (``gm.__dict__``), so
+    ``state_dict``, ``named_modules`` and ``.to()`` still see the module at its real path
+    only; parameters and buffers are still read from their module at every call, so one
+    replaced there (as ``.to()`` replaces buffers) is seen.
+    """
+    aliases: dict[str, str] = {}
+    taken = set(gm.__dict__) | set(dir(type(gm)))
+    for node in graph.nodes:
+        if node.op not in ("call_module", "get_attr") or "." not in node.target:
+            continue
+        *parents, last = node.target.split(".")
+        owner: Any = gm
+        try:
+            for atom in parents:
+                owner = getattr(owner, atom)
+            value = getattr(owner, last)
+        except AttributeError:
+            continue
+        if isinstance(value, nn.Module):
+            path, leaf, module = node.target, None, value
+        elif isinstance(owner, nn.Module) and len(parents) > 1 and last.isidentifier():
+            path, leaf, module = ".".join(parents), last, owner
+        else:
+            continue
+        alias = aliases.get(path)
+        if alias is None:
+            base = "_" + re.sub(r"[^0-9A-Za-z_]", "_", path)  # why: ASCII, not NFKC
+            alias, i = base, 0
+            while alias in taken:
+                i += 1
+                alias = f"{base}_{i}"
+            taken.add(alias)
+            aliases[path] = alias
+            gm.__dict__[alias] = module
+        node.target = alias if leaf is None else f"{alias}.{leaf}"
 
 
 def _unsafe_for_codegen(target: str) -> bool:

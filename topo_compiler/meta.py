@@ -110,6 +110,18 @@ LEAF_FUNCTIONS: list[Any] = []
 supernet again records calls to them instead of tracing into them."""
 
 
+LEAF_MODULES: list[type] = []
+"""Module classes compiled graphs call (the weight program): tracing a compiled supernet
+again records calls to them instead of tracing into them."""
+
+
+def leaf_module(cls: type) -> type:
+    """Register ``cls`` as a graph-level module class (see :data:`LEAF_MODULES`)."""
+    if cls not in LEAF_MODULES:
+        LEAF_MODULES.append(cls)
+    return cls
+
+
 def leaf_function(fn):
     """Register ``fn`` as a graph-level function (see :data:`LEAF_FUNCTIONS`)."""
     if fn not in LEAF_FUNCTIONS:

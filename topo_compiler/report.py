@@ -128,6 +128,10 @@ class CompileReport:
     """Python numbers held as constants that no guard watches, with their source line."""
     variants: list[str] = dataclasses.field(default_factory=list)
     """One line per traced variant (the first trace, then each re-trace and why)."""
+    lowering: list[str] = dataclasses.field(default_factory=list)
+    """What lowering preparation did (the weight program, dropped identities)."""
+    cuda_graphs: Any = None
+    """The live :class:`~topo_compiler.cuda_graphs.CudaGraphStats` with ``cuda_graphs=True``."""
 
     @property
     def input(self) -> StageReport:
@@ -152,7 +156,10 @@ class CompileReport:
                 "specializations": list(self.specializations),
                 "baked_inputs": dict(self.baked_inputs), "captured": list(self.captured),
                 "guards": list(self.guards),
-                "baked_values": list(self.baked_values), "variants": list(self.variants)}
+                "baked_values": list(self.baked_values), "variants": list(self.variants),
+                "lowering": list(self.lowering),
+                "cuda_graphs": None if self.cuda_graphs is None else
+                self.cuda_graphs.as_dict()}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.as_dict(), indent=indent)
@@ -215,6 +222,12 @@ class CompileReport:
         if self.baked_values:
             lines += ["", "### Baked values (constants no guard watches)", ""]
             lines += [f"- {b}" for b in self.baked_values]
+        if self.lowering:
+            lines += ["", "### Lowering", ""]
+            lines += [f"- {line}" for line in self.lowering]
+        if self.cuda_graphs is not None:
+            lines += ["", "### CUDA graphs", ""]
+            lines += [f"- {line}" for line in self.cuda_graphs.summary()]
         if self.warnings:
             lines += ["", "### Warnings", ""]
             lines += [f"- {w}" for w in self.warnings]

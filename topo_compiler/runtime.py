@@ -17,7 +17,10 @@ function instead of tracing into it (:data:`~.meta.LEAF_FUNCTIONS`).
 * weight folding: :func:`scaled_batch_norm`;
 * calls the tracer records whole (autograd Functions, scripted functions, checkpoints,
   distributions; :mod:`~.capture`): :class:`OpaqueCall`, whose meta value comes from the rule
-  the tracer hands it.
+  the tracer hands it;
+* the architecture-weight arithmetic of the whole supernet, vectorized:
+  :class:`WeightProgram` (a module the tracer keeps whole, so a compiled supernet traced
+  again still reads one-element architecture weights).
 
 Shapes follow ``torch.nn.functional``: kernels are ``(C_out, C_in / groups, *k)`` with 1, 2
 or 3 spatial dimensions.  This module imports nothing from the passes.
@@ -34,12 +37,13 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .meta import shape_rule
+from .meta import leaf_module, shape_rule
 
 __all__ = ["place", "depthwise_to_dense", "separable_to_dense", "group_to_dense",
            "weighted_kernel_sum", "stack_depthwise", "stack_pointwise", "weighted_bias_sum",
            "fixed_kernel", "embed_rows", "eye_pointwise", "normalize_kernel",
-           "normalize_kernels", "KN_EPS", "nonzero_or_one", "scaled_batch_norm", "OpaqueCall"]
+           "normalize_kernels", "KN_EPS", "nonzero_or_one", "scaled_batch_norm",
+           "OpaqueCall", "WeightProgram"]
 
 
 def place(kernel: torch.Tensor, dilation: Sequence[int], start: Sequence[int],
@@ -216,7 +220,9 @@ def scaled_batch_norm(bn: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> to
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
-    weight = scale.expand(x.shape[1]) if bn.weight is None else scale * bn.weight
+    # why contiguous: torch's CPU batch_norm backward reads a stride-0 (expanded) weight wrongly
+    # for channels_last inputs (garbage gradients, torch 2.13)
+    weight = scale.expand(x.shape[1]).contiguous() if bn.weight is None else scale * bn.weight
     bias = None if bn.bias is None else scale * bn.bias
     return F.batch_norm(x, bn.running_mean if track else None,
                         bn.running_var if track else None, weight, bias, use_batch, factor,
@@ -246,6 +252,74 @@ shape_rule(normalize_kernel)(lambda k: _meta(k.shape, k))
 shape_rule(normalize_kernels)(lambda ks: tuple(_meta(k.shape, k) for k in ks))
 shape_rule(nonzero_or_one)(lambda w: _meta(w.shape, w))
 shape_rule(scaled_batch_norm)(lambda bn, x, scale: x)
+
+
+_PROGRAM_OPS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "truediv": torch.div,
+                "neg": torch.neg, "nonzero_or_one": nonzero_or_one}
+
+
+@leaf_module
+class WeightProgram(nn.Module):
+    """The architecture-weight arithmetic of a whole supernet, as a few vectorized ops.
+
+    ``forward(*sources)`` flattens the source tensors (the softmaxed alphas), gathers the
+    elements the scalar program reads, then runs the program level by level: at each level
+    every group of like operations (``add``, ``truediv``, ``nonzero_or_one``...) is one
+    gather per operand and one elementwise op over all of its instances, appended to the
+    value vector.  Returns the exported scalars as a tuple of 0-dim tensors (``unbind``).
+    Elementwise, so every value is computed by the same floating-point operation as the
+    scalar op it replaces.  The index vectors are non-persistent buffers: they follow the
+    module to its device and stay out of ``state_dict``.
+
+    ``levels``: per level, groups ``(op, operands)``; an operand is ``("v", buffer name)``
+    (positions in the value vector) or ``("c", number)``.
+    """
+
+    def __init__(self, leaves: Sequence[int],
+                 levels: Sequence[Sequence[tuple[str, Sequence[tuple[str, Any]]]]],
+                 exports: Sequence[int], device: torch.device | str = "cpu"):
+        super().__init__()
+
+        def index(values: Sequence[int]) -> torch.Tensor:
+            return torch.tensor(list(values), dtype=torch.long, device=device)
+        self.register_buffer("leaves", index(leaves), persistent=False)
+        self.register_buffer("exports", index(exports), persistent=False)
+        self.levels: list[list[tuple[str, list[tuple[str, Any]]]]] = []
+        for i, level in enumerate(levels):
+            groups = []
+            for j, (op, operands) in enumerate(level):
+                specs = []
+                for k, (kind, value) in enumerate(operands):
+                    if kind == "v":
+                        name = f"index_{i}_{j}_{k}"
+                        self.register_buffer(name, index(value), persistent=False)
+                        specs.append(("v", name))
+                    else:
+                        specs.append(("c", value))
+                groups.append((op, specs))
+            self.levels.append(groups)
+
+    def forward(self, *sources: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        flat = torch.cat([s.reshape(-1) for s in sources]) if len(sources) > 1 else \
+            sources[0].reshape(-1)
+        if self.leaves.device != flat.device:  # why: the sources moved without this module
+            self.to(flat.device)
+        values = flat.index_select(0, self.leaves)
+        buffers = self._buffers
+        for level in self.levels:
+            results = [values]
+            for op, specs in level:
+                args = [values.index_select(0, buffers[v]) if kind == "v" else v
+                        for kind, v in specs]
+                results.append(_PROGRAM_OPS[op](*args))
+            values = torch.cat(results)
+        return values.index_select(0, self.exports).unbind(0)
+
+    def extra_repr(self) -> str:
+        ops = sum(len(level) for level in self.levels)
+        return (f"leaves={self.leaves.numel()}, levels={len(self.levels)}, groups={ops}, "
+                f"exports={self.exports.numel()}")
+
 
 
 class OpaqueCall:

@@ -42,7 +42,7 @@ from torch.fx._symbolic_trace import _maybe_revert_all_patches, _orig_module_cal
 from . import capture
 from . import guards as _guards
 from . import runtime  # noqa: F401 - registers the functions compiled graphs call
-from .meta import LEAF_FUNCTIONS, UNKNOWN, run_on_meta, to_meta
+from .meta import LEAF_FUNCTIONS, LEAF_MODULES, UNKNOWN, run_on_meta, to_meta
 
 __all__ = ["TraceError", "TracedSupernet", "SupernetTracer", "trace_supernet", "UNKNOWN"]
 
@@ -233,7 +233,7 @@ _DEFAULT_NON_LEAVES = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Parameter
 def _is_standard_leaf(m: nn.Module) -> bool:
     module = type(m).__module__
     return (module.startswith("torch.nn") or module.startswith("torch.ao.nn")) \
-        and not isinstance(m, _DEFAULT_NON_LEAVES)
+        and not isinstance(m, _DEFAULT_NON_LEAVES) or isinstance(m, tuple(LEAF_MODULES))
 
 
 class SupernetTracer(fx.Tracer):
