@@ -434,3 +434,83 @@ def test_tensor_constants_stay_off_the_model():
     compiled = _compile(model, (x,), exact=True)
     assert sorted(model.__dict__) == before
     torch.testing.assert_close(compiled(x), model(x))
+
+
+_RETRACE_PROBE = r"""
+import sys, warnings
+sys.path.insert(0, sys.argv[1])
+import torch
+from supernets.capture_idioms import DropPathVariable
+from topo_compiler import compile_supernet
+warnings.simplefilter("ignore")
+model = DropPathVariable()
+model.drop_prob = 0.0
+x = torch.randn(64, 4, 6, 6)
+compiled = compile_supernet(model, (x,), exact=True)
+model.drop_prob = 0.3  # the re-trace reaches Variable(torch.FloatTensor(...)) now
+with torch.no_grad():
+    dropped = [(compiled(x).flatten(1).abs().sum(1) == 0).float().mean().item()
+               for _ in range(3)]
+print(dropped)
+assert all(0.05 < d < 0.6 for d in dropped) and len(set(dropped)) > 1, dropped
+print("clean")
+"""
+
+
+def test_darts_drop_path_retrace_exits_cleanly():
+    """DARTS's Variable(...) drop_path reached by a re-trace (drop_prob 0 -> 0.3) killed the
+    interpreter; now the re-traced graph drops paths at random on every call."""
+    done = subprocess.run([sys.executable, "-c", _RETRACE_PROBE, TESTS],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("clean")
+
+
+_NATIVE_PROBE = r"""
+import sys, warnings
+import torch
+from torch import nn
+from topo_compiler import TraceError, compile_supernet
+warnings.simplefilter("ignore")
+expr = sys.argv[1]
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return eval(expr)
+
+
+x = torch.randn(2, 4, 6, 6)
+model = M()
+try:
+    compiled = compile_supernet(model, (x,))
+except TraceError as e:
+    print("TraceError", str(e).replace("\n", " | "))
+else:
+    torch.testing.assert_close(compiled(x), eval(expr, globals(), {"y": model.conv(x)}))
+    print("compiled")
+"""
+
+
+@pytest.mark.parametrize("expr, outcome", [
+    ("torch.Tensor._make_subclass(torch.Tensor, y)", "TraceError"),
+    ("torch.as_tensor(y, dtype=torch.float64)", "compiled"),
+    ("torch.autograd.Variable(y) * 2", "compiled"),
+])
+def test_native_constructors_handed_the_proxy_exit_cleanly(expr, outcome, tmp_path):
+    """C++ constructors taking their data as a plain object read the proxy as a tensor
+    (SIGSEGV before); now they are recorded, or refused with the line and a way out."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(_NATIVE_PROBE)
+    done = subprocess.run([sys.executable, str(probe), expr],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(outcome), done.stdout
+    if outcome == "TraceError":
+        assert "return eval(expr)" in done.stdout and "way out:" in done.stdout
+    assert "_make_subclass" not in torch.Tensor.__dict__

@@ -449,3 +449,57 @@ def test_stale_idioms_pickle_with_their_state():
     loaded.set_tau(0.2)
     torch.testing.assert_close(loaded(x), loaded.source_model(x))
     assert _retraces(loaded) == 0
+
+
+class _DictBatch(nn.Module):
+    """``forward(batch)`` reading ``batch['x']`` (and optionally a scale tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)])
+        self.alpha = nn.Parameter(torch.tensor([0.3, -0.2]))
+
+    def forward(self, batch):
+        x = batch["x"]
+        out = sum(w * op(x) for w, op in zip(F.softmax(self.alpha, -1), self.ops))
+        return out * batch["scale"] if "scale" in batch else out
+
+
+@pytest.mark.parametrize("keys", [("x",), ("x", "scale")])
+def test_dict_of_tensors_is_a_graph_input(keys):
+    """A dict argument holding tensors was baked in as a constant and every call raised
+    `Boolean value of Tensor ... ambiguous` from the guard; now its tensors are read at run
+    time and a call with another dict gives the model's output."""
+    torch.manual_seed(0)
+    model = _DictBatch()
+
+    def batch():
+        b = {"x": torch.randn(2, 4, 8, 8), "scale": torch.rand(())}
+        return {k: b[k] for k in keys}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = compile_supernet(model, (batch(),), exact=True)
+    assert not [n for n in compiled.graph.nodes if n.op == "get_attr" and "constant" in n.target]
+    for _ in range(2):
+        b = batch()
+        torch.testing.assert_close(compiled(b), model(b))
+    assert len(compiled.report.variants) == 1
+
+
+def test_argument_mixing_tensors_and_values_is_refused_by_name():
+    """A dict holding a tensor beside a number cannot be a graph input; the error names the
+    argument and the way out instead of baking the tensor in."""
+    class Mixed(_DictBatch):
+        def forward(self, batch):
+            return super().forward({"x": batch["x"]}) * batch["n"]
+
+    with pytest.raises(TraceError, match=r"argument `batch`.*\n(.*\n)*.*way out: pass the "
+                                         r"tensors of `batch` as separate forward arguments"):
+        compile_supernet(Mixed(), ({"x": torch.randn(2, 4, 8, 8), "n": 3},))
+
+
+def test_guard_comparison_never_asks_a_tensor_for_its_truth_value():
+    from topo_compiler.guards import _same
+    t = torch.ones(3)
+    assert _same(t, t) and not _same(t, t.clone()) and not _same([t], [t.clone()])

@@ -257,6 +257,7 @@ def capturing(tracer: Any) -> Iterator[None]:
         _patch_checkpoint(tracer, patch)
         _patch_distributions(tracer, patch)
         _patch_factories(tracer, patch)
+        _patch_native_constructors(tracer, patch)
         yield
     finally:
         for fn in reversed(undo):
@@ -391,12 +392,12 @@ def _patch_factories(tracer: Any, patch: Callable) -> None:
             return proxy
         return factory
 
+    empty = torch.empty  # the original: the legacy form's node must not run a wrapper
     for name in FACTORIES:
         original = getattr(torch, name)
         meta.register_shape_rule(original, _on_meta(original))
         patch(torch, name, recorded(getattr(torch, name), name))
 
-    empty = torch.empty
     for name, dtype in _LEGACY.items():
         legacy = getattr(torch, name)
 
@@ -420,6 +421,59 @@ def _patch_factories(tracer: Any, patch: Callable) -> None:
                                            {"dtype": dtype, **kwargs})
 
         patch(torch, name, _Legacy(name, (), {}))
+
+
+def _patch_native_constructors(tracer: Any, patch: Callable) -> None:
+    """C++ constructors that take their data as a plain object: handed the proxy (which
+    passes their tensor check) they would read it as a tensor and kill the interpreter.
+
+    ``Variable(t)`` (``from torch.autograd import Variable``, old DARTS code) is
+    ``t.detach()``, a leaf that requires grad when asked; ``torch.as_tensor(t)`` becomes a
+    graph node; ``Tensor._make_subclass`` of a traced value is refused with a TraceError.
+    ``torch.Tensor(t)`` is not covered: patching ``Tensor.__new__`` breaks torch._dynamo's
+    import (it substitutes that function by signature), so it still crashes.
+    """
+    from torch.autograd.variable import Variable, VariableMeta
+    as_tensor = torch.as_tensor
+    make_subclass = torch.Tensor.__dict__.get("_make_subclass") or \
+        torch._C.TensorBase.__dict__["_make_subclass"]
+
+    def variable(cls, *args, **kwargs):
+        if cls is not Variable or _computing(tracer) or not _has_proxy((args, kwargs)):
+            return type.__call__(cls, *args, **kwargs)
+        data = args[0] if args else kwargs.get("data")
+        requires_grad = args[1] if len(args) > 1 else kwargs.get("requires_grad", False)
+        if not isinstance(data, fx.Proxy) or isinstance(requires_grad, fx.Proxy):
+            raise _native_error(tracer, "torch.autograd.Variable")
+        _note(tracer, "opaque", "`Variable(t)` recorded as `t.detach()`")
+        out = tracer.create_proxy("call_method", "detach", (data,), {})
+        if requires_grad:
+            out = tracer.create_proxy("call_method", "requires_grad_", (out,), {})
+        return out
+
+    def as_tensor_(*args, **kwargs):
+        if _computing(tracer) or not _has_proxy((args, kwargs)):
+            return as_tensor(*args, **kwargs)
+        return tracer.create_proxy("call_function", as_tensor, args, kwargs)
+
+    def make_subclass_(*args, **kwargs):
+        if not _computing(tracer) and _has_proxy((args, kwargs)):
+            raise _native_error(tracer, "torch.Tensor._make_subclass")
+        return make_subclass(*args, **kwargs)
+
+    patch(VariableMeta, "__call__", variable)
+    patch(torch, "as_tensor", functools.wraps(as_tensor)(as_tensor_))
+    patch(torch.Tensor, "_make_subclass", staticmethod(make_subclass_))
+
+
+def _native_error(tracer: Any, name: str) -> Exception:
+    from .tracer import TraceError, _describe_frame, _user_frame
+    path, mtype = tracer.current_module()
+    return TraceError(
+        f"`{name}` is native code that would read the traced value as a tensor",
+        module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
+        way_out=f"use a tensor op instead of `{name}` (t.detach(), t.clone(), t.to(...))" +
+                (f", or mark this module as a leaf (leaf_modules=['{path}'])" if path else ""))
 
 
 def _on_meta(factory: Callable) -> Callable:

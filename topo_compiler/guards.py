@@ -152,6 +152,8 @@ def _same(value: Any, expected: Any) -> bool:
     """Equal and of the same type (``1``, ``1.0`` and ``True`` trace differently)."""
     if type(value) is not type(expected):
         return False
+    if isinstance(value, torch.Tensor):  # never its truth value (ambiguous for a tensor)
+        return value is expected
     if type(value) in (tuple, list):
         return len(value) == len(expected) and all(map(_same, value, expected))
     if type(value) is dict:

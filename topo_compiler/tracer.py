@@ -521,6 +521,15 @@ class SupernetTracer(fx.Tracer):
                 # guards: a number that changes every call stays a graph input
                 self._example[name] = torch.tensor(float(value), dtype=torch.float64,
                                                    device="meta")
+            elif _holds_tensor(value):
+                raise TraceError(
+                    f"forward argument `{name}` ({type(value).__name__}) holds tensors beside "
+                    f"other values; its tensors would be baked into the graph as constants",
+                    module_path="", module_type=type(root).__name__,
+                    way_out=f"pass the tensors of `{name}` as separate forward arguments (a "
+                            f"wrapper module whose forward takes them and builds `{name}`), "
+                            f"or give `{name}` tensors only (a dict with str keys, a list or a "
+                            f"tuple of tensors is a graph input)")
             else:
                 concrete[name] = value
         self.guards.on_arguments(names, values, [n for n in self._example
@@ -628,7 +637,13 @@ def _is_tensor_tree(value: Any) -> bool:
         return True
     if isinstance(value, (list, tuple)) and value:
         return all(_is_tensor_tree(v) for v in value)
+    if type(value) is dict and value:  # batch['x']: a getitem node on the argument
+        return all(isinstance(k, str) and _is_tensor_tree(v) for k, v in value.items())
     return False
+
+
+def _holds_tensor(value: Any) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
 
 
 def _drop_dead_python_values(graph: fx.Graph) -> None:

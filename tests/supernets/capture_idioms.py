@@ -30,6 +30,9 @@ Idioms:
 * ``zero_legacy``: the legacy ``torch.FloatTensor(n, c, h, w).fill_(0)`` Zero op;
 * ``new_factories``: ``x.new_zeros``, ``x.new_empty(...).fill_``, ``x.new(...).zero_()``;
 * ``drop_path``: ``torch.zeros((x.size(0), 1, 1, 1)).bernoulli_(keep)`` in training;
+* ``drop_path_variable``: DARTS's own ``Variable(torch.FloatTensor(n, 1, 1, 1).bernoulli_(k))``
+  then ``x.mul_(mask)``;
+* ``drop_path_legacy``: ``torch.FloatTensor(n, 1, 1, 1).bernoulli_(1 - p)`` without Variable;
 * ``gumbel_softmax``: SNAS-style ``F.gumbel_softmax(alpha, tau, hard=True)`` in forward;
 * ``gumbel_exponential``: GDAS-style ``-torch.empty_like(a).exponential_().log()``;
 * ``module_in_forward``: ``nn.Softmax(dim=-1)(alpha)``, a module built in forward;
@@ -44,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
+from torch.autograd import Variable
 
 C = 4
 HW = 6
@@ -230,6 +234,39 @@ class DropPath(_Base):
         return out
 
 
+def darts_drop_path(x, drop_prob):
+    """drop_path as the original DARTS repository writes it (utils.py, CPU form)."""
+    if drop_prob > 0.:
+        keep_prob = 1. - drop_prob
+        mask = Variable(torch.FloatTensor(x.size(0), 1, 1, 1).bernoulli_(keep_prob))
+        x = x.div(keep_prob)
+        x.mul_(mask)
+    return x
+
+
+class DropPathVariable(_Base):
+    """Former segfault: ``Variable(proxy)`` is a C++ constructor reading it as a tensor."""
+    drop_prob = 0.3
+
+    def forward(self, x):
+        out = self.mixed(x, F.softmax(self.alpha, dim=-1))
+        if self.training:
+            out = darts_drop_path(out, self.drop_prob)
+        return out
+
+
+class DropPathLegacy(_Base):
+    """The legacy factory's node ran a wrapper giving a real CPU tensor as its meta value,
+    so the mask's bernoulli_ drew at trace time and the compile was refused."""
+    drop_prob = 0.3
+
+    def forward(self, x):
+        out = self.mixed(x, F.softmax(self.alpha, dim=-1))
+        if self.drop_prob > 0.:
+            out = out * torch.FloatTensor(x.size(0), 1, 1, 1).bernoulli_(1 - self.drop_prob)
+        return out
+
+
 # -- sampling in forward ---------------------------------------------------------------------
 class GumbelSoftmax(_Base):
     tau = 1.0
@@ -292,6 +329,8 @@ CAPTURE = {
     'zero_legacy': Capture(ZeroFactoryLegacy, _x_only),
     'new_factories': Capture(NewFactories, _x_only),
     'drop_path': Capture(DropPath, _x_only, random=True),
+    'drop_path_variable': Capture(DropPathVariable, _x_only, random=True, segfaulted=True),
+    'drop_path_legacy': Capture(DropPathLegacy, _x_only, random=True),
     'gumbel_softmax': Capture(GumbelSoftmax, _x_only, random=True),
     'gumbel_exponential': Capture(GumbelExponential, _x_only, random=True),
     'module_in_forward': Capture(ModuleInForward, _x_only),
