@@ -50,7 +50,7 @@ from topo_compiler import compile_supernet
 from topo_compiler.cuda_graphs import CudaGraphOptions
 
 from .configs import CONFIGURATIONS, full_method
-from .measure import interleaved_times, logits_of, synchronizer
+from .measure import interleaved_times, logits_of, step_peak_bytes, synchronizer
 from .peers import peer_specs
 from .report import machine_info, source_revision, write_json, write_markdown
 from .suite import Settings, Sizes, build_supernet
@@ -209,14 +209,8 @@ def _rows(space: str, sizes: Sizes, settings: Settings, keep: list[Any]) -> list
 
 
 def _peak(step: Callable[[], None], device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    start = torch.cuda.memory_allocated(device)
-    step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - start
+    """CUDA peak bytes of one step (the CPU dry run reports none: its profiler pass is slow)."""
+    return step_peak_bytes(step, device) if device.type == "cuda" else None
 
 
 def measure_space(space: str, sizes: Sizes, settings: Settings) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from topo_compiler import compile_supernet
 
-from .measure import logits_of
+from .measure import interleaved_times, logits_of
 from .suite import Settings, Sizes, build_supernet
 
 __all__ = ["measure_guard_cost", "guard_cost_line", "GUARD_SIZES"]
@@ -59,12 +59,7 @@ def measure_guard_cost(space: str = "darts", sizes: Sizes = GUARD_SIZES,
         model.zero_grad(set_to_none=True)
         F.cross_entropy(logits_of(model(inputs)), target).backward()
 
-    eager_step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        eager_step()
-        times.append(time.perf_counter() - start)
+    times = interleaved_times({"eager": eager_step}, rounds=steps, warmup=1)["eager"]
     check_s = min(per_call)  # the least disturbed batch of calls on a shared machine
     step_s = statistics.median(times)
     return {"space": space, "sizes_text": sizes.describe(space), "device": device,
