@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import inspect
 import os
 import time
@@ -81,6 +84,33 @@ def _no_inputs_message(model: nn.Module) -> str:
             f"batch (use your training batch size and the model's device)")
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cyclic garbage collector off while compiling, as it was afterwards.
+
+    why: compiling allocates a few hundred thousand long-lived objects (IR nodes, meta
+    tensors, fx nodes), so the collector's full passes, each over every object of the
+    process (torch's included), cost about a fifth of the compile time; the cyclic garbage
+    a compile leaves is a few MB and is collected after it.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _pausing_gc(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _gc_paused():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_pausing_gc
 def compile_supernet(model: nn.Module, example_inputs: Any, *,
                      passes: Sequence[str] | str | None = None, exact: bool = False,
                      dump_dir: str | os.PathLike | None = None,
