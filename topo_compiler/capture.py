@@ -46,7 +46,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
-from .meta import UNKNOWN, to_meta
+from .meta import UNKNOWN, register_shape_rule, to_meta
 from .runtime import OpaqueCall
 
 __all__ = ["CaptureNote", "record_opaque", "capturing", "computing_meta", "value_on_real_data",
@@ -392,7 +392,6 @@ def _patch_factories(tracer: Any, patch: Callable) -> None:
             return proxy
         return factory
 
-    empty = torch.empty  # the original: the legacy form's node must not run a wrapper
     for name in FACTORIES:
         original = getattr(torch, name)
         meta.register_shape_rule(original, _on_meta(original))
@@ -400,6 +399,7 @@ def _patch_factories(tracer: Any, patch: Callable) -> None:
 
     for name, dtype in _LEGACY.items():
         legacy = getattr(torch, name)
+        meta.register_shape_rule(legacy, _legacy_meta(legacy))
 
         class _Legacy(type):
             # isinstance(t, torch.FloatTensor) keeps its meaning while tracing
@@ -410,28 +410,82 @@ def _patch_factories(tracer: Any, patch: Callable) -> None:
                 return isinstance(obj, legacy)
 
             def __call__(cls, *args, legacy=legacy, dtype=dtype, name=name, **kwargs):
-                sizes = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) \
-                    else args
-                if _computing(tracer) or not _has_proxy((args, kwargs)) or not sizes or \
-                        not all(isinstance(s, (int, fx.Proxy)) for s in sizes):
+                if _computing(tracer) or not _has_proxy((args, kwargs)):
                     return legacy(*args, **kwargs)
-                _note(tracer, "factory", f"`torch.{name}(sizes)` recorded as "
-                      f"`torch.empty(sizes, dtype={dtype})`")
-                return tracer.create_proxy("call_function", empty, tuple(sizes),
-                                           {"dtype": dtype, **kwargs})
+                return _legacy_call(tracer, name, legacy, dtype, args, kwargs)
 
         patch(torch, name, _Legacy(name, (), {}))
 
 
-def _patch_native_constructors(tracer: Any, patch: Callable) -> None:
-    """C++ constructors that take their data as a plain object: handed the proxy (which
-    passes their tensor check) they would read it as a tensor and kill the interpreter.
+def _legacy_call(tracer: Any, name: str, ctor: Any, dtype: torch.dtype | None, args: tuple,
+                 kwargs: dict) -> fx.Proxy:
+    """``torch.Tensor(...)`` or ``torch.FloatTensor(...)`` handed traced values: sizes
+    become ``torch.empty(sizes, dtype=...)``; data (a tensor, a list of 0-d tensors) a call
+    of the constructor itself, which aliases or copies it at run time as in eager code::
 
+        torch.FloatTensor(x.size(0), 1, 1, 1)   ->  torch.empty(size, 1, 1, 1, dtype=float32)
+        torch.Tensor(y)                          ->  torch.Tensor(y)   # a graph node
+    """
+    sizes = _legacy_sizes(args)
+    if sizes is not None:
+        _note(tracer, "factory", f"`torch.{name}(sizes)` recorded as `torch.empty(sizes"
+              f"{'' if dtype is None else f', dtype={dtype}'})`")
+        return tracer.create_proxy("call_function", _EMPTY, sizes,
+                                   {**kwargs, **({} if dtype is None else {"dtype": dtype})})
+    data = args[0] if len(args) == 1 else None
+    val = data.node.meta.get("val") if isinstance(data, fx.Proxy) else None
+    if dtype is not None and isinstance(val, torch.Tensor) and val.dtype != dtype:
+        from .tracer import TraceError, _describe_frame, _user_frame
+        path, mtype = tracer.current_module()
+        raise TraceError(
+            f"`torch.{name}(t)` of a {val.dtype} tensor fails in eager code too: a legacy "
+            f"constructor only aliases a tensor of its own dtype ({dtype})",
+            module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
+            way_out=f"convert instead: t.to({dtype}), or torch.as_tensor(t, dtype={dtype})")
+    _note(tracer, "opaque", f"`torch.{name}(data)` of a traced value recorded as a call of "
+          f"the constructor")
+    return tracer.create_proxy("call_function", ctor, args, kwargs)
+
+
+_EMPTY = torch.empty
+"""The original factory: a recorded node must not run the wrapper installed while tracing."""
+
+
+def _legacy_sizes(args: tuple) -> tuple | None:
+    """The sizes of ``torch.Tensor(n, c)`` or ``torch.Tensor(x.size())``; None for data
+    (a tensor, a list or tuple: ``torch.Tensor([n, c])`` holds the values n and c)."""
+    def val(a: Any) -> Any:
+        return a.node.meta.get("val") if isinstance(a, fx.Proxy) else a
+
+    if len(args) == 1 and isinstance(val(args[0]), torch.Size):
+        return args
+    if args and all(type(val(a)) is int for a in args):
+        return args
+    return None
+
+
+def _legacy_meta(ctor: Any) -> Callable:
+    def rule(*args: Any, **kwargs: Any) -> Any:
+        try:  # aliasing a meta tensor works on meta
+            return to_meta(ctor(*args, **kwargs))
+        except Exception:  # noqa: BLE001 - reading data (a list of 0-d tensors)
+            return value_on_real_data(ctor, args, kwargs)
+    return rule
+
+
+def _patch_native_constructors(tracer: Any, patch: Callable) -> None:
+    """C++ entry points that take their data as a plain object and skip
+    ``__torch_function__``: handed the proxy (which passes their tensor check) they would
+    read it as a tensor and kill the interpreter.
+
+    ``torch.Tensor(t)`` is a call of the constructor in the graph (sizes: ``torch.empty``);
     ``Variable(t)`` (``from torch.autograd import Variable``, old DARTS code) is
-    ``t.detach()``, a leaf that requires grad when asked; ``torch.as_tensor(t)`` becomes a
-    graph node; ``Tensor._make_subclass`` of a traced value is refused with a TraceError.
-    ``torch.Tensor(t)`` is not covered: patching ``Tensor.__new__`` breaks torch._dynamo's
-    import (it substitutes that function by signature), so it still crashes.
+    ``t.detach()``, a leaf that requires grad when asked; ``torch.as_tensor(t)``,
+    ``torch.from_numpy``, the sparse constructors and the like become graph nodes;
+    ``torch.vmap`` / ``torch.func.grad`` and ``torch.nested.nested_tensor`` of traced values
+    become opaque calls; ``Tensor._make_subclass`` and ``set_`` of a traced value into a
+    tensor the trace does not see, and the other functorch transforms, are refused with a
+    TraceError.
     """
     from torch.autograd.variable import Variable, VariableMeta
     as_tensor = torch.as_tensor
@@ -451,29 +505,147 @@ def _patch_native_constructors(tracer: Any, patch: Callable) -> None:
             out = tracer.create_proxy("call_method", "requires_grad_", (out,), {})
         return out
 
-    def as_tensor_(*args, **kwargs):
-        if _computing(tracer) or not _has_proxy((args, kwargs)):
-            return as_tensor(*args, **kwargs)
-        return tracer.create_proxy("call_function", as_tensor, args, kwargs)
-
     def make_subclass_(*args, **kwargs):
         if not _computing(tracer) and _has_proxy((args, kwargs)):
             raise _native_error(tracer, "torch.Tensor._make_subclass")
         return make_subclass(*args, **kwargs)
 
     patch(VariableMeta, "__call__", variable)
-    patch(torch, "as_tensor", functools.wraps(as_tensor)(as_tensor_))
     patch(torch.Tensor, "_make_subclass", staticmethod(make_subclass_))
+    for name in _AS_NODES:
+        if hasattr(torch, name):
+            patch(torch, name, _as_node(tracer, getattr(torch, name)))
+    _patch_tensor_new(tracer, patch)
+    _patch_set(tracer, patch)
+    _patch_transforms(tracer, patch)
 
 
-def _native_error(tracer: Any, name: str) -> Exception:
+_AS_NODES = ("as_tensor", "from_numpy", "from_dlpack", "frombuffer", "sparse_coo_tensor",
+             "sparse_csr_tensor", "sparse_csc_tensor", "sparse_bsr_tensor", "sparse_bsc_tensor",
+             "sparse_compressed_tensor")
+"""torch functions that skip ``__torch_function__`` for their data argument: recorded as a
+graph node when handed a traced value (all but ``as_tensor`` crashed or failed before)."""
+
+
+def _as_node(tracer: Any, original: Callable) -> Callable:
+    @functools.wraps(original)
+    def call(*args, **kwargs):
+        if _computing(tracer) or not _has_proxy((args, kwargs)):
+            return original(*args, **kwargs)
+        return tracer.create_proxy("call_function", original, args, kwargs)
+    return call
+
+
+def _patch_tensor_new(tracer: Any, patch: Callable) -> None:
+    """``torch.Tensor(t)``: what ``torch.Tensor`` inherits from its C base is wrapped for the
+    trace and deleted after, so ``torch.Tensor`` inherits it again."""
+    original = torch._C.TensorBase.__new__
+
+    # (*args, **kwargs): torch._dynamo, if first imported while tracing, checks the
+    # signature of Tensor.__new__ against its own and accepts only this wildcard
+    def new(*args, **kwargs):
+        cls, data = args[0], args[1:]
+        if _computing(tracer) or not _has_proxy((data, kwargs)):
+            return original(*args, **kwargs)
+        if cls is not torch.Tensor:  # a user subclass built from a traced value
+            raise _native_error(tracer, f"{cls.__name__}(...)")
+        return _legacy_call(tracer, "Tensor", torch.Tensor, None, data, kwargs)
+
+    patch(torch.Tensor, "__new__", staticmethod(new))
+
+
+register_shape_rule(torch.Tensor, _legacy_meta(torch.Tensor))
+
+
+def _patch_set(tracer: Any, patch: Callable) -> None:
+    original = torch._C.TensorBase.set_
+
+    def set_(self, *args, **kwargs):
+        if isinstance(self, fx.Proxy):  # torch.Tensor.set_(t, ...): a graph node, as t.set_
+            return tracer.create_proxy("call_method", "set_", (self, *args), kwargs)
+        if not _computing(tracer) and _has_proxy((args, kwargs)):
+            raise _native_error(tracer, "Tensor.set_", way_out=(
+                "the tensor `set_` is called on is not traced (a global or a tensor made "
+                "outside the model); make it a buffer of the module (register_buffer), or "
+                "use the traced value itself"))
+        return original(self, *args, **kwargs)
+
+    patch(torch.Tensor, "set_", set_)
+
+
+def _patch_transforms(tracer: Any, patch: Callable) -> None:
+    """functorch transforms wrap their inputs in C (``_add_batch_dim``, ``_wrap_for_grad``):
+    ``vmap``, ``grad`` and ``grad_and_value`` of traced values become one opaque call
+    each; the others (vjp, jvp, jacrev, ...) are refused where they wrap their inputs."""
+    try:
+        from torch._functorch import apis, eager_transforms, vmap
+    except ImportError:  # another torch: nothing known to patch
+        return
+
+    def recorded(owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name, None)
+        if original is None:
+            return
+
+        @functools.wraps(original)
+        def call(*args, **kwargs):
+            if _computing(tracer) or not _has_proxy((args, kwargs)):
+                return original(*args, **kwargs)
+            return record_opaque(tracer, original, label, args, kwargs)
+        patch(owner, name, call)
+
+    def refused(owner: Any, name: str) -> None:
+        original = getattr(owner, name, None)
+        if original is None:
+            return
+
+        @functools.wraps(original)
+        def call(*args, **kwargs):
+            if not _computing(tracer) and _has_proxy((args, kwargs)):
+                raise _native_error(
+                    tracer, "torch.func.vjp / jvp / jacrev / jacfwd / hessian", way_out=(
+                        "call the transform outside the supernet's forward, or use "
+                        "torch.vmap / torch.func.grad, which are recorded as one call"))
+            return original(*args, **kwargs)
+        patch(owner, name, call)
+
+    recorded(apis, "vmap_impl", "vmap")
+    recorded(eager_transforms, "grad_impl", "grad")
+    recorded(eager_transforms, "grad_and_value_impl", "grad_and_value")
+    refused(eager_transforms, "_wrap_all_tensors")
+    refused(vmap, "_add_batch_dim")
+    recorded(torch._C._nested, "nested_tensor", "nested_tensor")
+
+
+def _native_error(tracer: Any, name: str, way_out: str | None = None) -> Exception:
     from .tracer import TraceError, _describe_frame, _user_frame
     path, mtype = tracer.current_module()
+    leaf = f", or mark this module as a leaf (leaf_modules=['{path}'])" if path else ""
     return TraceError(
         f"`{name}` is native code that would read the traced value as a tensor",
         module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
-        way_out=f"use a tensor op instead of `{name}` (t.detach(), t.clone(), t.to(...))" +
-                (f", or mark this module as a leaf (leaf_modules=['{path}'])" if path else ""))
+        way_out=(way_out or f"use a tensor op instead of `{name}` (t.detach(), t.clone(), "
+                            f"t.to(...))") + leaf)
+
+
+def untraceable_read(tracer: Any, proxy: fx.Proxy, attribute: str) -> Exception:
+    """``numpy.asarray(t)`` or ``t.data_ptr()`` of a traced tensor: numpy reads its data,
+    an address exists only at run time; neither is known while tracing."""
+    from .tracer import TraceError, _describe_frame, _user_frame
+    path, mtype = tracer.current_module()
+    if attribute == "data_ptr":
+        problem = f"`data_ptr()` of the traced value `{proxy.node.name}`: its address " \
+                  f"exists only at run time"
+        way_out = "compare tensors with tensor ops, not addresses"
+    else:
+        problem = f"numpy reads the data of the traced value `{proxy.node.name}` " \
+                  f"(numpy.asarray, np.array or a numpy function handed a tensor)"
+        way_out = "keep it a tensor op; to log it use t.detach().cpu().numpy() (dropped " \
+                  "from the graph when no output depends on it)"
+    return TraceError(
+        problem, module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
+        way_out=way_out + (f"; or mark this module as a leaf (leaf_modules=['{path}'])"
+                           if path else ""))
 
 
 def _on_meta(factory: Callable) -> Callable:

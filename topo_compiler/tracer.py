@@ -116,6 +116,9 @@ def _describe_frame(frame: types.FrameType | None) -> str | None:
 # Proxies that know their meta value
 # --------------------------------------------------------------------------------------
 
+_NO_TRACE = {"__array__", "__array_interface__", "__array_struct__", "data_ptr"}
+
+
 class ShapedProxy(fx.Proxy):
     """An fx proxy that answers Python's questions from its meta value.
 
@@ -138,6 +141,8 @@ class ShapedProxy(fx.Proxy):
         return type(self)
 
     def __getattr__(self, k: str) -> "ShapedAttribute":
+        if k in _NO_TRACE:  # numpy.asarray(t), ctypes at t.data_ptr(): data, addresses
+            raise capture.untraceable_read(self.tracer, self, k)
         return ShapedAttribute(self, k)
 
     def _concrete(self, what: str) -> Any:
