@@ -107,9 +107,9 @@ def test_every_idiom_has_an_expectation():
 def test_idiom_compiles_to_eager_or_raises_clearly(name, outcomes):
     rc, lines, stderr = outcomes
     if name not in lines:
-        last = list(lines)[-1] if lines else None
-        pytest.fail(f"the probe died (exit status {rc}) after {last!r}; {name!r} not "
-                    f"reached\n{stderr}")
+        crashed = next(n for n in IDIOMS if n not in lines)
+        pytest.fail(f"the probe died (exit status {rc}) running {crashed!r}, so {name!r} "
+                    f"did not run\n{stderr}")
     line = lines[name]
     assert line.startswith(EXPECTED[name]), line
     if line.startswith("TraceError"):  # the module, the user's line and a way out
