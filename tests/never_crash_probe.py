@@ -60,6 +60,18 @@ IDIOMS = {
     "G.clone().copy_(t)": "G.clone().copy_(y)",
     "G[0] = t[0]": "(lambda r: (r.__setitem__(0, y[0]), r)[1])(G.clone())",
     "cat([G, t])": "torch.cat([G, y])",
+    "G.clone().grad = t": "(lambda r: (setattr(r, 'grad', y.detach()), r.grad)[1])(G.clone())",
+    "G.clone().data = t": "(lambda r: (setattr(r, 'data', y.detach()), r)[1])(G.clone())",
+    "G.clone().resize_as_(t)": "G.clone().resize_as_(y).fill_(1)",
+    "Size([t.sum().long()])": "y.new_zeros(torch.Size([y.sum().long()]))",
+    "to_dlpack(t)": "torch.from_dlpack(torch.utils.dlpack.to_dlpack(y.detach()))",
+    "jit.trace(f, t)": "torch.jit.trace(torch.sin, (y,))(y)",
+    "set_rng_state(t)": "(torch.set_rng_state(torch.get_rng_state()), y)[1]",
+    "forward_ad.make_dual": "torch.autograd.forward_ad.make_dual(y, y)",
+    "ops.aten.add.Tensor": "torch.ops.aten.add.Tensor(y, y)",
+    "pad_sequence": "torch.nn.utils.rnn.pad_sequence([y[0], y[1]])",
+    "testing.assert_close": "(torch.testing.assert_close(y, y), y)[1]",
+    "t.as_subclass(Tensor)": "y.as_subclass(torch.Tensor)",
     # C functions, unbound methods
     "_C._nn.gelu(t)": "torch._C._nn.gelu(y)",
     "_C._nn.linear(t, w)": "torch._C._nn.linear(y.flatten(1), torch.ones(3, 144))",
@@ -173,7 +185,8 @@ def run_all_in_one_process() -> None:
     """Every idiom in turn, one ``name<TAB>outcome`` line each (a crash ends the list)."""
     for name in IDIOMS:
         outcome = run(name)
-        leftover = {"__new__", "set_", "_make_subclass"} & set(torch.Tensor.__dict__)
+        leftover = {"__new__", "set_", "_make_subclass", "data", "grad"} & \
+            set(torch.Tensor.__dict__)
         if leftover:
             outcome += f" | left patched: {sorted(leftover)}"
         print(f"{name}\t{outcome}", flush=True)

@@ -517,7 +517,9 @@ def _patch_native_constructors(tracer: Any, patch: Callable) -> None:
             patch(torch, name, _as_node(tracer, getattr(torch, name)))
     _patch_tensor_new(tracer, patch)
     _patch_set(tracer, patch)
+    _patch_setters(tracer, patch)
     _patch_transforms(tracer, patch)
+    _patch_refused(tracer, patch)
 
 
 _AS_NODES = ("as_tensor", "from_numpy", "from_dlpack", "frombuffer", "sparse_coo_tensor",
@@ -571,6 +573,51 @@ def _patch_set(tracer: Any, patch: Callable) -> None:
         return original(self, *args, **kwargs)
 
     patch(torch.Tensor, "set_", set_)
+
+
+_TENSOR_SETTERS = ("data", "grad", "_grad", "real", "imag")
+"""Tensor attributes whose C setter reads the value assigned as a tensor."""
+
+
+def _patch_setters(tracer: Any, patch: Callable) -> None:
+    """``w.grad = t`` or ``w.data = t`` on a tensor the trace does not see, t traced:
+    refused (the C setter would read the proxy as a tensor)."""
+    for name in _TENSOR_SETTERS:
+        descriptor = torch._C.TensorBase.__dict__[name]
+
+        def set_(self, value, descriptor=descriptor, name=name):
+            if not _computing(tracer) and isinstance(value, fx.Proxy):
+                raise _native_error(tracer, f"Tensor.{name} = ...", way_out=(
+                    f"the tensor whose `.{name}` is set is not traced (a global or a tensor "
+                    f"made outside the model); make it a buffer of the module "
+                    f"(register_buffer), or use the traced value itself"))
+            descriptor.__set__(self, value)
+
+        patch(torch.Tensor, name, property(
+            lambda self, d=descriptor: d.__get__(self, type(self)), set_,
+            lambda self, d=descriptor: d.__delete__(self), descriptor.__doc__))
+
+
+def _patch_refused(tracer: Any, patch: Callable) -> None:
+    """Native entry points with no graph form: refused when handed a traced value."""
+    import torch.utils.dlpack as dlpack
+    jit_way_out = ("call torch.jit.trace outside forward (in __init__, on example tensors) "
+                   "and call the traced function in forward: that call is recorded as one")
+    refusals = [(torch.jit, "trace", jit_way_out), (torch.jit, "trace_module", jit_way_out),
+                (dlpack, "to_dlpack", None), (torch, "to_dlpack", None),
+                (torch._C, "_to_dlpack", None)]
+    for owner, name, way_out in refusals:
+        original = getattr(owner, name, None)
+        if original is None:
+            continue
+
+        def call(*args, original=original, label=f"{owner.__name__}.{name}", way_out=way_out,
+                 **kwargs):
+            if not _computing(tracer) and _has_proxy((args, kwargs)):
+                raise _native_error(tracer, label, way_out=way_out)
+            return original(*args, **kwargs)
+
+        patch(owner, name, functools.wraps(original)(call))
 
 
 def _patch_transforms(tracer: Any, patch: Callable) -> None:
