@@ -483,12 +483,11 @@ def _patch_native_constructors(tracer: Any, patch: Callable) -> None:
     ``t.detach()``, a leaf that requires grad when asked; ``torch.as_tensor(t)``,
     ``torch.from_numpy``, the sparse constructors and the like become graph nodes;
     ``torch.vmap`` / ``torch.func.grad`` and ``torch.nested.nested_tensor`` of traced values
-    become opaque calls; ``Tensor._make_subclass`` and ``set_`` of a traced value into a
-    tensor the trace does not see, and the other functorch transforms, are refused with a
-    TraceError.
+    become opaque calls.  Refused with a TraceError: ``Tensor._make_subclass``, the other
+    functorch transforms, ``torch.jit.trace``, ``to_dlpack``, and ``set_`` or ``.grad =``
+    / ``.data =`` of a traced value into a tensor the trace does not see.
     """
     from torch.autograd.variable import Variable, VariableMeta
-    as_tensor = torch.as_tensor
     make_subclass = torch.Tensor.__dict__.get("_make_subclass") or \
         torch._C.TensorBase.__dict__["_make_subclass"]
 

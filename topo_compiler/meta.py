@@ -166,7 +166,7 @@ def _fast_value(opcode: str, target: Any, args: tuple, kwargs: dict,
         return NotImplemented
     same = (opcode == "call_function" and id(target) in _SAME_SHAPE_FUNCTIONS) or \
         (opcode == "call_method" and target in _SAME_SHAPE_METHODS)
-    # why floating only: exp or sigmoid of an int tensor is float, abs of a bool raises
+    # why floating only: exp or sigmoid of an int tensor is float (the meta kernel knows)
     if same and isinstance(first, torch.Tensor) and first.is_floating_point() and \
             all(k in ("inplace", "p", "training") for k in kwargs):
         return first
