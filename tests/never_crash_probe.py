@@ -36,6 +36,8 @@ IDIOMS = {
     "FloatTensor((n, c)) data": "torch.FloatTensor((y.size(0), y.size(1))) + y.sum()",
     "Tensor(t).requires_grad_()": "torch.Tensor(y.detach()).requires_grad_() * 2",
     "Size([t.size(0)])": "y.new_zeros(torch.Size([y.size(0), 3]))",
+    "FloatTensor bound early (t)": "FT(y)",
+    "FloatTensor bound early (n, c)": "FT(y.size(0), y.size(1)).fill_(1)",
     "Tensor.__new__(Tensor, t)": "torch.Tensor.__new__(torch.Tensor, y)",
     # other constructors and conversions
     "tensor(t)": "torch.tensor(y)",
@@ -111,6 +113,7 @@ import torch.nn.functional as F
 from torch import nn
 
 G = torch.zeros(2, 4, 6, 6)
+FT = torch.FloatTensor  # `from torch import FloatTensor`: bound before compiling
 
 
 class Probe(nn.Module):

@@ -41,6 +41,8 @@ EXPECTED = {
     "FloatTensor((n, c)) data": "equal",  # silently sizes, not data, before
     "Tensor(t).requires_grad_()": "equal",  # SIGSEGV before
     "Size([t.size(0)])": "equal",
+    "FloatTensor bound early (t)": "equal",  # SIGSEGV before
+    "FloatTensor bound early (n, c)": "equal",  # TypeError before
     "Tensor.__new__(Tensor, t)": "equal",  # SIGSEGV before
     "tensor(t)": "equal",
     "tensor([t0, t1])": "equal",

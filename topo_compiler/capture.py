@@ -240,8 +240,11 @@ def _from_user_code(depth: int = 2) -> bool:
 
 
 @contextlib.contextmanager
-def capturing(tracer: Any) -> Iterator[None]:
-    """Install the interceptions for one trace; every one is undone however it ends."""
+def capturing(tracer: Any, root: nn.Module | None = None) -> Iterator[None]:
+    """Install the interceptions for one trace; every one is undone however it ends.
+
+    ``root``: the model, whose classes' modules get their ``from torch import FloatTensor``
+    names wrapped too."""
     undo: list[Callable[[], None]] = []
 
     def patch(owner: Any, name: str, value: Any) -> None:
@@ -250,13 +253,19 @@ def capturing(tracer: Any) -> Iterator[None]:
         setattr(owner, name, value)
         undo.append(lambda: setattr(owner, name, old) if had else delattr(owner, name))
 
+    def patch_item(table: dict, key: str, value: Any) -> None:
+        old = table[key]
+        table[key] = value
+        undo.append(lambda: table.__setitem__(key, old))
+
     _ACTIVE.append(tracer)
     try:
         _patch_function_apply(tracer, patch)
         _patch_script_functions(tracer, patch)
         _patch_checkpoint(tracer, patch)
         _patch_distributions(tracer, patch)
-        _patch_factories(tracer, patch)
+        legacy = _patch_factories(tracer, patch)
+        _patch_bound_names(root, legacy, patch_item)
         _patch_native_constructors(tracer, patch)
         yield
     finally:
@@ -374,8 +383,10 @@ def _patch_distributions(tracer: Any, patch: Callable) -> None:  # noqa: ARG001
         Distribution.__new__ = new
 
 
-def _patch_factories(tracer: Any, patch: Callable) -> None:
+def _patch_factories(tracer: Any, patch: Callable) -> dict[int, type]:
+    """Returns id(legacy constructor) -> the wrapper that replaces it while tracing."""
     from . import meta
+    wrappers: dict[int, type] = {}
 
     def recorded(original: Callable, label: str) -> Callable:
         @functools.wraps(original)
@@ -414,7 +425,30 @@ def _patch_factories(tracer: Any, patch: Callable) -> None:
                     return legacy(*args, **kwargs)
                 return _legacy_call(tracer, name, legacy, dtype, args, kwargs)
 
-        patch(torch, name, _Legacy(name, (), {}))
+        wrappers[id(legacy)] = _Legacy(name, (), {})
+        patch(torch, name, wrappers[id(legacy)])
+    return wrappers
+
+
+def _patch_bound_names(root: nn.Module | None, replacements: dict[int, Any],
+                       patch_item: Callable) -> None:
+    """``from torch import FloatTensor`` in the model's own code binds the C constructor,
+    which no wrapper on ``torch`` reaches (and the C type cannot be patched): that name in
+    the globals of the model's forward methods is wrapped for the trace, too."""
+    if root is None:
+        return
+    classes = {cls for m in root.modules() for cls in type(m).__mro__
+               if not cls.__module__.startswith("torch")}
+    tables: dict[int, dict] = {}
+    for cls in classes:
+        for fn in vars(cls).values():
+            table = getattr(fn, "__globals__", None)
+            if isinstance(table, dict):
+                tables.setdefault(id(table), table)
+    for table in tables.values():
+        for key, value in list(table.items()):
+            if id(value) in replacements:
+                patch_item(table, key, replacements[id(value)])
 
 
 def _legacy_call(tracer: Any, name: str, ctor: Any, dtype: torch.dtype | None, args: tuple,

@@ -544,7 +544,7 @@ class SupernetTracer(fx.Tracer):
                                  for i, leaf in enumerate(pytree.tree_leaves(value), 1)}
 
         attrs_before = set(root.__dict__)
-        with _guard_random(self), capture.capturing(self), self.guards.active():
+        with _guard_random(self), capture.capturing(self, root), self.guards.active():
             graph = self.trace(root, concrete_args=concrete or None)
         for name in set(root.__dict__) - attrs_before:  # fx keeps tensor constants on the root
             self.plain_tensor_attrs[name] = root.__dict__.pop(name)
