@@ -43,6 +43,7 @@ IDIOMS = {
     "tensor(t)": "torch.tensor(y)",
     "tensor([t0, t1])": "torch.tensor([y[0, 0, 0, 0], y[1, 0, 0, 0]])",
     "as_tensor([t0])": "torch.as_tensor([y[0, 0, 0, 0]])",
+    "as_tensor bound early": "AT([y[0, 0, 0, 0]])",
     "t.new_tensor(t)": "y.new_tensor(y)",
     "Parameter(t)": "nn.Parameter(y) * 2",
     "from_numpy(t)": "torch.from_numpy(y)",
@@ -114,6 +115,7 @@ from torch import nn
 
 G = torch.zeros(2, 4, 6, 6)
 FT = torch.FloatTensor  # `from torch import FloatTensor`: bound before compiling
+AT = torch.as_tensor
 
 
 class Probe(nn.Module):

@@ -47,6 +47,7 @@ EXPECTED = {
     "tensor(t)": "equal",
     "tensor([t0, t1])": "equal",
     "as_tensor([t0])": "equal",
+    "as_tensor bound early": "equal",
     "t.new_tensor(t)": "equal",
     "Parameter(t)": "equal",
     "from_numpy(t)": "TraceError",  # eager raises TypeError too (a tensor, not an array)

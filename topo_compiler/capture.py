@@ -246,10 +246,13 @@ def capturing(tracer: Any, root: nn.Module | None = None) -> Iterator[None]:
     ``root``: the model, whose classes' modules get their ``from torch import FloatTensor``
     names wrapped too."""
     undo: list[Callable[[], None]] = []
+    replaced: dict[int, Any] = {}  # id(a module's function) -> its wrapper
 
     def patch(owner: Any, name: str, value: Any) -> None:
         had = name in owner.__dict__
         old = owner.__dict__.get(name)
+        if had and isinstance(owner, types.ModuleType):
+            replaced[id(old)] = value
         setattr(owner, name, value)
         undo.append(lambda: setattr(owner, name, old) if had else delattr(owner, name))
 
@@ -264,9 +267,9 @@ def capturing(tracer: Any, root: nn.Module | None = None) -> Iterator[None]:
         _patch_script_functions(tracer, patch)
         _patch_checkpoint(tracer, patch)
         _patch_distributions(tracer, patch)
-        legacy = _patch_factories(tracer, patch)
-        _patch_bound_names(root, legacy, patch_item)
+        _patch_factories(tracer, patch)
         _patch_native_constructors(tracer, patch)
+        _patch_bound_names(root, replaced, patch_item)
         yield
     finally:
         for fn in reversed(undo):
@@ -383,10 +386,8 @@ def _patch_distributions(tracer: Any, patch: Callable) -> None:  # noqa: ARG001
         Distribution.__new__ = new
 
 
-def _patch_factories(tracer: Any, patch: Callable) -> dict[int, type]:
-    """Returns id(legacy constructor) -> the wrapper that replaces it while tracing."""
+def _patch_factories(tracer: Any, patch: Callable) -> None:
     from . import meta
-    wrappers: dict[int, type] = {}
 
     def recorded(original: Callable, label: str) -> Callable:
         @functools.wraps(original)
@@ -425,16 +426,15 @@ def _patch_factories(tracer: Any, patch: Callable) -> dict[int, type]:
                     return legacy(*args, **kwargs)
                 return _legacy_call(tracer, name, legacy, dtype, args, kwargs)
 
-        wrappers[id(legacy)] = _Legacy(name, (), {})
-        patch(torch, name, wrappers[id(legacy)])
-    return wrappers
+        patch(torch, name, _Legacy(name, (), {}))
 
 
 def _patch_bound_names(root: nn.Module | None, replacements: dict[int, Any],
                        patch_item: Callable) -> None:
-    """``from torch import FloatTensor`` in the model's own code binds the C constructor,
-    which no wrapper on ``torch`` reaches (and the C type cannot be patched): that name in
-    the globals of the model's forward methods is wrapped for the trace, too."""
+    """``from torch import FloatTensor`` (or ``as_tensor``, ``zeros``...) in the model's own
+    code binds the original, which no wrapper on ``torch`` reaches (and a C type cannot be
+    patched): that name in the globals of the model's classes is wrapped for the trace,
+    too."""
     if root is None:
         return
     classes = {cls for m in root.modules() for cls in type(m).__mro__
