@@ -54,6 +54,7 @@ IDIOMS = {
     "memoryview(t)": "torch.frombuffer(memoryview(y), dtype=torch.float32)",
     # reading storage and addresses
     "t.data_ptr()": "y * (y.data_ptr() != 0)",
+    "if t.data_ptr() == ...": "y if y.data_ptr() == x.data_ptr() else -y",
     "ctypes at data_ptr": "y * ctypes.c_float.from_address(y.data_ptr()).value",
     "t.storage()": "y * len(y.storage())",
     "t.untyped_storage()": "y * y.untyped_storage().nbytes()",

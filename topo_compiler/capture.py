@@ -708,24 +708,17 @@ def _native_error(tracer: Any, name: str, way_out: str | None = None) -> Excepti
                             f"t.to(...))") + leaf)
 
 
-def untraceable_read(tracer: Any, proxy: fx.Proxy, attribute: str) -> Exception:
-    """``numpy.asarray(t)`` or ``t.data_ptr()`` of a traced tensor: numpy reads its data,
-    an address exists only at run time; neither is known while tracing."""
+def numpy_error(tracer: Any, proxy: fx.Proxy) -> Exception:
+    """``numpy.asarray(t)`` of a traced tensor: numpy reads data a trace does not have."""
     from .tracer import TraceError, _describe_frame, _user_frame
     path, mtype = tracer.current_module()
-    if attribute == "data_ptr":
-        problem = f"`data_ptr()` of the traced value `{proxy.node.name}`: its address " \
-                  f"exists only at run time"
-        way_out = "compare tensors with tensor ops, not addresses"
-    else:
-        problem = f"numpy reads the data of the traced value `{proxy.node.name}` " \
-                  f"(numpy.asarray, np.array or a numpy function handed a tensor)"
-        way_out = "keep it a tensor op; to log it use t.detach().cpu().numpy() (dropped " \
-                  "from the graph when no output depends on it)"
     return TraceError(
-        problem, module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
-        way_out=way_out + (f"; or mark this module as a leaf (leaf_modules=['{path}'])"
-                           if path else ""))
+        f"numpy reads the data of the traced value `{proxy.node.name}` (numpy.asarray, "
+        f"np.array or a numpy function handed a tensor)",
+        module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
+        way_out="keep it a tensor op; to log it use t.detach().cpu().numpy() (dropped from "
+                "the graph when no output depends on it)" +
+                (f"; or mark this module as a leaf (leaf_modules=['{path}'])" if path else ""))
 
 
 def _on_meta(factory: Callable) -> Callable:

@@ -104,6 +104,10 @@ _BINARY_FUNCTIONS = {id(f) for f in (operator.add, operator.mul, operator.sub,
 _BINARY_METHODS = {"add", "mul", "sub", "div"}
 
 
+_ADDRESSES = {"data_ptr"}
+"""Methods whose value is a memory address, known only at run time."""
+
+
 _SHAPE_RULES: dict[int, Any] = {}
 LEAF_FUNCTIONS: list[Any] = []
 """Functions compiled graphs call (kernel arithmetic, conditional weights): tracing a compiled
@@ -177,6 +181,8 @@ def run_on_meta(opcode: str, target: Any, args: tuple, kwargs: dict,
                 module: nn.Module | None, cache: dict[int, nn.Module]) -> Any:
     """Run one op on meta values (raises what the op raises)."""
     if contains_unknown(args) or contains_unknown(kwargs):
+        return UNKNOWN
+    if opcode == "call_method" and target in _ADDRESSES:  # 0 on meta: never decide on it
         return UNKNOWN
     fast = _fast_value(opcode, target, args, kwargs, module)
     if fast is not NotImplemented:

@@ -116,7 +116,7 @@ def _describe_frame(frame: types.FrameType | None) -> str | None:
 # Proxies that know their meta value
 # --------------------------------------------------------------------------------------
 
-_NO_TRACE = {"__array__", "__array_interface__", "__array_struct__", "data_ptr"}
+_NO_TRACE = {"__array__", "__array_interface__", "__array_struct__"}
 
 
 class ShapedProxy(fx.Proxy):
@@ -141,8 +141,8 @@ class ShapedProxy(fx.Proxy):
         return type(self)
 
     def __getattr__(self, k: str) -> "ShapedAttribute":
-        if k in _NO_TRACE:  # numpy.asarray(t), ctypes at t.data_ptr(): data, addresses
-            raise capture.untraceable_read(self.tracer, self, k)
+        if k in _NO_TRACE:  # numpy.asarray(t) would read data the trace does not have
+            raise capture.numpy_error(self.tracer, self)
         return ShapedAttribute(self, k)
 
     def _concrete(self, what: str) -> Any:
