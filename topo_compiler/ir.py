@@ -75,7 +75,11 @@ def _refs_in(value: Any, found: list[str] | None = None) -> list[str]:
         pass
     elif isinstance(value, (tuple, list)):
         for v in value:
-            _refs_in(v, found)
+            inner = type(v)  # why: most items are leaves or refs; no call for those
+            if inner is Ref:
+                found.append(v.name)
+            elif inner not in _LEAVES:
+                _refs_in(v, found)
     elif isinstance(value, dict):
         for v in value.values():
             _refs_in(v, found)

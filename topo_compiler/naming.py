@@ -14,6 +14,8 @@ A decision should read like the model's source, not like the fx graph:
 
 from __future__ import annotations
 
+import weakref
+
 from torch import nn
 
 from .analysis import MixedOp
@@ -64,11 +66,29 @@ def _common_prefix(paths: list[str]) -> list[str]:
     return prefix
 
 
+_LOOKUPS: weakref.WeakKeyDictionary[SupernetIR, dict[tuple[str, str], object]] = \
+    weakref.WeakKeyDictionary()
+"""Per IR: the model's submodules and their names by path.  why: every decision names its
+candidates, thousands of lookups in all, and the model's module tree does not change while
+it is compiled (passes register their modules in ``ir.modules``, not on the model)."""
+
+
+def _lookups(ir: SupernetIR) -> dict[tuple[str, str], object]:
+    got = _LOOKUPS.get(ir)
+    if got is None:
+        got = _LOOKUPS[ir] = {}
+    return got
+
+
 def _module(ir: SupernetIR, path: str) -> nn.Module | None:
-    try:
-        return ir.root.get_submodule(path)
-    except AttributeError:
-        return None
+    cache = _lookups(ir)
+    key = ("module", path)
+    if key not in cache:
+        try:
+            cache[key] = ir.root.get_submodule(path)
+        except AttributeError:
+            cache[key] = None
+    return cache[key]
 
 
 def _is_list(module: nn.Module | None) -> bool:
@@ -101,6 +121,14 @@ def _modules_of(ir: SupernetIR, names) -> list[str]:
 def _name_at(ir: SupernetIR, path: str) -> str:
     """A module's name: its ModuleDict key, its attribute name with its label (``b (Conv2d
     3x3)``), or in a ModuleList its label."""
+    cache = _lookups(ir)
+    key = ("name", path)
+    if key not in cache:
+        cache[key] = _find_name_at(ir, path)
+    return cache[key]
+
+
+def _find_name_at(ir: SupernetIR, path: str) -> str:
     last = path.rsplit(".", 1)[-1]
     module = _module(ir, path)
     if last and not last.isdigit() and path:
