@@ -6,6 +6,7 @@ import pytest
 
 from topo_compiler import compile_supernet
 from topo_compiler.__main__ import main
+from topo_compiler.report import count_modules, counts_by_mixed_op, stage_counts
 from topo_compiler.spaces import build, default_input
 
 
@@ -100,3 +101,21 @@ def test_cli_is_short_by_default(capsys):
     assert "### Summary" in short and "### Decisions" not in short
     assert "decisions in all" in short and "### Decisions" in verbose
     assert quiet.count("\n") == 1 and quiet.startswith("darts: 42 mixed ops")
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_stage_counts_are_the_module_counts_in_one_walk(exact):
+    """The pass manager's one-walk counts equal ``count_modules`` over the graph and over
+    each mixed op's nodes, after every stage (same mixed ops, same order)."""
+    seen = []
+
+    def check(index, stage, ir):
+        total, by_op = stage_counts(ir)
+        assert total == count_modules(ir) == stage.counts
+        assert list(by_op.items()) == list(counts_by_mixed_op(ir).items())
+        assert by_op == stage.mixed_op_counts
+        seen.append(stage.name)
+
+    model = build("darts", C=4, layers=3)
+    compile_supernet(model, default_input("darts", resolution=8), exact=exact, hooks=[check])
+    assert len(seen) > 3

@@ -16,7 +16,7 @@ import time
 from typing import Callable, ClassVar, Sequence
 
 from .ir import SupernetIR
-from .report import Decision, StageReport, count_modules, counts_by_mixed_op
+from .report import Decision, StageReport, stage_counts
 
 __all__ = ["Pass", "PassContext", "PassManager", "FixedPoint", "FixedPointError", "Hook"]
 
@@ -131,8 +131,9 @@ class PassManager:
     @staticmethod
     def _stage(ir: SupernetIR, name: str, changed: bool, seconds: float,
                decisions: list[Decision], skipped: str = "") -> StageReport:
-        return StageReport(name, changed, seconds, count_modules(ir), len(ir),
-                           counts_by_mixed_op(ir), list(decisions), skipped)
+        counts, by_mixed_op = stage_counts(ir)
+        return StageReport(name, changed, seconds, counts, len(ir), by_mixed_op,
+                           list(decisions), skipped)
 
     def _call_hooks(self, index: int, stage: StageReport, ir: SupernetIR) -> None:
         for hook in self.hooks:

@@ -79,6 +79,42 @@ def counts_by_mixed_op(ir: SupernetIR) -> dict[str, ModuleCounts]:
     return {tag: count_modules(ir, names) for tag, names in groups.items()}
 
 
+def stage_counts(ir: SupernetIR) -> tuple[ModuleCounts, dict[str, ModuleCounts]]:
+    """``(count_modules(ir), counts_by_mixed_op(ir))`` in one walk over the graph (the pass
+    manager records both after every pass)."""
+    nodes, succ = ir.graph._node, ir.graph._succ
+    convs: dict[str, str | None] = {}  # conv -> its mixed op
+    groups: dict[str, list[int]] = {}  # mixed op -> [convs, chained convs, non-conv]
+    non_conv = 0
+    for name, data in nodes.items():
+        node = data["node"]
+        tag = node.notes.mixed_op
+        if tag is not None and tag not in groups:
+            groups[tag] = [0, 0, 0]
+        if node.notes.is_weight:
+            continue
+        if node.desc.kind in _CONV_KINDS:
+            convs[name] = tag
+            if tag is not None:
+                groups[tag][0] += 1
+        elif node.desc.kind in _NON_CONV_KINDS:
+            non_conv += 1
+            if tag is not None:
+                groups[tag][2] += 1
+    chained = 0
+    for name, tag in convs.items():
+        for r in nodes[name]["node"].inputs:  # as in count_modules
+            source = nodes[r]["node"]
+            if source.is_tensor and source.opcode != "get_attr":
+                if r in convs and len(succ[r]) == 1:
+                    chained += 1
+                    if tag is not None and convs[r] == tag:
+                        groups[tag][1] += 1
+                break
+    return (ModuleCounts(len(convs) - chained, non_conv),
+            {tag: ModuleCounts(c - k, n) for tag, (c, k, n) in groups.items()})
+
+
 class Decision(str):
     """One thing a pass did or declined, and why, in the user's words (a ``str``: its text).
 
