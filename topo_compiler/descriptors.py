@@ -417,8 +417,6 @@ def _python_signature(fn: Any) -> inspect.Signature | None:
 def _bind(target: Any, opcode: str, name: str, args: tuple, kwargs: dict,
           arg_types: tuple | None) -> dict[str, Any]:
     """Arguments bound to parameter names (through torch.fx's normalize_function)."""
-    from torch.fx.operator_schemas import normalize_function
-
     fn = target
     call_args = args
     if opcode == "call_method":
@@ -433,14 +431,45 @@ def _bind(target: Any, opcode: str, name: str, args: tuple, kwargs: dict,
             return {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
         bound.apply_defaults()
         return dict(bound.arguments)
+    key = (fn, len(call_args), tuple(kwargs), arg_types)
     try:
-        pair = normalize_function(fn, tuple(call_args), dict(kwargs), arg_types=arg_types,
-                                  normalize_to_only_use_kwargs=True)
-    except Exception:  # noqa: BLE001 - ambiguous or unknown schema: fall back below
-        pair = None
-    if pair is None:
+        template = _schema_template(*key)
+    except TypeError:  # an unhashable target: not cached
+        template = _schema_template.__wrapped__(*key)
+    if template is None:
         return {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
-    return dict(pair.kwargs)
+    return {name: (call_args[v.key] if isinstance(v.key, int) else kwargs[v.key])
+            if type(v) is _Slot else v for name, v in template}
+
+
+class _Slot:
+    """Stands for argument ``key`` (a position or a keyword) in :func:`_schema_template`."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: int | str):
+        self.key = key
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_template(fn: Any, positional: int, keywords: tuple[str, ...],
+                     arg_types: tuple | None) -> tuple[tuple[str, Any], ...] | None:
+    """``(parameter, _Slot or default)`` pairs of torch.fx's ``normalize_function`` for a call
+    of ``fn`` with that many positional arguments, those keywords and ``arg_types``; None when
+    it cannot normalize the call.
+
+    why: normalizing looks at the number and names of the arguments and at ``arg_types``,
+    never at the values, and it is slow (schema matching per call, thousands of calls).
+    """
+    from torch.fx.operator_schemas import normalize_function
+
+    try:
+        pair = normalize_function(fn, tuple(_Slot(i) for i in range(positional)),
+                                  {k: _Slot(k) for k in keywords}, arg_types=arg_types,
+                                  normalize_to_only_use_kwargs=True)
+    except Exception:  # noqa: BLE001 - ambiguous or unknown schema: fall back
+        return None
+    return None if pair is None else tuple(pair.kwargs.items())
 
 
 def describe_call(target: Any, opcode: str, args: tuple, kwargs: dict,
