@@ -17,6 +17,7 @@ from .analysis import MixedOp, declined_sums
 from .cse import eliminate_common_subexpressions
 from .cuda_graphs import CudaGraphOptions
 from .ir import SupernetIR
+from .kernel_batching import batch_kernel_arithmetic
 from .lift import lift, tag_mixed_ops
 from .lower import CompiledSupernet, lower
 from .pass_manager import Hook, PassManager
@@ -252,6 +253,9 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         vectorized = vectorize_weights(ir)
         if vectorized:
             lowering.append(vectorized)
+        batched = batch_kernel_arithmetic(ir)
+        if batched:
+            lowering.append(batched)
         timings["vectorize"] = time.perf_counter() - start
 
     start = time.perf_counter()
