@@ -84,7 +84,8 @@ def test_second_run_changes_nothing():
 
 class _Unmergeable(nn.Module):
     """Pairs of equal-looking calls that must stay two: random draws, dropout, a product
-    written in place, a buffer read before and after BatchNorm updates it; and one pair
+    written in place, a sum written by item assignment, a buffer read before and after
+    BatchNorm updates it; and one pair
     (softmax of the alphas) that is merged, so the test sees CSE at work."""
 
     def __init__(self, C: int = 4):
@@ -104,11 +105,14 @@ class _Unmergeable(nn.Module):
         h1 = x * 2
         h2 = x * 2
         h1.add_(1)
+        s1 = x + 1
+        s2 = x + 1
+        s1[:, 0] = 0
         m1 = self.bn.running_mean * 2
         y = self.bn(x)
         m2 = self.bn.running_mean * 2
         mixed = sum(w * op(y) for w, op in zip(g1 * w1 + g2 * w2, self.ops))
-        return mixed + d1 + d2 + h1 + h2 + (m1 + m2)[None, :, None, None]
+        return mixed + d1 + d2 + h1 + h2 + s1 + s2 + (m1 + m2)[None, :, None, None]
 
 
 def test_random_in_place_and_buffer_reads_are_not_merged():
@@ -123,6 +127,7 @@ def test_random_in_place_and_buffer_reads_are_not_merged():
     assert _count(gm, "rand_like") == 2 and _count(gm, "dropout") == 2
     assert _count(gm, "softmax") == _count(unmerged, "softmax") - 1 == 3  # w1, w2 merged
     assert _count(gm, "mul") == _count(unmerged, "mul")  # x * 2 and running_mean * 2 kept
+    assert _count(gm, "add") == _count(unmerged, "add")  # x + 1 kept
 
     # random ops draw anew: the same seed gives the eager model's values
     state = {k: v.clone() for k, v in model.state_dict().items()}

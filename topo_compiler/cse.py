@@ -38,7 +38,8 @@ from torch import nn
 from .descriptors import Kind, freeze
 from .ir import SupernetIR
 
-__all__ = ["eliminate_common_subexpressions", "PURE_FUNCTIONS", "PURE_METHODS"]
+__all__ = ["eliminate_common_subexpressions", "writes_in_place", "PURE_FUNCTIONS",
+           "PURE_METHODS"]
 
 PURE_FUNCTIONS = frozenset({
     F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.sigmoid, torch.tanh,
@@ -58,8 +59,15 @@ PURE_METHODS = frozenset({
 """Tensor methods likewise (their in-place forms end in ``_`` and are not listed)."""
 
 
+def writes_in_place(node: Any) -> bool:
+    """The node writes into its first argument (``x.add_(y)``, ``F.relu(x, inplace=True)``,
+    ``x[i] = v``)."""
+    return node.desc.inplace or (node.opcode == "call_function"
+                                 and node.target is operator.setitem)
+
+
 def _pure(node: Any) -> bool:
-    if node.desc.inplace or "out" in node.kwargs:
+    if writes_in_place(node) or "out" in node.kwargs:
         return False
     if node.opcode == "call_function":
         try:
@@ -84,7 +92,7 @@ def _unstable(ir: SupernetIR, order: list[str]) -> set[str]:
     buffers = {id(b) for b in ir.root.buffers()}
     for name in order:
         node = ir.node(name)
-        if node.desc.inplace and node.inputs:
+        if writes_in_place(node) and node.inputs:
             written.append(node.inputs[0])
         if node.kind is Kind.LAYOUT or node.opcode == "call_method" and \
                 node.target in ("view", "reshape", "flatten", "unsqueeze", "squeeze",

@@ -61,7 +61,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 __all__ = ["CudaGraphOptions", "CudaGraphs", "CaptureCache", "CudaGraphStats", "CaptureKey",
-           "CaptureRecord", "CudaGraphFallbackWarning", "CudaGraphCaptureError", "host_syncs", "install"]
+           "CaptureRecord", "CudaGraphFallbackWarning", "CudaGraphCaptureError", "host_syncs",
+           "install"]
 
 
 class CudaGraphFallbackWarning(UserWarning):
