@@ -117,11 +117,61 @@ def place_many(kernels: Sequence[torch.Tensor], dilation: Sequence[int],
     return placed.unflatten(0, (n, c_out)).unbind(0)
 
 
+class _SeparableToDenseMany(torch.autograd.Function):
+    """``P_i * D_i^T`` for many pairs in one product, saving the pairs themselves for backward
+    (autograd's own graph would keep stacked copies of them, which nothing else holds)."""
+
+    @staticmethod
+    def forward(ctx, n: int, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.n = n
+        ctx.save_for_backward(*tensors)
+        d, p = torch.stack(tensors[:n]), torch.stack(tensors[n:])
+        return p * d.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        tensors, n = ctx.saved_tensors, ctx.n
+        d, p = torch.stack(tensors[:n]).transpose(1, 2), torch.stack(tensors[n:])
+        grad_p = (grad * d).sum_to_size(p.shape).to(p.dtype)
+        grad_d = (grad * p).sum_to_size(d.shape).to(d.dtype).transpose(1, 2)
+        return (None, *grad_d.unbind(0), *grad_p.unbind(0))
+
+
 def separable_to_dense_many(depthwise: Sequence[torch.Tensor],
                             pointwise: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """:func:`separable_to_dense` of many pairs of one shape, in one batch of ops."""
-    return (torch.stack(list(pointwise)) * torch.stack(list(depthwise)).transpose(1, 2)
-            ).unbind(0)
+    return _SeparableToDenseMany.apply(len(depthwise), *depthwise, *pointwise).unbind(0)
+
+
+class _WeightedKernelSums(torch.autograd.Function):
+    """``sum_j w_j K_j`` for many merges at once, saving the weights and kernels themselves
+    for backward (not stacked copies of them)."""
+
+    @staticmethod
+    def forward(ctx, terms: int, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.terms = terms
+        ctx.save_for_backward(*tensors)
+        out = None
+        for w, k in _terms(tensors, terms):
+            out = w * k if out is None else out + w * k
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grads_w, grads_k = [], []
+        for w, k in _terms(ctx.saved_tensors, ctx.terms):
+            grads_w.extend((grad * k).flatten(1).sum(1).to(w.dtype).unbind(0))
+            grads_k.extend((grad * w).to(k.dtype).unbind(0))
+        return (None, *grads_w, *grads_k)
+
+
+def _terms(tensors: Sequence[torch.Tensor], terms: int):
+    """(stacked weights shaped to broadcast, stacked kernels) of each term."""
+    n = len(tensors) // (2 * terms)
+    for j in range(terms):
+        k = torch.stack(tensors[(terms + j) * n:(terms + j + 1) * n])
+        w = torch.stack(tensors[j * n:(j + 1) * n]).reshape((-1,) + (1,) * (k.dim() - 1))
+        yield w, k
 
 
 def weighted_kernel_sums(weights: Sequence[Sequence[torch.Tensor]],
@@ -129,13 +179,10 @@ def weighted_kernel_sums(weights: Sequence[Sequence[torch.Tensor]],
                          ) -> tuple[torch.Tensor, ...]:
     """:func:`weighted_kernel_sum` of many merges with as many terms, in one batch of ops:
     ``weights[j][i]`` and ``kernels[j][i]`` are term ``j`` of merge ``i``.  The same
-    elementwise operations in the same order, so every value is the unbatched one."""
-    out = None
-    for ws, ks in zip(weights, kernels):
-        k = torch.stack(list(ks))
-        w = torch.stack(list(ws)).reshape((-1,) + (1,) * (k.dim() - 1))
-        out = w * k if out is None else out + w * k
-    return out.unbind(0)
+    elementwise operations in the same order (outputs are the unbatched ones bit for bit;
+    gradients of the weights up to summation order)."""
+    flat = [w for ws in weights for w in ws] + [k for ks in kernels for k in ks]
+    return _WeightedKernelSums.apply(len(weights), *flat).unbind(0)
 
 
 def weighted_bias_sum(weights: Sequence[torch.Tensor],
