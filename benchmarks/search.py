@@ -14,13 +14,12 @@ the same initial weights and with the same data order:
   1e-3, first order: the gradient of the validation loss at the current weights) and then a
   weight step on a training batch (SGD momentum 0.9, cosine lr from 0.025 to 0.001, weight
   decay 3e-4, gradient norm clipped at 5) -- DARTS's settings, except the architecture lr:
-* architecture lr 3e-2, not DARTS's 3e-4.  Adam moves each alpha by about ``lr`` per step
-  when its gradient keeps its sign, so ``lr x steps`` bounds how far the alphas can travel.
-  DARTS takes about 50 epochs x 390 steps = 19,500 architecture steps, ``lr x steps`` ~ 6;
-  this run takes 3 x 20 = 60 steps, and at 3e-4 the alphas would move by 2e-2 at most (the
-  mean entropy stays at log 8 to five digits), which leaves the genotype to float32
-  rounding.  At 3e-2, ``lr x steps`` = 1.8, the same order as DARTS's, and the genotype
-  rule's decisions have margins that data, not rounding, decide (see the margins below);
+* architecture lr 0.1, not DARTS's 3e-4.  Adam moves each alpha by about ``lr`` per step
+  while its gradient keeps its sign, so ``lr x steps`` bounds how far the alphas travel.
+  DARTS takes 50 epochs x ~390 steps = ~19,500 architecture steps, ``lr x steps`` ~ 5.9;
+  this run takes 3 x 20 = 60 steps, so 0.1 gives the same 6.  At 3e-4 the alphas moved by
+  5e-3 in 24 steps and the mean entropy stayed at log 8 to five digits: rounding, not data,
+  picked the genotype.  At 0.1 they move by about 2 (logits) and the entropy drops;
 * derive: DARTS's genotype rule (``model.genotype()``: per node the two strongest incoming
   edges, each with its strongest non-``none`` op);
 * retrain: the discrete network of that genotype (DARTS's ``NetworkCIFAR`` without
@@ -108,9 +107,15 @@ class Settings:
     w_momentum: float = 0.9
     w_decay: float = 3e-4
     grad_clip: float = 5.0
-    a_lr: float = 3e-2
+    a_lr: float = 0.1
     a_betas: tuple[float, float] = (0.5, 0.999)
     a_decay: float = 1e-3
+    dtype: str = "float32"  # "float64": the rounding check (exact against eager)
+    dequantize: bool = True  # see load_digits_splits
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
 
 QUICK = dict(C=4, layers=3, resolution=8, n_train=64, n_val=64, n_test=64, batch=32,
@@ -182,14 +187,29 @@ class Split:
 
 
 def load_digits_splits(settings: Settings) -> dict[str, Split]:
-    """scikit-learn's digits as ``train`` / ``val`` / ``test`` tensors ``(N, 3, r, r)``."""
+    """scikit-learn's digits as ``train`` / ``val`` / ``test`` tensors ``(N, 3, r, r)``.
+
+    With ``settings.dequantize`` each pixel's grey level ``k`` (0..16) becomes
+    ``(k + u) / 17``, ``u`` uniform in [0, 1) drawn once from the data seed (the usual
+    dequantization of discrete pixels).  Why: the raw images are flat over most of their
+    area, so convolutions give equal values over whole regions and max pooling and ReLU meet
+    ties, which float32 rounding breaks one way in one run and another way in the next; the
+    gradient then goes elsewhere and the weights of two runs of the same search part by
+    1e-4 within three steps (3e-8 -> 6e-6 -> 2e-4 at the --quick sizes), against 7e-8 after
+    four steps with dequantized images.
+    """
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # why: scikit-learn is an extra, not a core dependency
         raise SystemExit("benchmarks.search needs scikit-learn: pip install "
                          "'topo-compiler[bench]'") from err
     images, labels = load_digits(return_X_y=True)
-    x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 8, 8)
+    if settings.dequantize:
+        g = torch.Generator().manual_seed(settings.data_seed + 1)
+        x = (x + torch.rand(x.shape, generator=g)) / 17.0
+    else:
+        x = x / 16.0
     y = torch.tensor(labels, dtype=torch.long)
     need = settings.n_train + settings.n_val + settings.n_test
     if need > len(y):
@@ -204,6 +224,7 @@ def load_digits_splits(settings: Settings) -> dict[str, Split]:
     idx = {name: order[a:b] for name, (a, b) in bounds.items()}
     mean, std = x[idx["train"]].mean(), x[idx["train"]].std()
     x = ((x - mean) / std).expand(-1, 3, -1, -1).contiguous()
+    x = x.to(settings.torch_dtype)
     return {name: Split(x[i], y[i]) for name, i in idx.items()}
 
 
@@ -329,7 +350,8 @@ class SearchRun:
     def __init__(self, config: SearchConfig, settings: Settings, seed: int,
                  data: dict[str, Split], steps_per_epoch: int):
         torch.manual_seed(seed)  # the same initial weights and alphas for every configuration
-        self.model = spaces.build("darts", C=settings.C, layers=settings.layers)
+        self.model = spaces.build("darts", C=settings.C, layers=settings.layers).to(
+            settings.torch_dtype)
         example = data["train"].x[:settings.batch]  # the training batch: merge's cost model
         start = time.perf_counter()
         self.module = config.build(self.model, example)
@@ -485,7 +507,7 @@ def retrain(genotype: spaces.Genotype, settings: Settings, seed: int,
             data: dict[str, Split]) -> float:
     """Train the discrete network from scratch on train + val; its test accuracy."""
     torch.manual_seed(seed)
-    net = DiscreteNetwork(genotype, settings.C, settings.layers)
+    net = DiscreteNetwork(genotype, settings.C, settings.layers).to(settings.torch_dtype)
     x = torch.cat([data["train"].x, data["val"].x])
     y = torch.cat([data["train"].y, data["val"].y])
     g = torch.Generator().manual_seed(10_000 + seed)
@@ -818,6 +840,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
               "layers", "resolution"):
         p.add_argument(f"--{f.replace('_', '-')}", type=int, dest=f)
     p.add_argument("--a-lr", type=float, dest="a_lr", help="the architecture step's Adam lr")
+    p.add_argument("--no-dequantize", dest="dequantize", action="store_false", default=None,
+                   help="the raw 17 grey levels (flat regions: ties that rounding breaks)")
+    p.add_argument("--dtype", choices=("float32", "float64"),
+                   help="float64: the same search without float32 rounding (slower)")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads (default 1: on a shared machine more threads "
                         "contend and a step can take 20x longer)")
@@ -839,6 +865,10 @@ def _settings(args: argparse.Namespace) -> Settings:
             fields[f] = getattr(args, f)
     if args.a_lr is not None:
         fields["a_lr"] = args.a_lr
+    if args.dtype is not None:
+        fields["dtype"] = args.dtype
+    if args.dequantize is not None:
+        fields["dequantize"] = args.dequantize
     if args.seeds:
         fields["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     return Settings(**fields)
@@ -853,7 +883,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     settings = _settings(args)
     data = load_digits_splits(settings)
-    example_model = spaces.build("darts", C=settings.C, layers=settings.layers)
+    example_model = spaces.build("darts", C=settings.C, layers=settings.layers).to(
+        settings.torch_dtype)
     configs = configurations(example_model, data["train"].x[:2])
     if args.configs:
         wanted = {n.strip() for n in args.configs.split(",") if n.strip()}

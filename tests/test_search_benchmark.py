@@ -69,7 +69,7 @@ def test_quick_search_runs_every_configuration_and_exact_matches_eager(tmp_path)
     threads = torch.get_num_threads()
     markdown = tmp_path / "BENCHMARKS.md"
     try:
-        search.main(["--quick", "--no-progress", "--out", str(tmp_path),
+        search.main(["--quick", "--dtype", "float64", "--no-progress", "--out", str(tmp_path),
                      "--markdown", str(markdown)])
     finally:
         torch.set_num_threads(threads)
@@ -80,11 +80,14 @@ def test_quick_search_runs_every_configuration_and_exact_matches_eager(tmp_path)
     eager, exact = summary["eager"], summary["exact"]
     assert eager["epoch_ratio"] == pytest.approx(1.0)
     assert eager["peak_ratio"] == pytest.approx(1.0)
-    # exact mode keeps the function: the same search, up to float rounding, as eager-rev's
+    # exact mode keeps the function: in float64 (no float32 rounding to amplify, see
+    # BENCHMARKS.md) the same search as eager up to rounding, as eager-rev's
     for name in ("eager-rev", "exact"):
         assert summary[name]["genotype_same_as_eager"] == [True], name
         assert summary[name]["flipped_per_seed"] == [0], name
-        assert 0 < summary[name]["max_alpha_diff_vs_eager"] < 1e-4, name
+        assert 0 < summary[name]["max_alpha_diff_vs_eager"] < 1e-10, name
+    # the paper's pipelines search another function: their alphas part from eager's
+    assert summary["default"]["max_alpha_diff_vs_eager"] > 1e-3
     steps = 2 * (64 // 32)  # two epochs of two architecture steps
     a_lr = result["settings"]["a_lr"]
     for name, s in summary.items():
