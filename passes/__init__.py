@@ -7,10 +7,10 @@ module                       name       rewrite
 ===========================  =========  ====================================================
 partial_module_sharing       ``pms``    partial module sharing: siblings, common children
 floating_module_sharing      ``fms``    floating module sharing
+kernel_normalization         ``kn``     kernel normalization of linear candidates' kernels
 reparameterization           ``merge``  linear candidates -> one convolution (cost model)
 weight_folding               ``fold``   ``w * conv(z)`` -> ``conv(z, w K)``, ``w * bn(u)`` ->
                                         BatchNorm with its affine transform scaled
-kernel_normalization         ``kn``     kernel normalization of the kernels that are merged
 ===========================  =========  ====================================================
 
 Building blocks the passes share, which are not passes (no pass file imports another pass
@@ -19,8 +19,11 @@ file): ``mixed_op_driver`` (match every mixed op, rewrite the outermost), ``sele
 built from them), ``merge_cost`` (the merge cost model).  The functions compiled graphs call
 live in :mod:`topo_compiler.runtime`.
 
-``pms`` and ``fms`` repeat to a fixed point; ``merge``, ``fold`` and ``kn`` run once after
-them.  Naming ``merge`` also runs ``fold`` (:data:`IMPLIED`).
+``pms`` and ``fms`` repeat to a fixed point; ``kn``, ``merge`` and ``fold`` run once after
+them.  ``kn`` runs before ``merge`` and ``fold`` so that which kernels it normalizes, hence
+the function, does not depend on their memory decisions (see
+:mod:`~topo_compiler.passes.kernel_normalization`).  Naming ``merge`` also runs ``fold``
+(:data:`IMPLIED`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from topo_compiler.pass_manager import FixedPoint, Pass
 
 __all__ = ["PIPELINE", "PASSES", "IMPLIED", "build_pipeline", "normalize_names"]
 
-PIPELINE: tuple[str, ...] = ("pms", "fms", "merge", "fold", "kn")
+PIPELINE: tuple[str, ...] = ("pms", "fms", "kn", "merge", "fold")
 """Every pass name, in the order the pipeline runs them."""
 
 IMPLIED: dict[str, tuple[str, ...]] = {"merge": ("fold",)}

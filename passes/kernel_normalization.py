@@ -1,25 +1,33 @@
-"""Kernel normalization (``kn``): standardize every kernel that enters a merge (paper 3.5,
-Eq. 28).
+"""Kernel normalization (``kn``): standardize every learnable kernel of every linear candidate
+the sharing passes leave in a mixed op (paper 3.5, Eq. 28).
 
-Merging makes the search degenerate (Eq. 17-27): with ``o = BN((sum_i w_i K_i) * z)``,
-scaling a kernel and dividing its weight by the same factor changes nothing, so every
-architecture weight is optimal.  Normalizing each learnable kernel first removes that
+Sharing moves a candidate's normalization behind the mixture (PMS's common child: ``sum_i w_i
+BN_i(K_i * z)`` becomes ``BN(sum_i w_i (K_i * z))``), and then the search is degenerate
+(Eq. 17-27): scaling a kernel and dividing its weight by the same factor changes nothing, so
+every architecture weight is optimal.  Normalizing each learnable kernel first removes that
 freedom::
 
-    before:  ... K_i ...                  (a merged component, or a linear candidate's conv)
+    before:  ... K_i ...                  (a linear candidate's convolution)
     after:   ... (K_i - mean(K_i)) / std(K_i) ...                                      (28)
+
+Which kernels: every learnable kernel (depthwise and pointwise alike) of every linear
+candidate of a mixed op found after ``pms`` and ``fms``.  A candidate that keeps its own
+normalization is not linear, and its kernels are left alone: that BatchNorm absorbs their
+scale.  The coupling is the same whether the candidates are later merged into one convolution
+or not (``sum_i w_i (K_i * z)`` is one function), so this pass runs *before* ``merge`` and
+``fold``, which then build their kernels from the normalized ones.  The paper motivates KN
+by merging, but normalizing only what is merged would make the function depend on the merge
+cost model's and ``fold``'s memory decisions, hence on the example batch and the device: the
+same supernet compiled at batch 2 and at batch 64 would search with different kernels.  Here
+the kernels normalized depend on the sharing passes only.
 
 Choices (the paper leaves them open): statistics per output filter (every dimension but the
 first, as in weight standardization) -- a per-filter scale is exactly the freedom a following
 BatchNorm absorbs; std clamped at :data:`~topo_compiler.runtime.KN_EPS` so a constant filter
-gives zeros; computed in float32 for fp16 / bf16.  Fixed kernels (identity's Dirac, average pooling's
-uniform kernel) have no learnable scale to couple with a weight and are left as they are:
-normalizing them would replace "identity" by a different, arbitrary filter.
-
-The coupling exists whether or not the candidates were merged into one convolution (the
-function ``sum_i w_i (K_i * z)`` is the same), so the pass normalizes the kernels of merged
-convolutions and of linear candidates kept apart alike -- the paper's "+Sharing+KN" row is
-sharing with KN and no merge.  KN changes the function on purpose: ``exact=True`` skips it.
+gives zeros; computed in float32 for fp16 / bf16.  Fixed kernels (identity's Dirac, average
+pooling's uniform kernel) have no learnable scale to couple with a weight and are left as
+they are: normalizing them would replace "identity" by a different, arbitrary filter.  KN
+changes the function on purpose: ``exact=True`` skips it.
 """
 
 from __future__ import annotations
@@ -37,9 +45,6 @@ from topo_compiler.passes.mixed_op_driver import Tag
 from topo_compiler.runtime import normalize_kernel, normalize_kernels
 
 __all__ = ["KernelNormalization"]
-
-_KERNEL_BUILDERS = ("merge", "fold")
-"""The passes whose nodes read the kernels of merged and weight-folded convolutions."""
 
 
 def _is_normalized(ir: SupernetIR, name: str) -> bool:
@@ -86,19 +91,6 @@ class _Requests:
         return len(self.readers)
 
 
-def request_merged(ir: SupernetIR, name: str, requests: _Requests) -> bool:
-    """Ask for the learnable components of a merged convolution to be normalized."""
-    node = ir.node(name)
-    if node.notes.kn:
-        return False
-    for kernel in node.notes.kernels or ():
-        if kernel in ir and not _is_normalized(ir, kernel):
-            requests.add(kernel, [u for u in ir.users(kernel)
-                                  if ir.node(u).origin in _KERNEL_BUILDERS])
-    ir.annotate(name, kn=True)
-    return True
-
-
 def request_conv(ir: SupernetIR, name: str, requests: _Requests) -> bool:
     """A linear candidate's own convolution is to read its normalized kernel (a module call
     becomes the functional convolution it computes)."""
@@ -132,7 +124,7 @@ def request_conv(ir: SupernetIR, name: str, requests: _Requests) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class KernelNormalization(Pass):
-    """``kn``: standardize the learnable kernels of merged and linear candidates (Eq. 28)."""
+    """``kn``: standardize the learnable kernels of linear candidates, before merge (Eq. 28)."""
 
     name = "kn"
     changes_function = True  # standardized kernels are other kernels
@@ -141,11 +133,6 @@ class KernelNormalization(Pass):
         if ctx.exact:
             return False
         requests = _Requests(ir)
-        merged = [n.name for n in ir.nodes() if n.notes.kernels is not None]
-        # a merge's kernels, or a single candidate's with its weight folded in
-        requested = [m for m in merged if request_merged(ir, m, requests)]
-        merges = sum(1 for m in requested if len(ir.node(m).notes.merged or ()) > 1)
-        folded = len(requested) - merges
         convs: dict[str, None] = {}  # find them all first: requesting replaces nodes
         for op in find_mixed_ops(ir):
             for i, cand in enumerate(op.candidates):
@@ -153,16 +140,12 @@ class KernelNormalization(Pass):
                 if lc is not None and any(p.learnable for p in lc.pieces):
                     convs.update((n, None) for n in cand.branch
                                  if ir.node(n).kind is Kind.CONV)
-        kept_apart = sum(request_conv(ir, name, requests) for name in convs)
+        changed = sum(request_conv(ir, name, requests) for name in convs)
         count = requests.apply()
-        if merges:
-            ctx.decide(f"normalized the kernels entering {merges} merged convolutions")
-        if folded:
-            ctx.decide(f"normalized the kernels of {folded} convolutions computing one "
-                       f"candidate each (with its weight folded in)")
-        if kept_apart:
-            ctx.decide(f"normalized the kernels of {kept_apart} linear candidate convolutions "
-                       f"kept apart")
+        if changed:
+            ctx.decide(f"normalized the kernels of {changed} convolutions in linear candidates, "
+                       f"before merge and fold (which kernels does not depend on their memory "
+                       f"decisions)")
         if count:
             ctx.decide(f"{count} kernels normalized by one call per kernel shape")
-        return bool(requested or kept_apart)
+        return bool(changed)

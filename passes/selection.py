@@ -77,9 +77,10 @@ class CandidateView:
 
 
 def is_data(node: IRNode) -> bool:
-    """Whether a node holds data: a tensor that is neither a parameter nor a weight."""
+    """Whether a node holds data: a tensor that is neither a parameter, a weight, nor kernel
+    arithmetic (a normalized kernel is a parameter the graph computes)."""
     return node.opcode != "get_attr" and isinstance(node.val, torch.Tensor) and \
-        not node.notes.is_weight
+        not node.notes.is_weight and node.notes.role is not Role.KERNEL
 
 
 def data_inputs(ir: SupernetIR, name: str) -> list[str]:

@@ -267,9 +267,9 @@ def test_kn_is_skipped_in_exact_mode_and_runs_once():
                                               ("sep", 3, 1, False), ("identity",)), 4)
     model, x = strategies.build_linear(spec)
     exact = compile_supernet(model, x, passes=("merge", "kn"), exact=True)
-    assert exact.report.stages[-1].name == "kn" and not exact.report.stages[-1].changed
+    assert not exact.report.stage("kn").changed
     paper = compile_supernet(model, x, passes=("merge", "kn"))
-    assert paper.report.stages[-1].changed
+    assert paper.report.stage("kn").changed
     retraced = lift(trace_supernet(paper, x))
     analyze(retraced)
     again = PassManager(build_pipeline(("merge", "kn"))).run(retraced)
@@ -314,3 +314,35 @@ def test_weights_fold_into_batchnorm_and_convs():
     assert compiled.report.final.counts.non_conv == 3  # shared ReLU and BatchNorm, pool
     torch.testing.assert_close(compiled(x), compile_supernet(model, x, passes=("pms",))(x),
                                rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=15)
+@given(strategies.cell_specs())
+def test_kn_runs_before_merge_and_fold_so_their_decisions_keep_the_function(spec):
+    """Which kernels kn normalizes must not depend on memory decisions: the default pipeline
+    computes what sharing plus kn computes, whether fold folds everything (a large batch) or
+    nothing (batch 1) and whatever the merge cost model decides."""
+    model, x = strategies.build(spec)
+    reference = compile_supernet(model, x, passes=("pms", "fms", "kn"))
+    for batch in (1, 4096):
+        compiled = compile_supernet(model, x, pass_options={"fold": {"batch": batch}})
+        assert_same_step(reference, compiled, (x,), rtol=1e-4, atol=1e-5)
+
+
+def _kn_counts(report) -> list[str]:
+    return [d for d in report.stage("kn").decisions if "kernels normalized" in d]
+
+
+def test_darts_kn_normalizes_the_same_kernels_at_every_batch():
+    """DARTS's separable convolutions: fold declines the pointwise products at a small batch
+    and takes them at a large one; kn's kernels and the function stay the same."""
+    torch.manual_seed(0)
+    model = build("darts", C=4, layers=2)
+    x = torch.randn(2, 3, 8, 8)
+    small = compile_supernet(model, (x,), pass_options={"fold": {"batch": 2}})
+    large = compile_supernet(model, (x,), pass_options={"fold": {"batch": 4096}})
+    folded = [d for d in small.report.stage("fold").decisions if d.startswith("folded")]
+    assert folded != [d for d in large.report.stage("fold").decisions
+                      if d.startswith("folded")], "fold should decide differently"
+    assert _kn_counts(small.report) == _kn_counts(large.report) != []
+    assert_same_step(small, large, (x,), rtol=1e-4, atol=1e-5)

@@ -306,4 +306,4 @@ def test_network_view_has_no_cycles_after_any_stage():
         checked.append(stage.name)
 
     compile_supernet(model, x, hooks=[check])
-    assert checked[-1] == "kn" and len(checked) >= 5
+    assert "kn" in checked and len(checked) >= 5

@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from .analysis import MixedOp
-from .ir import SupernetIR
+from .ir import Role, SupernetIR
 
 __all__ = ["module_label", "candidate_name", "candidate_names", "value_name", "edge_of",
            "where"]
@@ -85,7 +85,17 @@ def _candidate_module(ir: SupernetIR, atoms: list[str]) -> list[str]:
 
 
 def _modules_of(ir: SupernetIR, names) -> list[str]:
-    return [ir.node(n).target for n in names if ir.node(n).opcode == "call_module"]
+    """The modules ``names`` call, or whose kernels they read (a convolution ``kn`` made
+    functional reads its module's weight)."""
+    out = []
+    for n in names:
+        node = ir.node(n)
+        if node.opcode == "call_module":
+            out.append(node.target)
+        elif node.opcode == "get_attr" and node.notes.role is Role.KERNEL and \
+                "." in node.target:
+            out.append(node.target.rsplit(".", 1)[0])
+    return list(dict.fromkeys(out))
 
 
 def _name_at(ir: SupernetIR, path: str) -> str:
