@@ -6,20 +6,25 @@ Every other benchmark measures what a search step costs; this one measures what 
 the same initial weights and with the same data order:
 
 * data: scikit-learn's handwritten digits (1,797 8x8 grey images, 10 classes, shipped inside
-  the package), upsampled to ``--resolution`` (bilinear), standardized with the training
-  split's mean and std, repeated to 3 channels; split once into train / validation / test
-  with a fixed seed (``Settings.data_seed``), the same for every run seed;
-* search: the built-in DARTS space (``topo_compiler.spaces``, C=8, 5 cells); each iteration
-  takes an architecture step on a validation batch (Adam, betas (0.5, 0.999), weight decay
-  1e-3, first order: the gradient of the validation loss at the current weights) and then a
-  weight step on a training batch (SGD momentum 0.9, cosine lr from 0.025 to 0.001, weight
-  decay 3e-4, gradient norm clipped at 5) -- DARTS's settings, except the architecture lr:
-* architecture lr 0.1, not DARTS's 3e-4.  Adam moves each alpha by about ``lr`` per step
+  the package), dequantized (grey level ``k`` -> ``(k + u) / 17``, ``u`` uniform and fixed;
+  :func:`load_digits_splits` says why), upsampled to ``--resolution`` (bilinear),
+  standardized with the training split's mean and std, repeated to 3 channels; split once
+  into train / validation / test with a fixed seed (``Settings.data_seed``), the same for
+  every run seed;
+* search: the built-in DARTS space (``topo_compiler.spaces``, C=8, 3 cells: normal,
+  reduction, reduction; 4 intermediate nodes, 14 edges of 8 candidates per cell type); each
+  iteration takes an architecture step on a validation batch (Adam, betas (0.5, 0.999),
+  weight decay 1e-3, first order: the gradient of the validation loss at the current
+  weights) and then a weight step on a training batch (SGD momentum 0.9, cosine lr from
+  0.025 to 0.001, weight decay 3e-4, gradient norm clipped at 5) -- DARTS's settings, except
+  the architecture lr.  3 cells rather than 5 so that the 3-seed run fits 20 minutes of 2
+  cores with 45 architecture steps per search;
+* architecture lr 0.13, not DARTS's 3e-4.  Adam moves each alpha by about ``lr`` per step
   while its gradient keeps its sign, so ``lr x steps`` bounds how far the alphas travel.
   DARTS takes 50 epochs x ~390 steps = ~19,500 architecture steps, ``lr x steps`` ~ 5.9;
-  this run takes 3 x 20 = 60 steps, so 0.1 gives the same 6.  At 3e-4 the alphas moved by
-  5e-3 in 24 steps and the mean entropy stayed at log 8 to five digits: rounding, not data,
-  picked the genotype.  At 0.1 they move by about 2 (logits) and the entropy drops;
+  this run takes 3 x 15 = 45 steps, and 0.13 gives the same 5.9.  At 3e-4 (24 steps) the
+  alphas moved by 5e-3 and the mean entropy stayed at log 8 to five digits: float32
+  rounding, not data, picked the genotype;
 * derive: DARTS's genotype rule (``model.genotype()``: per node the two strongest incoming
   edges, each with its strongest non-``none`` op);
 * retrain: the discrete network of that genotype (DARTS's ``NetworkCIFAR`` without
