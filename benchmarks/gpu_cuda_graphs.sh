@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
     | tee "$OUT/cuda-graphs-log.txt"
 if python3 -c "import pytest" 2>/dev/null; then
-    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_graphs_gpu.py 2>&1 \
+    timeout 210 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_graphs_gpu.py 2>&1 \
         | tee "$OUT/cuda-graphs-tests.txt" || true
 else
     echo "pytest is not installed: tests/test_cuda_graphs_gpu.py not run (the benchmark's own \

@@ -70,6 +70,12 @@ class _Requests:
     def add(self, kernel: str, readers: list[str]) -> None:
         self.readers.setdefault(kernel, []).extend(readers)
 
+    def kernel_bytes(self) -> int:
+        """Bytes of the kernels requested: what their normalized copies, which autograd keeps
+        for backward (the parameters themselves are resident), add to a step's memory."""
+        return sum(self.ir.node(k).val.numel() * self.ir.node(k).val.element_size()
+                   for k in self.readers)
+
     def apply(self) -> int:
         groups: dict[tuple, list[str]] = {}
         for kernel in self.readers:
@@ -141,11 +147,14 @@ class KernelNormalization(Pass):
                     convs.update((n, None) for n in cand.branch
                                  if ir.node(n).kind is Kind.CONV)
         changed = sum(request_conv(ir, name, requests) for name in convs)
+        kept = requests.kernel_bytes()
         count = requests.apply()
         if changed:
             ctx.decide(f"normalized the kernels of {changed} convolutions in linear candidates, "
                        f"before merge and fold (which kernels does not depend on their memory "
                        f"decisions)")
         if count:
-            ctx.decide(f"{count} kernels normalized by one call per kernel shape")
+            ctx.decide(f"{count} kernels normalized by one call per kernel shape; their "
+                       f"normalized copies ({kept / 1024:.4g} KiB, independent of the batch) "
+                       f"are kept for backward")
         return bool(changed)

@@ -9,14 +9,12 @@ module exactly.  tests/test_cuda_graphs_gpu.py runs the same loop with real CUDA
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 from torch import nn
 
 from topo_compiler import compile_supernet
@@ -30,52 +28,7 @@ from topo_compiler.cuda_graphs import (
 )
 
 from alternating import assert_same_runs, batches, fresh_model, run_loop
-
-
-class _Graph:
-    def __init__(self, body, result):
-        self.body, self.result = body, result
-
-
-class Emulated:
-    """A CUDA backend stand-in that works on CPU tensors; records what it was asked to do."""
-
-    def __init__(self, fail_capture: Exception | None = None):
-        self.events: list[str] = []
-        self.fail_capture = fail_capture
-
-    def unavailable(self, tensors):
-        return None
-
-    def synchronize(self, device):
-        self.events.append("sync")
-
-    @contextlib.contextmanager
-    def side_stream(self, device):
-        self.events.append("side stream")
-        yield
-
-    def pool(self, device):
-        self.events.append("pool")
-        return object()
-
-    def capture(self, body, pool, device):
-        self.events.append("capture")
-        if self.fail_capture is not None:
-            raise self.fail_capture
-        with torch.enable_grad():
-            result = body()
-        return _Graph(body, result), result
-
-    def replay(self, graph):
-        self.events.append("replay")
-        with torch.enable_grad():
-            fresh = graph.body()
-        with torch.no_grad():
-            for static, new in zip(pytree.tree_leaves(graph.result), pytree.tree_leaves(fresh)):
-                if isinstance(static, torch.Tensor):
-                    static.copy_(new)
-        return fresh
+from emulated_cuda import Emulated
 
 
 def _compiled(space="darts", **kw):
@@ -170,8 +123,17 @@ def test_keys_capture_on_call_and_fallback_reasons():
     assert [k.training for k in keys] == [True, False]
 
     compiled.train()
-    compiled(partial)  # second sight of the partial batch: no slot left
-    assert runner.stats.fallbacks["max_captures=2 keys captured already"] == 1
+    # second sight of the partial batch, both slots taken: the train capture, last replayed
+    # 4 capturable calls ago (> max_captures), is stale and evicted for it
+    compiled(partial).sum().backward()
+    assert runner.stats.evicted == 1 and runner.stats.captured == 3
+    assert [(k.training, k.inputs[0][0][0]) for k in runner._captures] == [(False, 2),
+                                                                           (True, 1)]
+    # the full batch again: eval was replayed 2 calls ago, the partial batch just now; both
+    # in use, so it runs uncaptured instead of evicting (no recapture ping-pong)
+    out = compiled(x)
+    assert runner.stats.fallbacks["max_captures=2 keys captured and in use"] == 1
+    assert runner.stats.evicted == 1 and len(runner._captures) == 2
 
 
 def test_key_parts():

@@ -1,6 +1,7 @@
 """CUDA-graph execution on a real GPU (skipped without CUDA; benchmarks/gpu_cuda_graphs.sh runs
-it first): captured == uncaptured over the DARTS alternating loop, fallbacks, eval mode, bf16
-autocast, channels_last, and refusals of graphs that sync with the host."""
+it first): captured == uncaptured over the DARTS alternating loop (also for a re-traced variant
+and a run-time temperature), fallbacks, eval mode, bf16 autocast, channels_last, and refusals
+of graphs that sync with the host."""
 from __future__ import annotations
 
 import pytest
@@ -173,3 +174,61 @@ def test_host_syncs_refused_and_context_still_usable():
     assert torch.isfinite((torch.randn(64, 64, device="cuda") @ torch.randn(64, 64,
                                                                             device="cuda"))
                           .sum()).item()
+
+
+def _replace_alphas(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for name in ("alphas_normal", "alphas_reduce"):
+        shape = getattr(model, name).shape
+        setattr(model, name, nn.Parameter(0.1 * torch.randn(shape, generator=gen).cuda()))
+
+
+def test_retraced_variant_captured_equals_uncaptured():
+    """Alphas replaced on the model (a re-trace): the new variant is captured too, and the
+    alternating loop through it equals the uncaptured compiled module's."""
+    data = batches("darts", 2, batch=4, resolution=16, device="cuda")
+    (m0, ref), (m1, captured) = _pair("darts", data)
+    runs = []
+    for model, module in ((m0, ref), (m1, captured)):
+        first = run_loop(model, module, data)
+        _replace_alphas(model, seed=3)
+        runs.append(first + run_loop(model, module, data))
+        assert len(module.variants) == 2
+    assert_same_runs(runs[0], runs[1], rtol=1e-4, atol=1e-5)
+    stats = captured.report.cuda_graphs
+    assert [r.key.split(" ")[:2] for r in stats.captures] == [["variant", "1"],
+                                                              ["variant", "2"]]
+    assert stats.captured == 2 and not stats.fallbacks
+    assert stats.replays == stats.backward_replays == 2 * len(data)
+
+
+def test_run_time_temperature_is_not_frozen_by_a_capture():
+    """A temperature read at run time from a 0-d CPU tensor reaches CUDA kernels by value: a
+    capture would freeze it.  Changing it after capturing must change the outputs exactly as
+    the uncaptured module's do (a new capture per value)."""
+    import warnings
+
+    from supernets import stale_idioms as S
+
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    outs = []
+    for options in (False, NOW):
+        torch.manual_seed(0)
+        model = S.TemperatureNet().cuda()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = compile_supernet(model, x, cuda_graphs=options)
+        run = []
+        for tau in (10.0, 5.0, 5.0, 2.0, 2.0):
+            model.set_tau(tau)
+            out = compiled(x)
+            out.square().mean().backward()
+            run.append((out.detach(), model.arch_parameters_.grad.clone()))
+            model.zero_grad(set_to_none=True)
+        outs.append(run)
+    for (o0, g0), (o1, g1) in zip(*outs):
+        torch.testing.assert_close(o1, o0, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-5)
+    stats = compiled.cuda_graphs.stats
+    assert [k.host_scalars for k in compiled.cuda_graphs._captures][-2:] == [(5.0,), (2.0,)]
+    assert stats.replays == 5

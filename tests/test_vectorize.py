@@ -146,3 +146,17 @@ def test_drop_identity_arithmetic():
     torch.testing.assert_close(gm(x), model(x))
     ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert ops.count(operator.add) == 2 and operator.truediv not in ops
+
+
+def test_identity_whose_result_is_assigned_into_is_kept():
+    """``y = x + 0; y[0] = 1``: dropping the addition would make the item assignment write
+    into ``x``."""
+    class Assign(nn.Module):
+        def forward(self, x):
+            y = x + 0
+            y[0] = 1.0
+            return x * 2 + y
+
+    x = torch.randn(3, 4)
+    ir = lift(trace_supernet(Assign(), (x,)))
+    assert drop_identity_arithmetic(ir) == 0

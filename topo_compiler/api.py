@@ -14,8 +14,10 @@ from torch import nn
 
 from . import guards, naming
 from .analysis import MixedOp, declined_sums
+from .cse import eliminate_common_subexpressions
 from .cuda_graphs import CudaGraphOptions
 from .ir import SupernetIR
+from .kernel_batching import batch_kernel_arithmetic
 from .lift import lift, tag_mixed_ops
 from .lower import CompiledSupernet, lower
 from .pass_manager import Hook, PassManager
@@ -241,12 +243,19 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
     lowering: list[str] = []
     if names:  # why: with no pass, the compiled graph is the traced one, regenerated as is
         start = time.perf_counter()
+        merged = eliminate_common_subexpressions(ir)
+        if merged:
+            lowering.append(f"{merged} repeated pure computations merged (common "
+                            f"subexpressions)")
         dropped = drop_identity_arithmetic(ir)
         if dropped:
             lowering.append(f"{dropped} additions of 0 / multiplications by 1 dropped")
         vectorized = vectorize_weights(ir)
         if vectorized:
             lowering.append(vectorized)
+        batched = batch_kernel_arithmetic(ir)
+        if batched:
+            lowering.append(batched)
         timings["vectorize"] = time.perf_counter() - start
 
     start = time.perf_counter()

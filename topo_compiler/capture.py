@@ -46,7 +46,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
-from .meta import UNKNOWN, to_meta
+from .meta import UNKNOWN, register_shape_rule, to_meta
 from .runtime import OpaqueCall
 
 __all__ = ["CaptureNote", "record_opaque", "capturing", "computing_meta", "value_on_real_data",
@@ -240,15 +240,26 @@ def _from_user_code(depth: int = 2) -> bool:
 
 
 @contextlib.contextmanager
-def capturing(tracer: Any) -> Iterator[None]:
-    """Install the interceptions for one trace; every one is undone however it ends."""
+def capturing(tracer: Any, root: nn.Module | None = None) -> Iterator[None]:
+    """Install the interceptions for one trace; every one is undone however it ends.
+
+    ``root``: the model, whose classes' modules get their ``from torch import FloatTensor``
+    names wrapped too."""
     undo: list[Callable[[], None]] = []
+    replaced: dict[int, Any] = {}  # id(a module's function) -> its wrapper
 
     def patch(owner: Any, name: str, value: Any) -> None:
         had = name in owner.__dict__
         old = owner.__dict__.get(name)
+        if had and isinstance(owner, types.ModuleType):
+            replaced[id(old)] = value
         setattr(owner, name, value)
         undo.append(lambda: setattr(owner, name, old) if had else delattr(owner, name))
+
+    def patch_item(table: dict, key: str, value: Any) -> None:
+        old = table[key]
+        table[key] = value
+        undo.append(lambda: table.__setitem__(key, old))
 
     _ACTIVE.append(tracer)
     try:
@@ -258,6 +269,7 @@ def capturing(tracer: Any) -> Iterator[None]:
         _patch_distributions(tracer, patch)
         _patch_factories(tracer, patch)
         _patch_native_constructors(tracer, patch)
+        _patch_bound_names(root, replaced, patch_item)
         yield
     finally:
         for fn in reversed(undo):
@@ -392,7 +404,6 @@ def _patch_factories(tracer: Any, patch: Callable) -> None:
             return proxy
         return factory
 
-    empty = torch.empty  # the original: the legacy form's node must not run a wrapper
     for name in FACTORIES:
         original = getattr(torch, name)
         meta.register_shape_rule(original, _on_meta(original))
@@ -400,6 +411,7 @@ def _patch_factories(tracer: Any, patch: Callable) -> None:
 
     for name, dtype in _LEGACY.items():
         legacy = getattr(torch, name)
+        meta.register_shape_rule(legacy, _legacy_meta(legacy))
 
         class _Legacy(type):
             # isinstance(t, torch.FloatTensor) keeps its meaning while tracing
@@ -410,31 +422,106 @@ def _patch_factories(tracer: Any, patch: Callable) -> None:
                 return isinstance(obj, legacy)
 
             def __call__(cls, *args, legacy=legacy, dtype=dtype, name=name, **kwargs):
-                sizes = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) \
-                    else args
-                if _computing(tracer) or not _has_proxy((args, kwargs)) or not sizes or \
-                        not all(isinstance(s, (int, fx.Proxy)) for s in sizes):
+                if _computing(tracer) or not _has_proxy((args, kwargs)):
                     return legacy(*args, **kwargs)
-                _note(tracer, "factory", f"`torch.{name}(sizes)` recorded as "
-                      f"`torch.empty(sizes, dtype={dtype})`")
-                return tracer.create_proxy("call_function", empty, tuple(sizes),
-                                           {"dtype": dtype, **kwargs})
+                return _legacy_call(tracer, name, legacy, dtype, args, kwargs)
 
         patch(torch, name, _Legacy(name, (), {}))
 
 
-def _patch_native_constructors(tracer: Any, patch: Callable) -> None:
-    """C++ constructors that take their data as a plain object: handed the proxy (which
-    passes their tensor check) they would read it as a tensor and kill the interpreter.
+def _patch_bound_names(root: nn.Module | None, replacements: dict[int, Any],
+                       patch_item: Callable) -> None:
+    """``from torch import FloatTensor`` (or ``as_tensor``, ``zeros``...) in the model's own
+    code binds the original, which no wrapper on ``torch`` reaches (and a C type cannot be
+    patched): that name in the globals of the model's classes is wrapped for the trace,
+    too."""
+    if root is None:
+        return
+    classes = {cls for m in root.modules() for cls in type(m).__mro__
+               if not cls.__module__.startswith("torch")}
+    tables: dict[int, dict] = {}
+    for cls in classes:
+        for fn in vars(cls).values():
+            table = getattr(fn, "__globals__", None)
+            if isinstance(table, dict):
+                tables.setdefault(id(table), table)
+    for table in tables.values():
+        for key, value in list(table.items()):
+            if id(value) in replacements:
+                patch_item(table, key, replacements[id(value)])
 
+
+def _legacy_call(tracer: Any, name: str, ctor: Any, dtype: torch.dtype | None, args: tuple,
+                 kwargs: dict) -> fx.Proxy:
+    """``torch.Tensor(...)`` or ``torch.FloatTensor(...)`` handed traced values: sizes
+    become ``torch.empty(sizes, dtype=...)``; data (a tensor, a list of 0-d tensors) a call
+    of the constructor itself, which aliases or copies it at run time as in eager code::
+
+        torch.FloatTensor(x.size(0), 1, 1, 1)   ->  torch.empty(size, 1, 1, 1, dtype=float32)
+        torch.Tensor(y)                          ->  torch.Tensor(y)   # a graph node
+    """
+    sizes = _legacy_sizes(args)
+    if sizes is not None:
+        _note(tracer, "factory", f"`torch.{name}(sizes)` recorded as `torch.empty(sizes"
+              f"{'' if dtype is None else f', dtype={dtype}'})`")
+        return tracer.create_proxy("call_function", _EMPTY, sizes,
+                                   {**kwargs, **({} if dtype is None else {"dtype": dtype})})
+    data = args[0] if len(args) == 1 else None
+    val = data.node.meta.get("val") if isinstance(data, fx.Proxy) else None
+    if dtype is not None and isinstance(val, torch.Tensor) and val.dtype != dtype:
+        from .tracer import TraceError, _describe_frame, _user_frame
+        path, mtype = tracer.current_module()
+        raise TraceError(
+            f"`torch.{name}(t)` of a {val.dtype} tensor fails in eager code too: a legacy "
+            f"constructor only aliases a tensor of its own dtype ({dtype})",
+            module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
+            way_out=f"convert instead: t.to({dtype}), or torch.as_tensor(t, dtype={dtype})")
+    _note(tracer, "opaque", f"`torch.{name}(data)` of a traced value recorded as a call of "
+          f"the constructor")
+    return tracer.create_proxy("call_function", ctor, args, kwargs)
+
+
+_EMPTY = torch.empty
+"""The original factory: a recorded node must not run the wrapper installed while tracing."""
+
+
+def _legacy_sizes(args: tuple) -> tuple | None:
+    """The sizes of ``torch.Tensor(n, c)`` or ``torch.Tensor(x.size())``; None for data
+    (a tensor, a list or tuple: ``torch.Tensor([n, c])`` holds the values n and c)."""
+    def val(a: Any) -> Any:
+        return a.node.meta.get("val") if isinstance(a, fx.Proxy) else a
+
+    if len(args) == 1 and isinstance(val(args[0]), torch.Size):
+        return args
+    if args and all(type(val(a)) is int for a in args):
+        return args
+    return None
+
+
+def _legacy_meta(ctor: Any) -> Callable:
+    def rule(*args: Any, **kwargs: Any) -> Any:
+        try:  # aliasing a meta tensor works on meta
+            return to_meta(ctor(*args, **kwargs))
+        except Exception:  # noqa: BLE001 - reading data (a list of 0-d tensors)
+            return value_on_real_data(ctor, args, kwargs)
+    return rule
+
+
+def _patch_native_constructors(tracer: Any, patch: Callable) -> None:
+    """C++ entry points that take their data as a plain object and skip
+    ``__torch_function__``: handed the proxy (which passes their tensor check) they would
+    read it as a tensor and kill the interpreter.
+
+    ``torch.Tensor(t)`` is a call of the constructor in the graph (sizes: ``torch.empty``);
     ``Variable(t)`` (``from torch.autograd import Variable``, old DARTS code) is
-    ``t.detach()``, a leaf that requires grad when asked; ``torch.as_tensor(t)`` becomes a
-    graph node; ``Tensor._make_subclass`` of a traced value is refused with a TraceError.
-    ``torch.Tensor(t)`` is not covered: patching ``Tensor.__new__`` breaks torch._dynamo's
-    import (it substitutes that function by signature), so it still crashes.
+    ``t.detach()``, a leaf that requires grad when asked; ``torch.as_tensor(t)``,
+    ``torch.from_numpy``, the sparse constructors and the like become graph nodes;
+    ``torch.vmap`` / ``torch.func.grad`` and ``torch.nested.nested_tensor`` of traced values
+    become opaque calls.  Refused with a TraceError: ``Tensor._make_subclass``, the other
+    functorch transforms, ``torch.jit.trace``, ``to_dlpack``, and ``set_`` or ``.grad =``
+    / ``.data =`` of a traced value into a tensor the trace does not see.
     """
     from torch.autograd.variable import Variable, VariableMeta
-    as_tensor = torch.as_tensor
     make_subclass = torch.Tensor.__dict__.get("_make_subclass") or \
         torch._C.TensorBase.__dict__["_make_subclass"]
 
@@ -451,29 +538,187 @@ def _patch_native_constructors(tracer: Any, patch: Callable) -> None:
             out = tracer.create_proxy("call_method", "requires_grad_", (out,), {})
         return out
 
-    def as_tensor_(*args, **kwargs):
-        if _computing(tracer) or not _has_proxy((args, kwargs)):
-            return as_tensor(*args, **kwargs)
-        return tracer.create_proxy("call_function", as_tensor, args, kwargs)
-
     def make_subclass_(*args, **kwargs):
         if not _computing(tracer) and _has_proxy((args, kwargs)):
             raise _native_error(tracer, "torch.Tensor._make_subclass")
         return make_subclass(*args, **kwargs)
 
     patch(VariableMeta, "__call__", variable)
-    patch(torch, "as_tensor", functools.wraps(as_tensor)(as_tensor_))
     patch(torch.Tensor, "_make_subclass", staticmethod(make_subclass_))
+    for name in _AS_NODES:
+        if hasattr(torch, name):
+            patch(torch, name, _as_node(tracer, getattr(torch, name)))
+    _patch_tensor_new(tracer, patch)
+    _patch_set(tracer, patch)
+    _patch_setters(tracer, patch)
+    _patch_transforms(tracer, patch)
+    _patch_refused(tracer, patch)
 
 
-def _native_error(tracer: Any, name: str) -> Exception:
+_AS_NODES = ("as_tensor", "from_numpy", "from_dlpack", "frombuffer", "sparse_coo_tensor",
+             "sparse_csr_tensor", "sparse_csc_tensor", "sparse_bsr_tensor", "sparse_bsc_tensor",
+             "sparse_compressed_tensor")
+"""torch functions that skip ``__torch_function__`` for their data argument: recorded as a
+graph node when handed a traced value (all but ``as_tensor`` crashed or failed before)."""
+
+
+def _as_node(tracer: Any, original: Callable) -> Callable:
+    @functools.wraps(original)
+    def call(*args, **kwargs):
+        if _computing(tracer) or not _has_proxy((args, kwargs)):
+            return original(*args, **kwargs)
+        return tracer.create_proxy("call_function", original, args, kwargs)
+    return call
+
+
+def _patch_tensor_new(tracer: Any, patch: Callable) -> None:
+    """``torch.Tensor(t)``: what ``torch.Tensor`` inherits from its C base is wrapped for the
+    trace and deleted after, so ``torch.Tensor`` inherits it again."""
+    original = torch._C.TensorBase.__new__
+
+    # (*args, **kwargs): torch._dynamo, if first imported while tracing, checks the
+    # signature of Tensor.__new__ against its own and accepts only this wildcard
+    def new(*args, **kwargs):
+        cls, data = args[0], args[1:]
+        if _computing(tracer) or not _has_proxy((data, kwargs)):
+            return original(*args, **kwargs)
+        if cls is not torch.Tensor:  # a user subclass built from a traced value
+            raise _native_error(tracer, f"{cls.__name__}(...)")
+        return _legacy_call(tracer, "Tensor", torch.Tensor, None, data, kwargs)
+
+    patch(torch.Tensor, "__new__", staticmethod(new))
+
+
+register_shape_rule(torch.Tensor, _legacy_meta(torch.Tensor))
+
+
+def _patch_set(tracer: Any, patch: Callable) -> None:
+    original = torch._C.TensorBase.set_
+
+    def set_(self, *args, **kwargs):
+        if isinstance(self, fx.Proxy):  # torch.Tensor.set_(t, ...): a graph node, as t.set_
+            return tracer.create_proxy("call_method", "set_", (self, *args), kwargs)
+        if not _computing(tracer) and _has_proxy((args, kwargs)):
+            raise _native_error(tracer, "Tensor.set_", way_out=(
+                "the tensor `set_` is called on is not traced (a global or a tensor made "
+                "outside the model); make it a buffer of the module (register_buffer), or "
+                "use the traced value itself"))
+        return original(self, *args, **kwargs)
+
+    patch(torch.Tensor, "set_", set_)
+
+
+_TENSOR_SETTERS = ("data", "grad", "_grad", "real", "imag")
+"""Tensor attributes whose C setter reads the value assigned as a tensor."""
+
+
+def _patch_setters(tracer: Any, patch: Callable) -> None:
+    """``w.grad = t`` or ``w.data = t`` on a tensor the trace does not see, t traced:
+    refused (the C setter would read the proxy as a tensor)."""
+    for name in _TENSOR_SETTERS:
+        descriptor = torch._C.TensorBase.__dict__[name]
+
+        def set_(self, value, descriptor=descriptor, name=name):
+            if not _computing(tracer) and isinstance(value, fx.Proxy):
+                raise _native_error(tracer, f"Tensor.{name} = ...", way_out=(
+                    f"the tensor whose `.{name}` is set is not traced (a global or a tensor "
+                    f"made outside the model); make it a buffer of the module "
+                    f"(register_buffer), or use the traced value itself"))
+            descriptor.__set__(self, value)
+
+        patch(torch.Tensor, name, property(
+            lambda self, d=descriptor: d.__get__(self, type(self)), set_,
+            lambda self, d=descriptor: d.__delete__(self), descriptor.__doc__))
+
+
+def _patch_refused(tracer: Any, patch: Callable) -> None:
+    """Native entry points with no graph form: refused when handed a traced value."""
+    import torch.utils.dlpack as dlpack
+    jit_way_out = ("call torch.jit.trace outside forward (in __init__, on example tensors) "
+                   "and call the traced function in forward: that call is recorded as one")
+    refusals = [(torch.jit, "trace", jit_way_out), (torch.jit, "trace_module", jit_way_out),
+                (dlpack, "to_dlpack", None), (torch, "to_dlpack", None),
+                (torch._C, "_to_dlpack", None)]
+    for owner, name, way_out in refusals:
+        original = getattr(owner, name, None)
+        if original is None:
+            continue
+
+        def call(*args, original=original, label=f"{owner.__name__}.{name}", way_out=way_out,
+                 **kwargs):
+            if not _computing(tracer) and _has_proxy((args, kwargs)):
+                raise _native_error(tracer, label, way_out=way_out)
+            return original(*args, **kwargs)
+
+        patch(owner, name, functools.wraps(original)(call))
+
+
+def _patch_transforms(tracer: Any, patch: Callable) -> None:
+    """functorch transforms wrap their inputs in C (``_add_batch_dim``, ``_wrap_for_grad``):
+    ``vmap``, ``grad`` and ``grad_and_value`` of traced values become one opaque call
+    each; the others (vjp, jvp, jacrev, ...) are refused where they wrap their inputs."""
+    try:
+        from torch._functorch import apis, eager_transforms, vmap
+    except ImportError:  # another torch: nothing known to patch
+        return
+
+    def recorded(owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name, None)
+        if original is None:
+            return
+
+        @functools.wraps(original)
+        def call(*args, **kwargs):
+            if _computing(tracer) or not _has_proxy((args, kwargs)):
+                return original(*args, **kwargs)
+            return record_opaque(tracer, original, label, args, kwargs)
+        patch(owner, name, call)
+
+    def refused(owner: Any, name: str) -> None:
+        original = getattr(owner, name, None)
+        if original is None:
+            return
+
+        @functools.wraps(original)
+        def call(*args, **kwargs):
+            if not _computing(tracer) and _has_proxy((args, kwargs)):
+                raise _native_error(
+                    tracer, "torch.func.vjp / jvp / jacrev / jacfwd / hessian", way_out=(
+                        "call the transform outside the supernet's forward, or use "
+                        "torch.vmap / torch.func.grad, which are recorded as one call"))
+            return original(*args, **kwargs)
+        patch(owner, name, call)
+
+    recorded(apis, "vmap_impl", "vmap")
+    recorded(eager_transforms, "grad_impl", "grad")
+    recorded(eager_transforms, "grad_and_value_impl", "grad_and_value")
+    refused(eager_transforms, "_wrap_all_tensors")
+    refused(vmap, "_add_batch_dim")
+    recorded(torch._C._nested, "nested_tensor", "nested_tensor")
+
+
+def _native_error(tracer: Any, name: str, way_out: str | None = None) -> Exception:
     from .tracer import TraceError, _describe_frame, _user_frame
     path, mtype = tracer.current_module()
+    leaf = f", or mark this module as a leaf (leaf_modules=['{path}'])" if path else ""
     return TraceError(
         f"`{name}` is native code that would read the traced value as a tensor",
         module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
-        way_out=f"use a tensor op instead of `{name}` (t.detach(), t.clone(), t.to(...))" +
-                (f", or mark this module as a leaf (leaf_modules=['{path}'])" if path else ""))
+        way_out=(way_out or f"use a tensor op instead of `{name}` (t.detach(), t.clone(), "
+                            f"t.to(...))") + leaf)
+
+
+def numpy_error(tracer: Any, proxy: fx.Proxy) -> Exception:
+    """``numpy.asarray(t)`` of a traced tensor: numpy reads data a trace does not have."""
+    from .tracer import TraceError, _describe_frame, _user_frame
+    path, mtype = tracer.current_module()
+    return TraceError(
+        f"numpy reads the data of the traced value `{proxy.node.name}` (numpy.asarray, "
+        f"np.array or a numpy function handed a tensor)",
+        module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
+        way_out="keep it a tensor op; to log it use t.detach().cpu().numpy() (dropped from "
+                "the graph when no output depends on it)" +
+                (f"; or mark this module as a leaf (leaf_modules=['{path}'])" if path else ""))
 
 
 def _on_meta(factory: Callable) -> Callable:

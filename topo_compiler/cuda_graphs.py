@@ -9,7 +9,12 @@ small kernels per step), not by arithmetic.  :class:`CudaGraphs` wraps a module'
 
 A *capture* belongs to one :class:`CaptureKey`: training mode, the inputs' shapes, strides,
 dtypes, devices and ``requires_grad``, the autocast state, which parameters require grad, the
-guard values (a hook for re-tracing guards) and the generated forward itself.  A key is
+values of run-time numbers held in CPU scalars, the variant and its generated forward.  Every
+variant the guards re-trace (:mod:`~topo_compiler.guards`: a temperature read at run time, a
+replaced alpha, another ``model.arch``) runs through the same logic, with keys of its own, in
+one :class:`CaptureCache` per compiled supernet: at most ``max_captures`` captures held over all
+variants, a stale one (not replayed lately: a variant no longer called) evicted for a new key,
+and the variants themselves bounded by ``cache_size_limit``.  A key is
 captured the ``capture_on_call``-th time it is seen, after ``warmup`` runs on a side stream,
 into a private memory pool of its own.  A call that fits no capture (the first call of a key,
 another shape such as the last partial batch, grad disabled, CPU tensors, keyword arguments)
@@ -55,8 +60,9 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-__all__ = ["CudaGraphOptions", "CudaGraphs", "CudaGraphStats", "CaptureKey", "CaptureRecord",
-           "CudaGraphFallbackWarning", "CudaGraphCaptureError", "host_syncs", "install"]
+__all__ = ["CudaGraphOptions", "CudaGraphs", "CaptureCache", "CudaGraphStats", "CaptureKey",
+           "CaptureRecord", "CudaGraphFallbackWarning", "CudaGraphCaptureError", "host_syncs",
+           "install"]
 
 
 class CudaGraphFallbackWarning(UserWarning):
@@ -76,7 +82,10 @@ class CudaGraphOptions:
     capture_on_call: int = 2
     """Capture a key the n-th time it is seen; earlier calls run uncaptured (1: at once)."""
     max_captures: int = 4
-    """At most this many keys captured (each holds a memory pool); later keys run uncaptured."""
+    """At most this many captures held at once, over all variants of the compiled supernet
+    (each holds a memory pool).  When full, a new key evicts the least recently replayed
+    capture if that one is stale (not replayed during the last ``max_captures`` capturable
+    calls: an old variant, an old shape); otherwise the new key runs uncaptured."""
     guard_values: Callable[[], Hashable] | None = None
     """Extra key part, e.g. the values a re-tracing guard checks: a change recaptures."""
     warn: bool = True
@@ -104,14 +113,21 @@ class CaptureKey:
     guards: Hashable
     program: tuple[int, int]
     """Identity of the generated forward and its graph: a recompile makes old captures stale."""
+    variant: int = 1
+    """Which variant of the compiled supernet (1: the first trace; a re-trace adds one, see
+    :mod:`~topo_compiler.guards`): each variant has captures of its own."""
+    host_scalars: tuple[float, ...] = ()
+    """Values of the 0-d CPU tensors the graph reads (a temperature read at run time): a CUDA
+    kernel takes them by value, so a capture freezes them and a new value needs its own."""
 
     def describe(self) -> str:
         shapes = ", ".join("x".join(map(str, s)) + f" {str(d).replace('torch.', '')}"
                            + (" grad" if g else "") for s, _, d, _, g in self.inputs)
         amp = f", autocast {str(self.autocast[1]).replace('torch.', '')}" \
             if self.autocast[0] else ""
-        return (f"{'train' if self.training else 'eval'}({shapes}{amp}, "
-                f"{sum(self.grad_flags)}/{len(self.grad_flags)} params with grad)")
+        scalars = f", run-time numbers {list(self.host_scalars)}" if self.host_scalars else ""
+        return (f"variant {self.variant} {'train' if self.training else 'eval'}({shapes}{amp}, "
+                f"{sum(self.grad_flags)}/{len(self.grad_flags)} params with grad{scalars})")
 
 
 @dataclasses.dataclass
@@ -134,7 +150,9 @@ class CudaGraphStats:
     """Captured forwards replayed (each backward replays its own graph as well)."""
     backward_replays: int = 0
     dropped: int = 0
-    """Times every capture was dropped because a parameter or buffer storage moved."""
+    """Times a variant's captures were dropped because a parameter or buffer storage moved."""
+    evicted: int = 0
+    """Stale captures freed to make room for a new key (see ``CudaGraphOptions.max_captures``)."""
     fallbacks: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     """Reason -> calls that ran uncaptured for it."""
 
@@ -145,13 +163,14 @@ class CudaGraphStats:
     def as_dict(self) -> dict[str, Any]:
         return {"captures": [dataclasses.asdict(r) for r in self.captures],
                 "replays": self.replays, "backward_replays": self.backward_replays,
-                "dropped": self.dropped,
+                "dropped": self.dropped, "evicted": self.evicted,
                 "fallbacks": dict(self.fallbacks)}
 
     def summary(self) -> list[str]:
         lines = [f"{self.captured} capture(s), {self.replays} forward and "
                  f"{self.backward_replays} backward replay(s), "
-                 f"{sum(self.fallbacks.values())} uncaptured call(s)"]
+                 f"{sum(self.fallbacks.values())} uncaptured call(s)"
+                 + (f", {self.evicted} stale capture(s) evicted" if self.evicted else "")]
         lines += [f"{r.status} {r.key} in {r.seconds:.2f} s" + (f": {r.note}" if r.note else "")
                   for r in self.captures]
         lines += [f"uncaptured x{n}: {reason}" for reason, n in self.fallbacks.most_common()]
@@ -389,28 +408,111 @@ class _Replay(torch.autograd.Function):
         return (None, None, *user, *diff[n_user:])
 
 
+class CaptureCache:
+    """The captures of one compiled supernet, over all its variants (shared by their
+    :class:`CudaGraphs`): at most ``options.max_captures`` held, stale ones evicted first."""
+
+    _SEEN_LIMIT = 256
+    """Keys remembered for ``capture_on_call`` (a value that never repeats must not pile up)."""
+
+    def __init__(self, options: CudaGraphOptions, backend: Any):
+        self.options, self.backend = options, backend
+        self.stats = CudaGraphStats()
+        self.captures: collections.OrderedDict[CaptureKey, _Capture] = \
+            collections.OrderedDict()
+        """Least recently replayed first."""
+        self.last_used: dict[CaptureKey, int] = {}
+        self.refused: dict[CaptureKey, str] = {}
+        self.seen: collections.OrderedDict[CaptureKey, int] = collections.OrderedDict()
+        self.warned: set[str] = set()
+        self.clock = 0
+        """Capturable calls so far (the age of a capture is counted in them)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CaptureCache:
+        """An empty cache for a copied module (graphs are not copied); the copied report's
+        stats, if copied first, become the new cache's, cleared."""
+        new = CaptureCache(self.options, self.backend)
+        memo[id(self)] = new
+        if id(self.stats) in memo:
+            new.stats = memo[id(self.stats)]
+            new.stats.__init__()
+        else:
+            memo[id(self.stats)] = new.stats
+        return new
+
+    def see(self, key: CaptureKey) -> int:
+        """Count a sighting of ``key``; returns how many there were."""
+        n = self.seen.pop(key, 0) + 1
+        self.seen[key] = n
+        while len(self.seen) > self._SEEN_LIMIT:
+            self.seen.popitem(last=False)
+        return n
+
+    def use(self, key: CaptureKey) -> None:
+        self.captures.move_to_end(key)
+        self.last_used[key] = self.clock
+
+    def make_room(self) -> bool:
+        """Room for one more capture (evicting the least recently replayed one if stale)."""
+        if len(self.captures) < self.options.max_captures:
+            return True
+        if not self.captures:
+            return False
+        oldest = next(iter(self.captures))
+        if self.clock - self.last_used[oldest] <= self.options.max_captures:
+            return False  # why: all in use; evicting would recapture over and over
+        self.drop([oldest])
+        self.stats.evicted += 1
+        return True
+
+    def drop(self, keys: Sequence[CaptureKey]) -> None:
+        for key in keys:
+            self.captures.pop(key, None)  # its graphs and memory pool go with it
+            self.last_used.pop(key, None)
+            self.refused.pop(key, None)
+
+
 class CudaGraphs:
     """Wraps a module's forward with lazily captured CUDA graphs (see the module docstring).
 
-    ``uncaptured`` is the forward it wraps; ``stats`` counts what happened.
+    ``uncaptured`` is the forward it wraps; ``stats`` counts what happened.  The variants a
+    compiled supernet re-traces (see :mod:`~topo_compiler.guards`) each get one of their own
+    through :meth:`adopt`, sharing this one's :class:`CaptureCache` (captures, budget, stats).
     """
 
     def __init__(self, module: nn.Module, uncaptured: Callable[..., Any] | None = None,
-                 options: CudaGraphOptions | None = None, backend: Any = None):
+                 options: CudaGraphOptions | None = None, backend: Any = None,
+                 cache: CaptureCache | None = None, variant: int = 1):
         self.module = module
         self._inner = uncaptured
         """The forward wrapped; None: the module class's forward, looked up at every call
         (so a recompile is honoured)."""
-        self.options = options or CudaGraphOptions()
-        self.backend = backend or CudaBackend()
-        self.stats = CudaGraphStats()
-        self._captures: dict[CaptureKey, _Capture] = {}
-        self._refused: dict[CaptureKey, str] = {}
-        self._seen: collections.Counter = collections.Counter()
-        self._warned: set[str] = set()
+        self.cache = cache or CaptureCache(options or CudaGraphOptions(),
+                                           backend or CudaBackend())
+        self.options, self.backend = self.cache.options, self.cache.backend
+        self.variant = variant
         self._surface: tuple[list[nn.Parameter], list[torch.Tensor]] | None = None
+        self._scalars: list[torch.Tensor] | None = None
         self._submodules: list[nn.Module] | None = None
         self._pointers: tuple[int, ...] = ()
+
+    @property
+    def stats(self) -> CudaGraphStats:
+        return self.cache.stats
+
+    @property
+    def _captures(self) -> collections.OrderedDict[CaptureKey, _Capture]:
+        """Every capture held (all variants), least recently replayed first."""
+        return self.cache.captures
+
+    def adopt(self, module: nn.Module, variant: int) -> CudaGraphs:
+        """Route another variant's calls through the same captures and budget (its keys
+        carry ``variant``); returns its runner (also ``module.cuda_graphs``)."""
+        runner = CudaGraphs(module, module.__dict__.get("forward"), cache=self.cache,
+                            variant=variant)
+        module.__dict__["forward"] = runner
+        module.__dict__["cuda_graphs"] = runner
+        return runner
 
     def uncaptured(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped forward, run as it is."""
@@ -419,16 +521,13 @@ class CudaGraphs:
         return type(self.module).forward(self.module, *args, **kwargs)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CudaGraphs:
-        """A copy for the copied module: same options, no captures (graphs are not copied)."""
+        """A copy for the copied module: same options, no captures (graphs are not copied);
+        the variants of one copied supernet share one new cache."""
         module = copy.deepcopy(self.module, memo)
         inner = None if self._inner is None else copy.deepcopy(self._inner, memo)
-        new = CudaGraphs(module, inner, self.options, self.backend)
+        new = CudaGraphs(module, inner, cache=copy.deepcopy(self.cache, memo),
+                         variant=self.variant)
         memo[id(self)] = new
-        if id(self.stats) in memo:  # the copied report's stats: the copy's, cleared
-            new.stats = memo[id(self.stats)]
-            new.stats.__init__()
-        else:
-            memo[id(self.stats)] = new.stats
         return new
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -442,6 +541,27 @@ class CudaGraphs:
     def _storage_pointers(self) -> tuple[int, ...]:
         params, buffers = self._surface
         return tuple(t.data_ptr() for t in (*params, *buffers))
+
+    def _host_scalars(self) -> list[torch.Tensor]:
+        """0-d CPU tensors the graph reads besides parameters and buffers (the holders of
+        run-time numbers, see :mod:`~topo_compiler.guards`)."""
+        if self._scalars is None:
+            graph = getattr(self.module, "graph", None)
+            params, buffers = self._tensors()
+            owned = {id(t) for t in (*params, *buffers)}
+            found: dict[int, torch.Tensor] = {}
+            for node in graph.nodes if isinstance(graph, fx.Graph) else ():
+                if node.op != "get_attr":
+                    continue
+                try:
+                    value = _attr(self.module, node.target)
+                except AttributeError:
+                    continue
+                if isinstance(value, torch.Tensor) and id(value) not in owned and \
+                        value.dim() == 0 and value.device.type == "cpu":
+                    found[id(value)] = value
+            self._scalars = list(found.values())
+        return self._scalars
 
     def key(self, args: Sequence[Any], kwargs: dict[str, Any]) -> CaptureKey | str:
         """The call's capture key, or why the call cannot be captured."""
@@ -471,12 +591,13 @@ class CudaGraphs:
                           tuple(m.training for m in self._submodules),
                           tuple((tuple(a.shape), tuple(a.stride()), a.dtype, str(a.device),
                                  a.requires_grad) for a in args),
-                          autocast, grad_flags, guards, program)
+                          autocast, grad_flags, guards, program, self.variant,
+                          tuple(float(t) for t in self._host_scalars()))
 
     def _fallback(self, reason: str, args: tuple, kwargs: dict) -> Any:
         self.stats.fallbacks[reason] += 1
-        if self.options.warn and reason not in self._warned:
-            self._warned.add(reason)
+        if self.options.warn and reason not in self.cache.warned:
+            self.cache.warned.add(reason)
             warnings.warn(f"CUDA graphs: running uncaptured: {reason}", CudaGraphFallbackWarning,
                           stacklevel=3)
         return self.uncaptured(*args, **kwargs)
@@ -485,29 +606,32 @@ class CudaGraphs:
         key = self.key(args, kwargs)
         if isinstance(key, str):
             return self._fallback(key, args, kwargs)
+        cache = self.cache
+        cache.clock += 1
         if self._storage_pointers() != self._pointers:
             # why: a graph reads parameters and buffers at the addresses it was captured with
-            self._captures.clear()
-            self._refused.clear()
+            cache.drop([k for k in (*cache.captures, *cache.refused)
+                        if k.variant == self.variant])
             self._pointers = self._storage_pointers()
             self.stats.dropped += 1
-        capture = self._captures.get(key)
+        capture = cache.captures.get(key)
         if capture is None:
-            if key in self._refused:
-                return self._fallback(f"refused: {self._refused[key]}", args, kwargs)
-            self._seen[key] += 1
-            if self._seen[key] < self.options.capture_on_call:
-                return self._fallback(f"key seen {self._seen[key]} time(s), captured on call "
+            if key in cache.refused:
+                return self._fallback(f"refused: {cache.refused[key]}", args, kwargs)
+            seen = cache.see(key)
+            if seen < self.options.capture_on_call:
+                return self._fallback(f"key seen {seen} time(s), captured on call "
                                       f"{self.options.capture_on_call}", args, kwargs)
-            if len(self._captures) >= self.options.max_captures:
+            if not cache.make_room():
                 return self._fallback(f"max_captures={self.options.max_captures} keys "
-                                      f"captured already", args, kwargs)
+                                      f"captured and in use", args, kwargs)
             capture = self._capture(key, args)
             if capture is None:
-                return self._fallback(f"refused: {self._refused[key]}", args, kwargs)
+                return self._fallback(f"refused: {cache.refused[key]}", args, kwargs)
         if capture.backward_pending():
             return self._fallback("the previous captured call's backward has not run yet",
                                   args, kwargs)
+        cache.use(key)
         params = capture.params
         outputs = _Replay.apply(capture, len(args), *args, *params)
         self.stats.replays += 1
@@ -536,13 +660,14 @@ class CudaGraphs:
                     b.copy_(s)
             self.backend.synchronize(device)
         if capture is not None:
-            self._captures[key] = capture
+            self.cache.captures[key] = capture
+            self.cache.last_used[key] = self.cache.clock
             self.stats.captures.append(CaptureRecord(key.describe(), "captured",
                                                      time.perf_counter() - start))
         return capture
 
     def _refuse(self, key: CaptureKey, start: float, reason: str) -> None:
-        self._refused[key] = reason
+        self.cache.refused[key] = reason
         self.stats.captures.append(CaptureRecord(key.describe(), "refused",
                                                  time.perf_counter() - start, reason))
 
@@ -567,11 +692,20 @@ class CudaGraphs:
         self.backend.synchronize(device)
 
 
+def _attr(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
 def install(module: nn.Module, options: CudaGraphOptions | None = None,
             backend: Any = None) -> CudaGraphs:
     """Route ``module``'s calls through :class:`CudaGraphs`; returns it (also
-    ``module.cuda_graphs``, and its stats as ``module.report.cuda_graphs``).  The forward it wraps is looked up at every uncaptured call, so a
-    recompile (or another layer's instance-level forward) is honoured."""
+    ``module.cuda_graphs``, and its stats as ``module.report.cuda_graphs``).  The forward it
+    wraps is looked up at every uncaptured call, so a recompile (or another layer's
+    instance-level forward) is honoured.  Variants the module's guards re-trace later are
+    routed through the same captures (:meth:`CudaGraphs.adopt`)."""
     runner = CudaGraphs(module, module.__dict__.get("forward"), options, backend)
     report = module.__dict__.get("report")
     if report is not None and hasattr(report, "cuda_graphs"):

@@ -1206,6 +1206,9 @@ class Dispatch:
                 reason += f" ({describe_access(exc.access, names)} decides Python control " \
                           f"flow or is needed as a number, so it stays a constant)"
         self.holders.update(options.holders)
+        graphs = self.variants[-1].module.__dict__.get("cuda_graphs")  # the first trace's
+        if graphs is not None:  # why: every variant replays captured graphs, not only the first
+            graphs.adopt(module, variant=len(self.variants) + 1)
         variant = Variant(module, GuardSet(module.__dict__.pop("_trace_guards"), self.model,
                                            self.holders), reason)
         self.variants.insert(0, variant)

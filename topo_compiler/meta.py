@@ -104,6 +104,10 @@ _BINARY_FUNCTIONS = {id(f) for f in (operator.add, operator.mul, operator.sub,
 _BINARY_METHODS = {"add", "mul", "sub", "div"}
 
 
+_ADDRESSES = {"data_ptr"}
+"""Methods whose value is a memory address, known only at run time."""
+
+
 _SHAPE_RULES: dict[int, Any] = {}
 LEAF_FUNCTIONS: list[Any] = []
 """Functions compiled graphs call (kernel arithmetic, conditional weights): tracing a compiled
@@ -147,7 +151,7 @@ def _fast_value(opcode: str, target: Any, args: tuple, kwargs: dict,
         return _SHAPE_RULES[id(target)](*args, **kwargs)
     if opcode == "call_module":
         if isinstance(module, _SAME_SHAPE_MODULES) and isinstance(first, torch.Tensor) \
-                and len(args) == 1 and not kwargs:
+                and first.is_floating_point() and len(args) == 1 and not kwargs:
             return first
         return NotImplemented
     binary = (opcode == "call_function" and id(target) in _BINARY_FUNCTIONS) or \
@@ -158,12 +162,16 @@ def _fast_value(opcode: str, target: Any, args: tuple, kwargs: dict,
         others_ok = all(isinstance(v, torch.Tensor) or type(v) in (int, float, bool)
                         for v in (a, b))
         if tensors and others_ok and all(t.is_contiguous() for t in tensors):
+            dtype = torch.result_type(a, b)
+            if not (dtype.is_floating_point or dtype.is_complex):  # why: int / int is float
+                return NotImplemented
             shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-            return torch.empty(shape, dtype=torch.result_type(a, b), device="meta")
+            return torch.empty(shape, dtype=dtype, device="meta")
         return NotImplemented
     same = (opcode == "call_function" and id(target) in _SAME_SHAPE_FUNCTIONS) or \
         (opcode == "call_method" and target in _SAME_SHAPE_METHODS)
-    if same and isinstance(first, torch.Tensor) and \
+    # why floating only: exp or sigmoid of an int tensor is float (the meta kernel knows)
+    if same and isinstance(first, torch.Tensor) and first.is_floating_point() and \
             all(k in ("inplace", "p", "training") for k in kwargs):
         return first
     return NotImplemented
@@ -173,6 +181,8 @@ def run_on_meta(opcode: str, target: Any, args: tuple, kwargs: dict,
                 module: nn.Module | None, cache: dict[int, nn.Module]) -> Any:
     """Run one op on meta values (raises what the op raises)."""
     if contains_unknown(args) or contains_unknown(kwargs):
+        return UNKNOWN
+    if opcode == "call_method" and target in _ADDRESSES:  # 0 on meta: never decide on it
         return UNKNOWN
     fast = _fast_value(opcode, target, args, kwargs, module)
     if fast is not NotImplemented:

@@ -11,7 +11,9 @@ function instead of tracing into it (:data:`~.meta.LEAF_FUNCTIONS`).
   :func:`depthwise_to_dense`, :func:`group_to_dense`, :func:`separable_to_dense`,
   :func:`weighted_kernel_sum`, :func:`weighted_bias_sum`, :func:`stack_depthwise`,
   :func:`stack_pointwise`, and the kernels without parameters :func:`fixed_kernel`,
-  :func:`embed_rows`, :func:`eye_pointwise`;
+  :func:`embed_rows`, :func:`eye_pointwise`; batched forms of the per-candidate ones for a
+  whole supernet (:mod:`~.kernel_batching`): :func:`place_many`,
+  :func:`separable_to_dense_many`, :func:`weighted_kernel_sums`;
 * kernel normalization (Eq. 28): :func:`normalize_kernel`, :func:`normalize_kernels`;
 * conditional weights of cascaded selections (Eq. 8): :func:`nonzero_or_one`;
 * weight folding: :func:`scaled_batch_norm`;
@@ -40,7 +42,8 @@ from torch import nn
 from .meta import leaf_module, shape_rule
 
 __all__ = ["place", "depthwise_to_dense", "separable_to_dense", "group_to_dense",
-           "weighted_kernel_sum", "stack_depthwise", "stack_pointwise", "weighted_bias_sum",
+           "weighted_kernel_sum", "place_many", "separable_to_dense_many",
+           "weighted_kernel_sums", "stack_depthwise", "stack_pointwise", "weighted_bias_sum",
            "fixed_kernel", "embed_rows", "eye_pointwise", "normalize_kernel",
            "normalize_kernels", "KN_EPS", "nonzero_or_one", "scaled_batch_norm",
            "OpaqueCall", "WeightProgram"]
@@ -102,6 +105,84 @@ def weighted_kernel_sum(weights: Sequence[torch.Tensor],
     for w, k in zip(weights[1:], kernels[1:]):
         out = out + w * k
     return out
+
+
+def place_many(kernels: Sequence[torch.Tensor], dilation: Sequence[int],
+               start: Sequence[int], frame: Sequence[int],
+               frame_dilation: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """:func:`place` of many kernels of one shape, placed alike, in one batch of ops."""
+    stacked = torch.stack(list(kernels))
+    n, c_out = stacked.shape[:2]
+    placed = place(stacked.flatten(0, 1), dilation, start, frame, frame_dilation)
+    return placed.unflatten(0, (n, c_out)).unbind(0)
+
+
+class _SeparableToDenseMany(torch.autograd.Function):
+    """``P_i * D_i^T`` for many pairs in one product, saving the pairs themselves for backward
+    (autograd's own graph would keep stacked copies of them, which nothing else holds)."""
+
+    @staticmethod
+    def forward(ctx, n: int, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.n = n
+        ctx.save_for_backward(*tensors)
+        d, p = torch.stack(tensors[:n]), torch.stack(tensors[n:])
+        return p * d.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        tensors, n = ctx.saved_tensors, ctx.n
+        d, p = torch.stack(tensors[:n]).transpose(1, 2), torch.stack(tensors[n:])
+        grad_p = (grad * d).sum_to_size(p.shape).to(p.dtype)
+        grad_d = (grad * p).sum_to_size(d.shape).to(d.dtype).transpose(1, 2)
+        return (None, *grad_d.unbind(0), *grad_p.unbind(0))
+
+
+def separable_to_dense_many(depthwise: Sequence[torch.Tensor],
+                            pointwise: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """:func:`separable_to_dense` of many pairs of one shape, in one batch of ops."""
+    return _SeparableToDenseMany.apply(len(depthwise), *depthwise, *pointwise).unbind(0)
+
+
+class _WeightedKernelSums(torch.autograd.Function):
+    """``sum_j w_j K_j`` for many merges at once, saving the weights and kernels themselves
+    for backward (not stacked copies of them)."""
+
+    @staticmethod
+    def forward(ctx, terms: int, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.terms = terms
+        ctx.save_for_backward(*tensors)
+        out = None
+        for w, k in _terms(tensors, terms):
+            out = w * k if out is None else out + w * k
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grads_w, grads_k = [], []
+        for w, k in _terms(ctx.saved_tensors, ctx.terms):
+            grads_w.extend((grad * k).flatten(1).sum(1).to(w.dtype).unbind(0))
+            grads_k.extend((grad * w).to(k.dtype).unbind(0))
+        return (None, *grads_w, *grads_k)
+
+
+def _terms(tensors: Sequence[torch.Tensor], terms: int):
+    """(stacked weights shaped to broadcast, stacked kernels) of each term."""
+    n = len(tensors) // (2 * terms)
+    for j in range(terms):
+        k = torch.stack(tensors[(terms + j) * n:(terms + j + 1) * n])
+        w = torch.stack(tensors[j * n:(j + 1) * n]).reshape((-1,) + (1,) * (k.dim() - 1))
+        yield w, k
+
+
+def weighted_kernel_sums(weights: Sequence[Sequence[torch.Tensor]],
+                         kernels: Sequence[Sequence[torch.Tensor]]
+                         ) -> tuple[torch.Tensor, ...]:
+    """:func:`weighted_kernel_sum` of many merges with as many terms, in one batch of ops:
+    ``weights[j][i]`` and ``kernels[j][i]`` are term ``j`` of merge ``i``.  The same
+    elementwise operations in the same order (outputs are the unbatched ones bit for bit;
+    gradients of the weights up to summation order)."""
+    flat = [w for ws in weights for w in ws] + [k for ks in kernels for k in ks]
+    return _WeightedKernelSums.apply(len(weights), *flat).unbind(0)
 
 
 def weighted_bias_sum(weights: Sequence[torch.Tensor],
@@ -241,6 +322,12 @@ shape_rule(group_to_dense)(lambda k, g: _meta((k.shape[0], k.shape[1] * g) + k.s
 shape_rule(separable_to_dense)(lambda d, p: _meta((p.shape[0], d.shape[0]) + d.shape[2:], d))
 shape_rule(weighted_kernel_sum)(lambda ws, ks: _meta(ks[0].shape, ks[0]))
 shape_rule(weighted_bias_sum)(lambda ws, bs: _meta(bs[0].shape, bs[0]))
+shape_rule(place_many)(
+    lambda ks, d, s, frame, fd: tuple(_meta(k.shape[:2] + tuple(frame), k) for k in ks))
+shape_rule(separable_to_dense_many)(
+    lambda ds, ps: tuple(_meta((p.shape[0], d.shape[0]) + d.shape[2:], d)
+                         for d, p in zip(ds, ps)))
+shape_rule(weighted_kernel_sums)(lambda ws, ks: tuple(_meta(k.shape, k) for k in ks[0]))
 shape_rule(stack_depthwise)(
     lambda ks: _meta((ks[0].shape[0] * len(ks), 1) + ks[0].shape[2:], ks[0]))
 shape_rule(stack_pointwise)(

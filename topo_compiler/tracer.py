@@ -116,6 +116,9 @@ def _describe_frame(frame: types.FrameType | None) -> str | None:
 # Proxies that know their meta value
 # --------------------------------------------------------------------------------------
 
+_NO_TRACE = {"__array__", "__array_interface__", "__array_struct__"}
+
+
 class ShapedProxy(fx.Proxy):
     """An fx proxy that answers Python's questions from its meta value.
 
@@ -138,6 +141,8 @@ class ShapedProxy(fx.Proxy):
         return type(self)
 
     def __getattr__(self, k: str) -> "ShapedAttribute":
+        if k in _NO_TRACE:  # numpy.asarray(t) would read data the trace does not have
+            raise capture.numpy_error(self.tracer, self)
         return ShapedAttribute(self, k)
 
     def _concrete(self, what: str) -> Any:
@@ -539,7 +544,7 @@ class SupernetTracer(fx.Tracer):
                                  for i, leaf in enumerate(pytree.tree_leaves(value), 1)}
 
         attrs_before = set(root.__dict__)
-        with _guard_random(self), capture.capturing(self), self.guards.active():
+        with _guard_random(self), capture.capturing(self, root), self.guards.active():
             graph = self.trace(root, concrete_args=concrete or None)
         for name in set(root.__dict__) - attrs_before:  # fx keeps tensor constants on the root
             self.plain_tensor_attrs[name] = root.__dict__.pop(name)

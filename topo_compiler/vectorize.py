@@ -32,6 +32,7 @@ from typing import Any
 import networkx as nx
 import torch
 
+from .cse import writes_in_place
 from .descriptors import Ref
 from .ir import NodeNotes, Role, SupernetIR
 from .meta import UNKNOWN
@@ -257,7 +258,7 @@ def drop_identity_arithmetic(ir: SupernetIR) -> int:
                     or not isinstance(node.val, torch.Tensor) or x.val.shape != node.val.shape \
                     or x.val.dtype != node.val.dtype:
                 continue
-            if any(ir.node(u).desc.inplace or ir.node(u).opcode == "output"
+            if any(writes_in_place(ir.node(u)) or ir.node(u).opcode == "output"
                    for u in ir.users(name)):
                 continue  # why: the result would alias x (in place, or handed out)
             ir.replace_all_uses(name, other.name)
