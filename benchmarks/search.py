@@ -55,7 +55,7 @@ Examples::
     python -m benchmarks.search --quick --out /tmp/s    # smoke run, < 1 min
     python -m benchmarks.search --configs eager-rev,exact --seeds 0
     python -m benchmarks.search --seeds 0 --out /tmp/s0 & ...    # one process per seed, then
-    python -m benchmarks.search --combine /tmp/s0/search-cpu.json /tmp/s1/... --markdown BENCHMARKS.md
+    python -m benchmarks.search --combine /tmp/s0/search-cpu.json ... --markdown BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -795,9 +795,7 @@ def markdown(result: dict[str, Any], figure: str | None) -> str:
         for seed in seeds:
             flips = result["per_seed"][seed][name]["flipped_vs_eager"]
             parts.append(f"seed {seed}: " + (", ".join(
-                f"{d['cell']} n{d['node']} {'edges' if d['kind'] == 'edges' else 'op e' + str(d['edge'])}"
-                f" {d['margin']:.1e}" for d in sorted(flips, key=lambda d: d["margin"]))
-                or "none"))
+                _decision(d) for d in sorted(flips, key=lambda d: d["margin"])) or "none"))
         lines.append(f"- {name}: " + "; ".join(parts))
     lines += ["", f"What the compiler did (seed {seeds[0]}'s compile reports, merge / fold / kn "
                   f"summaries):", ""]
@@ -814,6 +812,11 @@ def markdown(result: dict[str, Any], figure: str | None) -> str:
             lines.append(f"- seed {seed}, {name}: normal {_edges(g['normal'])}; "
                          f"reduce {_edges(g['reduce'])}")
     return "\n".join(lines)
+
+
+def _decision(d: dict[str, Any]) -> str:
+    what = "edges" if d["kind"] == "edges" else f"op e{d['edge']}"
+    return f"{d['cell']} n{d['node']} {what} {d['margin']:.1e}"
 
 
 def _parallel(meta: dict[str, Any]) -> str:
