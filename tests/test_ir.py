@@ -151,30 +151,6 @@ def test_verifier_catches_broken_invariants():
         ir.verify()
 
 
-def test_topological_order_is_networkx_lexicographical_order():
-    """``topological_order`` is networkx's lexicographical sort by ``order``, also once an
-    edit made nodes read one that sorts after them (program order no longer topological)."""
-    ir = _small_ir()
-
-    def reference():
-        return list(nx.lexicographical_topological_sort(ir.graph,
-                                                        key=lambda n: ir.node(n).order))
-
-    assert ir.topological_order() == reference()
-    stem = ir.users(ir.placeholders()[0].name)[0]
-    late = ir.add_node("call_function", operator.mul, (Ref(stem), 2.0),
-                       after=ir.output().name, origin="test")  # sorts after every node
-    ir.replace_all_uses(stem, late.name, skip=[late.name])
-    by_order = sorted(ir.graph.nodes, key=lambda n: ir.node(n).order)
-    assert by_order.index(late.name) > by_order.index(ir.users(late.name)[0])
-    assert ir.topological_order() == reference()
-    ir.graph.add_edge(ir.output().name, stem)
-    with pytest.raises(nx.NetworkXUnfeasible):
-        ir.topological_order()
-    with pytest.raises(IRVerificationError, match="cycle"):
-        ir.verify()
-
-
 def test_ir_edits_keep_edges_and_meta_consistent():
     ir = _small_ir()
     x = ir.placeholders()[0]

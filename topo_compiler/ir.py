@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import heapq
 import itertools
 import keyword
 import re
@@ -241,29 +240,8 @@ class SupernetIR:
         return [self.node(n) for n in self.topological_order()]
 
     def topological_order(self) -> list[str]:
-        """Node names in topological order, the smallest ``order`` first among ready nodes
-        (what ``nx.lexicographical_topological_sort`` returns, ties by insertion)."""
-        nodes, succ, pred = self.graph._node, self.graph._succ, self.graph._pred
-        # why: networkx's generic version is ~10x slower, and passes call this per analysis
-        ordered = sorted(nodes, key=lambda n: nodes[n]["node"].order)  # stable: ties by insertion
-        rank = {n: i for i, n in enumerate(ordered)}
-        if all(rank[u] < rank[v] for u in ordered for v in succ[u]):
-            return ordered  # program order is topological: then it is the lexicographical one
-        waiting = {n: len(pred[n]) for n in ordered}
-        ready = [rank[n] for n in ordered if not waiting[n]]
-        heapq.heapify(ready)
-        out = []
-        while ready:
-            name = ordered[heapq.heappop(ready)]
-            out.append(name)
-            for child in succ[name]:
-                waiting[child] -= 1
-                if not waiting[child]:
-                    heapq.heappush(ready, rank[child])
-        if len(out) != len(ordered):
-            raise nx.NetworkXUnfeasible("Graph contains a cycle or graph changed during "
-                                        "iteration")
-        return out
+        return list(nx.lexicographical_topological_sort(
+            self.graph, key=lambda n: self.graph.nodes[n]["node"].order))
 
     def users(self, name: str) -> list[str]:
         """Nodes that read ``name``, sorted by program order."""
@@ -476,7 +454,7 @@ class SupernetIR:
         def fail(msg: str) -> None:
             raise IRVerificationError(f"IR invalid{where}: {msg}")
 
-        if not _is_acyclic(self.graph):
+        if not nx.is_directed_acyclic_graph(self.graph):
             cycle = nx.find_cycle(self.graph)
             fail(f"cycle through {[u for u, _ in cycle]}")
         outputs = 0
@@ -491,8 +469,8 @@ class SupernetIR:
                 fail(f"node {name!r}: notes are {type(node.notes).__name__}, not NodeNotes "
                      f"(set them through SupernetIR.annotate)")
             refs = set(_refs_in((node.args, node.kwargs)))  # not the cache: catch edits in place
-            preds = self.graph._pred[name]
-            if refs != preds.keys():
+            preds = self.graph.pred[name]
+            if len(refs) != len(preds) or any(r not in preds for r in refs):
                 fail(f"node {name!r}: arguments read {sorted(refs)} but edges say "
                      f"{sorted(preds)} (edit the IR through SupernetIR's methods)")
             if node.opcode == "output":
@@ -511,21 +489,6 @@ class SupernetIR:
                 resolved.add(node.target)
         if outputs != 1:
             fail(f"expected exactly one output node, found {outputs}")
-
-
-def _is_acyclic(graph: nx.DiGraph) -> bool:
-    """``nx.is_directed_acyclic_graph``, a few times faster (verify runs after every pass)."""
-    succ = graph._succ
-    waiting = {n: len(p) for n, p in graph._pred.items()}
-    ready = [n for n, k in waiting.items() if not k]
-    seen = 0
-    while ready:
-        seen += 1
-        for child in succ[ready.pop()]:
-            waiting[child] -= 1
-            if not waiting[child]:
-                ready.append(child)
-    return seen == len(waiting)
 
 
 def _default_name(opcode: str, target: Any) -> str:

@@ -47,33 +47,25 @@ class ModuleCounts:
 
 def count_modules(ir: SupernetIR, names: Iterable[str] | None = None) -> ModuleCounts:
     """Count conv units and non-conv modules among ``names`` (default: the whole graph)."""
-    nodes, succ = ir.graph._node, ir.graph._succ  # why: runs per stage and per mixed op
-    convs: set[str] = set()
-    non_conv = 0
-    for name in (nodes if names is None else set(names)):
-        node = nodes[name]["node"]
-        if node.notes.is_weight:
-            continue
-        if node.desc.kind in _CONV_KINDS:
-            convs.add(name)
-        elif node.desc.kind in _NON_CONV_KINDS:
-            non_conv += 1
+    selected = {n for n in (ir.graph.nodes if names is None else names)
+                if not ir.node(n).notes.is_weight}
+    convs = {n for n in selected if ir.node(n).kind in _CONV_KINDS}
     chained = 0
     for name in convs:
-        for r in nodes[name]["node"].inputs:  # the first data input: a conv read only here?
-            source = nodes[r]["node"]
-            if source.is_tensor and source.opcode != "get_attr":
-                if r in convs and len(succ[r]) == 1:
-                    chained += 1
-                break
+        node = ir.node(name)
+        data = [r for r in node.inputs if ir.node(r).is_tensor and
+                ir.node(r).opcode != "get_attr"]
+        if data and data[0] in convs and ir.users(data[0]) == [name]:
+            chained += 1
+    non_conv = sum(1 for n in selected if ir.node(n).kind in _NON_CONV_KINDS)
     return ModuleCounts(len(convs) - chained, non_conv)
 
 
 def counts_by_mixed_op(ir: SupernetIR) -> dict[str, ModuleCounts]:
     """Counts over the nodes tagged with each mixed op (``notes.mixed_op``)."""
     groups: dict[str, list[str]] = {}
-    for name, data in ir.graph._node.items():
-        tag = data["node"].notes.mixed_op
+    for name in ir.graph.nodes:
+        tag = ir.node(name).notes.mixed_op
         if tag is not None:
             groups.setdefault(tag, []).append(name)
     return {tag: count_modules(ir, names) for tag, names in groups.items()}
