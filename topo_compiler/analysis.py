@@ -266,7 +266,7 @@ class _Finder:
                stop: frozenset[str] = frozenset()) -> tuple[list[str], set[str]]:
         """(exclusive nodes, data inputs) of the candidate producing ``output``; the walk
         never enters the nodes in ``stop``."""
-        succ, pred, node_of = self.g._succ, self.g._pred, self.ir.node  # the plain dicts
+        succ, pred, node_of = self.g.succ, self.g.pred, self.ir.node
         owned: set[str] = set()
         if output not in stop and all(u == consumer for u in succ[output]):
             owned.add(output)
@@ -312,7 +312,7 @@ class _Finder:
     def ancestors(self, name: str) -> set[str]:
         got = self._ancestors.get(name)
         if got is None:
-            got = self._ancestors[name] = _ancestors(self.g, name)
+            got = self._ancestors[name] = nx.ancestors(self.g, name)
         return got
 
     def sources(self, weight: str) -> frozenset[str]:
@@ -497,20 +497,6 @@ class _Finder:
                 for n in branch):
             return None
         return node.val.shape[0], branch
-
-
-def _ancestors(graph: nx.DiGraph, name: str) -> set[str]:
-    """``nx.ancestors`` without its generic traversal (a few times faster)."""
-    pred = graph._pred
-    found: set[str] = set()
-    stack = list(pred[name])
-    while stack:
-        n = stack.pop()
-        if n not in found:
-            found.add(n)
-            stack.extend(pred[n])
-    found.discard(name)
-    return found
 
 
 def find_mixed_ops(ir: SupernetIR) -> list[MixedOp]:

@@ -74,7 +74,7 @@ def counts_by_mixed_op(ir: SupernetIR) -> dict[str, ModuleCounts]:
 def stage_counts(ir: SupernetIR) -> tuple[ModuleCounts, dict[str, ModuleCounts]]:
     """``(count_modules(ir), counts_by_mixed_op(ir))`` in one walk over the graph (the pass
     manager records both after every pass)."""
-    nodes, succ = ir.graph._node, ir.graph._succ
+    nodes, succ = ir.graph.nodes, ir.graph.succ
     convs: dict[str, str | None] = {}  # conv -> its mixed op
     groups: dict[str, list[int]] = {}  # mixed op -> [convs, chained convs, non-conv]
     non_conv = 0
