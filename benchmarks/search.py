@@ -154,13 +154,14 @@ class SearchConfig:
         return compile_supernet(model, example, passes=self.passes, exact=self.exact)
 
 
-#: the configuration measured only on request (``--configs``): sharing and KN, nothing merged
-OPTIONAL = ("pms+fms+kn",)
+#: configurations measured only on request (``--configs``): sharing with and without KN,
+#: nothing merged -- what KN does to a search where no kernel is merged
+OPTIONAL = ("pms+fms+kn", "pms+fms")
 
 
 def configurations(example_model: nn.Module, example: torch.Tensor) -> list[SearchConfig]:
     """eager, eager with reversed batches (the noise floor), exact, the default pipeline
-    without and with ``kn``, and (optional) ``pms+fms+kn``.
+    without and with ``kn``, and (optional) ``pms+fms+kn`` and ``pms+fms``.
 
     The default pipeline's pass names are read from a compile report (the public API), so
     "without kn" follows the pipeline whatever passes it gains.
@@ -175,6 +176,8 @@ def configurations(example_model: nn.Module, example: torch.Tensor) -> list[Sear
     if "kn" in default:
         configs.append(SearchConfig("pms+fms+kn", tuple(p for p in ("pms", "fms", "kn")
                                                          if p in default)))
+        configs.append(SearchConfig("pms+fms", tuple(p for p in ("pms", "fms")
+                                                      if p in default)))
     return configs
 
 
