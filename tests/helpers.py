@@ -108,3 +108,15 @@ class _Named(nn.Module):
 
     def forward(self, *args):
         return self.compiled(*args)
+
+
+def restored_step(model: nn.Module, module: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """(logits, parameter gradients) of one cross-entropy step of ``module`` (the model or a
+    compilation of it), with the model's state dict (BatchNorm statistics) restored after."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.zero_grad(set_to_none=True)
+    out = logits_of(module(x))
+    torch.nn.functional.cross_entropy(out, y).backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.load_state_dict(state)
+    return out.detach(), grads

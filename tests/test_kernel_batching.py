@@ -24,7 +24,7 @@ from topo_compiler.tracer import trace_supernet
 from topo_compiler.vectorize import vectorize_weights
 
 from alternating import batches, fresh_model
-from helpers import logits_of
+from helpers import logits_of, restored_step
 
 PER_CANDIDATE = (runtime.place, runtime.separable_to_dense, runtime.weighted_kernel_sum)
 BATCHED = (runtime.place_many, runtime.separable_to_dense_many, runtime.weighted_kernel_sums)
@@ -37,17 +37,6 @@ def _calls(gm: fx.GraphModule, targets) -> int:
 def _unbatched(model, x, **kw):
     with mock.patch("topo_compiler.api.batch_kernel_arithmetic", lambda ir: None):
         return compile_supernet(model, x, **kw)
-
-
-def _step(model, module, x, y):
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.zero_grad(set_to_none=True)
-    out = module(x)
-    out = out[-1] if isinstance(out, tuple) else out
-    F.cross_entropy(out, y).backward()
-    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    model.load_state_dict(state)
-    return out.detach(), grads
 
 
 @pytest.mark.parametrize("space,exact", [("darts", False), ("darts", True), ("nb201", False)])
@@ -66,7 +55,8 @@ def test_batched_kernels_keep_outputs_and_gradients_bitwise(space, exact):
                         f"batched calls"]
     else:
         assert not line
-    (out0, g0), (out1, g1) = _step(model, before, x, y), _step(model, after, x, y)
+    (out0, g0) = restored_step(model, before, x, y)
+    (out1, g1) = restored_step(model, after, x, y)
     assert torch.equal(out1, out0)
     for a, b in zip(g0, g1):  # the weights' gradients sum the same products in another order
         assert (a is None) == (b is None)

@@ -12,7 +12,6 @@ from unittest import mock
 import pytest
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from topo_compiler import compile_supernet
@@ -22,6 +21,7 @@ from topo_compiler.tracer import trace_supernet
 from topo_compiler.vectorize import drop_identity_arithmetic, vectorize_weights
 
 from alternating import batches, fresh_model
+from helpers import restored_step
 
 
 def _unvectorized(model, x, **kw):
@@ -39,17 +39,6 @@ def _scalar_ops(gm: fx.GraphModule) -> int:
                and (n.target is not operator.getitem or tensor(n.args[0].meta.get("val"))))
 
 
-def _step(model, module, x, y):
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.zero_grad(set_to_none=True)
-    out = module(x)
-    out = out[-1] if isinstance(out, tuple) else out
-    F.cross_entropy(out, y).backward()
-    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    model.load_state_dict(state)
-    return out.detach(), grads
-
-
 @pytest.mark.parametrize("space,exact", [("darts", False), ("darts", True), ("nb201", False)])
 def test_weight_program_keeps_outputs_and_gradients(space, exact):
     model = fresh_model(space, "cpu")
@@ -62,8 +51,8 @@ def test_weight_program_keeps_outputs_and_gradients(space, exact):
     assert any("scalar weight ops" in line for line in after.report.lowering)
     assert "### Lowering" in after.report.to_markdown()
     assert set(after.state_dict()) == set(before.state_dict())  # index buffers not persistent
-    out0, g0 = _step(model, before, x, y)
-    out1, g1 = _step(model, after, x, y)
+    out0, g0 = restored_step(model, before, x, y)
+    out1, g1 = restored_step(model, after, x, y)
     assert torch.equal(out0, out1)
     for a, b in zip(g0, g1):
         assert (a is None) == (b is None)

@@ -110,14 +110,20 @@ def _real(tracer: Any, value: Any) -> Any:
     return value
 
 
-def _closure_error(tracer: Any, fn: Any, name: str) -> Exception:
+def _user_error(tracer: Any, message: str, way_out: str) -> Exception:
+    """A TraceError naming the module being traced and the user's source line."""
     from .tracer import TraceError, _describe_frame, _user_frame
     path, mtype = tracer.current_module()
-    return TraceError(
+    return TraceError(message, module_path=path, module_type=mtype,
+                      source=_describe_frame(_user_frame()), way_out=way_out)
+
+
+def _closure_error(tracer: Any, fn: Any, name: str) -> Exception:
+    return _user_error(
+        tracer,
         f"`{getattr(fn, '__qualname__', fn)}` reads the traced value `{name}` from its "
         f"closure and is handed to a call the tracer records as a whole",
-        module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
-        way_out=f"pass `{name}` to that function as an argument instead of closing over it")
+        f"pass `{name}` to that function as an argument instead of closing over it")
 
 
 def record_opaque(tracer: Any, fn: Callable[..., Any], label: str, args: tuple,
@@ -330,14 +336,12 @@ def _patch_checkpoint(tracer: Any, patch: Callable) -> None:
 
 
 def _checkpoint_reference_error(tracer: Any) -> Exception:
-    from .tracer import TraceError, _describe_frame, _user_frame
-    path, mtype = tracer.current_module()
-    return TraceError(
+    return _user_error(
+        tracer,
         "torch.utils.checkpoint(..., use_reentrant=False) reached through a name imported "
         "before compiling cannot be recorded as one call",
-        module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
-        way_out="call it as torch.utils.checkpoint.checkpoint(...) (module attribute), or "
-                "use use_reentrant=True")
+        "call it as torch.utils.checkpoint.checkpoint(...) (module attribute), or use "
+        "use_reentrant=True")
 
 
 class _DistributionCall:
@@ -469,13 +473,11 @@ def _legacy_call(tracer: Any, name: str, ctor: Any, dtype: torch.dtype | None, a
     data = args[0] if len(args) == 1 else None
     val = data.node.meta.get("val") if isinstance(data, fx.Proxy) else None
     if dtype is not None and isinstance(val, torch.Tensor) and val.dtype != dtype:
-        from .tracer import TraceError, _describe_frame, _user_frame
-        path, mtype = tracer.current_module()
-        raise TraceError(
+        raise _user_error(
+            tracer,
             f"`torch.{name}(t)` of a {val.dtype} tensor fails in eager code too: a legacy "
             f"constructor only aliases a tensor of its own dtype ({dtype})",
-            module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
-            way_out=f"convert instead: t.to({dtype}), or torch.as_tensor(t, dtype={dtype})")
+            f"convert instead: t.to({dtype}), or torch.as_tensor(t, dtype={dtype})")
     _note(tracer, "opaque", f"`torch.{name}(data)` of a traced value recorded as a call of "
           f"the constructor")
     return tracer.create_proxy("call_function", ctor, args, kwargs)
@@ -698,27 +700,24 @@ def _patch_transforms(tracer: Any, patch: Callable) -> None:
 
 
 def _native_error(tracer: Any, name: str, way_out: str | None = None) -> Exception:
-    from .tracer import TraceError, _describe_frame, _user_frame
-    path, mtype = tracer.current_module()
+    path, _ = tracer.current_module()
     leaf = f", or mark this module as a leaf (leaf_modules=['{path}'])" if path else ""
-    return TraceError(
-        f"`{name}` is native code that would read the traced value as a tensor",
-        module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
-        way_out=(way_out or f"use a tensor op instead of `{name}` (t.detach(), t.clone(), "
-                            f"t.to(...))") + leaf)
+    return _user_error(
+        tracer, f"`{name}` is native code that would read the traced value as a tensor",
+        (way_out or f"use a tensor op instead of `{name}` (t.detach(), t.clone(), t.to(...))")
+        + leaf)
 
 
 def numpy_error(tracer: Any, proxy: fx.Proxy) -> Exception:
     """``numpy.asarray(t)`` of a traced tensor: numpy reads data a trace does not have."""
-    from .tracer import TraceError, _describe_frame, _user_frame
-    path, mtype = tracer.current_module()
-    return TraceError(
+    path, _ = tracer.current_module()
+    return _user_error(
+        tracer,
         f"numpy reads the data of the traced value `{proxy.node.name}` (numpy.asarray, "
         f"np.array or a numpy function handed a tensor)",
-        module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
-        way_out="keep it a tensor op; to log it use t.detach().cpu().numpy() (dropped from "
-                "the graph when no output depends on it)" +
-                (f"; or mark this module as a leaf (leaf_modules=['{path}'])" if path else ""))
+        "keep it a tensor op; to log it use t.detach().cpu().numpy() (dropped from the graph "
+        "when no output depends on it)" +
+        (f"; or mark this module as a leaf (leaf_modules=['{path}'])" if path else ""))
 
 
 def _on_meta(factory: Callable) -> Callable:
@@ -740,15 +739,13 @@ def call_unregistered_module(tracer: Any, m: nn.Module, forward: Callable[..., A
     """A module built inside forward (``nn.Softmax(-1)(alpha)``): trace its forward as part
     of the caller when it holds no parameters or buffers (building it again each call gives
     the same function); refuse otherwise, since eager code would re-initialise it."""
-    from .tracer import TraceError, _describe_frame, _user_frame
     state = [n for n, _ in itertools.chain(m.named_parameters(), m.named_buffers())]
     if state:
-        path, mtype = tracer.current_module()
-        raise TraceError(
+        raise _user_error(
+            tracer,
             f"a {type(m).__name__} with parameters or buffers ({', '.join(state[:3])}) is "
             f"built inside forward; every eager call would initialise it afresh",
-            module_path=path, module_type=mtype, source=_describe_frame(_user_frame()),
-            way_out=f"build the {type(m).__name__} in __init__ and call it from forward")
+            f"build the {type(m).__name__} in __init__ and call it from forward")
     _note(tracer, "made-in-forward", f"{type(m).__name__} built in forward traced as its "
           f"function")
     return forward(*args, **kwargs)
