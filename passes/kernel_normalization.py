@@ -21,10 +21,12 @@ cost model's and ``fold``'s memory decisions, hence on the example batch and the
 same supernet compiled at batch 2 and at batch 64 would search with different kernels.  Here
 the kernels normalized depend on the sharing passes only.
 
-Choices (the paper leaves them open): statistics per output filter (every dimension but the
-first, as in weight standardization) -- a per-filter scale is exactly the freedom a following
-BatchNorm absorbs; std clamped at :data:`~topo_compiler.runtime.KN_EPS` so a constant filter
-gives zeros; computed in float32 for fp16 / bf16.  Fixed kernels (identity's Dirac, average
+Choices (the paper leaves them open): statistics over each whole kernel -- the weight scales
+the whole kernel, and per-filter statistics (weight standardization) would also force every
+filter to zero mean, turning each depthwise filter into a high-pass filter (measured: it cost
+retrained accuracy, see :func:`~topo_compiler.runtime.normalize_kernel`); std clamped at
+:data:`~topo_compiler.runtime.KN_EPS` so a constant kernel gives zeros; computed in float32
+for fp16 / bf16.  Fixed kernels (identity's Dirac, average
 pooling's uniform kernel) have no learnable scale to couple with a weight and are left as
 they are: normalizing them would replace "identity" by a different, arbitrary filter.  KN
 changes the function on purpose: ``exact=True`` skips it.

@@ -346,3 +346,16 @@ def test_darts_kn_normalizes_the_same_kernels_at_every_batch():
                       if d.startswith("folded")], "fold should decide differently"
     assert _kn_counts(small.report) == _kn_counts(large.report) != []
     assert_same_step(small, large, (x,), rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_normalization_keeps_each_filters_mean():
+    """Whole-kernel statistics: a depthwise filter keeps its response to a local average
+    (per-filter standardization made every filter sum to zero), and the whole kernel's scale
+    and shift, which an architecture weight couples with, are gone."""
+    torch.manual_seed(0)
+    kernel = torch.randn(8, 1, 3, 3) + torch.linspace(-2, 2, 8).view(8, 1, 1, 1)
+    out = normalize_kernel(kernel)
+    filter_means = out.mean(dim=(1, 2, 3))
+    assert filter_means.abs().max() > 0.5
+    torch.testing.assert_close(out.mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.std(unbiased=False), torch.tensor(1.0), atol=1e-5, rtol=0)

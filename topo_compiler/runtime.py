@@ -237,26 +237,32 @@ class _Standardize(torch.autograd.Function):
 
 
 def normalize_kernel(kernel: torch.Tensor) -> torch.Tensor:
-    """Kernel normalization (Eq. 28): ``(K - mean) / std`` per output filter.
+    """Kernel normalization (Eq. 28): ``(K - mean) / std`` over the whole kernel.
 
-    Statistics run over every dimension but the first (as in weight standardization), so the
-    result is unchanged when K is scaled by ``a > 0`` or shifted by ``b`` -- exactly, not up
-    to an epsilon, as long as the filter's std exceeds ``KN_EPS`` -- which removes the
-    coupling of Eq. 19 between weights and kernels.  A filter whose std is below ``KN_EPS``
-    (constant up to rounding) normalizes to zeros, with zero gradient instead of NaN.
-    Statistics are computed in float32 at least, so fp16 / bf16 kernels neither overflow
-    (their squares would) nor lose the variance.
+    The result is unchanged when K is scaled by ``a > 0`` or shifted by ``b`` -- exactly, not
+    up to an epsilon, as long as the kernel's std exceeds ``KN_EPS`` -- which removes the
+    coupling of Eq. 19: an architecture weight scales a candidate's whole kernel.  Statistics
+    over the whole kernel, not per output filter (weight standardization): per filter, every
+    depthwise filter would sum to zero (a high-pass filter that cannot pass a local average)
+    and every pointwise filter would be a zero-mean mix of channels; in the search benchmark
+    that cost retrained accuracy (BENCHMARKS.md, "Kernel normalization with and without
+    merges").  The per-filter scales it leaves free are absorbed by the BatchNorm that
+    follows.  A kernel whose std is below ``KN_EPS`` (constant up to rounding) normalizes to
+    zeros, with zero gradient instead of NaN.  Statistics are computed in float32 at least, so
+    fp16 / bf16 kernels neither overflow (their squares would) nor lose the variance.
     """
-    compute = torch.promote_types(kernel.dtype, torch.float32)
-    rows = kernel.to(compute).reshape(kernel.shape[0], -1)
-    return _Standardize.apply(rows).reshape(kernel.shape).to(kernel.dtype)
+    return _normalize_rows(kernel.reshape(1, -1)).reshape(kernel.shape)
+
+
+def _normalize_rows(rows: torch.Tensor) -> torch.Tensor:
+    compute = torch.promote_types(rows.dtype, torch.float32)
+    return _Standardize.apply(rows.to(compute)).to(rows.dtype)
 
 
 def normalize_kernels(kernels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """:func:`normalize_kernel` of many kernels of one shape, in one batch of ops."""
     stacked = torch.stack(list(kernels))
-    n, c = stacked.shape[:2]
-    flat = normalize_kernel(stacked.reshape(n * c, -1))
+    flat = _normalize_rows(stacked.reshape(stacked.shape[0], -1))
     return tuple(flat.reshape(stacked.shape).unbind(0))
 
 

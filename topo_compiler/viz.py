@@ -477,8 +477,9 @@ GLOSSARY = (
     ("fold", "weight folding: a candidate's architecture weight is folded into the "
              "convolution or BatchNorm computing its term (w * conv(z) = conv(z, w K)), "
              "which keeps the function"),
-    ("kn", "kernel normalization (3.5, Eq. 28): every learnable kernel entering a merge is "
-           "standardized per output filter, which keeps the reparameterized search stable"),
+    ("kn", "kernel normalization (3.5, Eq. 28): every learnable kernel of a linear "
+           "candidate is standardized (whole kernel) before merging, so a kernel's scale "
+           "cannot trade against its architecture weight"),
 )
 
 
