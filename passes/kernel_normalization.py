@@ -103,7 +103,7 @@ def request_conv(ir: SupernetIR, name: str, requests: _Requests) -> bool:
     """A linear candidate's own convolution is to read its normalized kernel (a module call
     becomes the functional convolution it computes)."""
     node = ir.node(name)
-    if node.notes.kn or node.notes.merged:
+    if node.notes.kn:
         return False
     tag = Tag("kn", node.notes.mixed_op)
     if node.opcode == "call_module":

@@ -87,8 +87,6 @@ def rewrite_fold(ir: SupernetIR, match: FoldMatch) -> str:
         b = KernelBuilder(ir, term.args[0].name, tag)
         new = scaled_conv(b, b.z, match.weight, piece.kernel, piece.bias, stride, piece,
                           like=term, notes=notes, name=f"{term.name}_scaled")
-        if term.opcode == "call_module":
-            ir.annotate(new, kernels=tuple(b.learnable))  # for KN, as merged kernels
     ir.replace_all_uses(match.product, new)
     ir.remove_dead([match.product])
     return new

@@ -131,8 +131,8 @@ class NodeNotes:
     merge_form: str | None = None
     """On a merged convolution: dense, depthwise, separable, folded (or one of its halves)."""
     kernels: tuple[str, ...] | None = None
-    """On a merged or weight-folded convolution: the learnable kernels entering it, which
-    kernel normalization standardizes."""
+    """On a merged convolution: the learnable kernels entering it (kernel normalization's
+    outputs where ``kn`` ran before ``merge``)."""
     frame: tuple[int, ...] | None = None
     """On a merged convolution: its kernel frame."""
     kn: bool = False

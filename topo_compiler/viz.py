@@ -177,7 +177,7 @@ def _label(ir: SupernetIR, node: IRNode) -> str:
     notes = node.notes
     if notes.merged is not None and notes.kernels is not None:
         frame = "x".join(str(f) for f in notes.frame or ())
-        kn = ", KN" if notes.kn else ""
+        kn = ", KN" if any(k in ir and ir.node(k).origin == "kn" for k in notes.kernels) else ""
         absorbed = "\n".join(f"• {c}" for c in notes.merged)
         return f"merged {notes.merge_form} conv {frame}{kn}\n{absorbed}"
     if notes.merged is not None:
