@@ -120,3 +120,14 @@ def restored_step(model: nn.Module, module: nn.Module, x: torch.Tensor, y: torch
     grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     model.load_state_dict(state)
     return out.detach(), grads
+
+
+def assert_gradients_close(expected: Sequence, actual: Sequence, rtol: float,
+                           atol: float) -> None:
+    """Two :func:`restored_step` gradient lists agree: the same parameters reached, close
+    values."""
+    assert len(expected) == len(actual)
+    for a, b in zip(expected, actual):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=rtol, atol=atol)
