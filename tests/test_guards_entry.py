@@ -203,3 +203,26 @@ def test_forward_goes_through_the_cuda_graph_runner_of_each_variant():
     model.arch = [0, 0]
     compiled.forward(x).sum().backward()
     assert runner.stats.captured == 3 and [k.variant for k in runner._captures][-1] == 1
+
+
+def test_pickle_keeps_cuda_graphs():
+    torch.manual_seed(0)
+    model, x = S.ModelArchNet(), S._x()
+    compiled = _compiled(model, x)
+    options = CudaGraphOptions(warmup=0, capture_on_call=1, max_captures=3)
+    install(compiled, options, Emulated())
+    loaded = pickle.loads(pickle.dumps(compiled))
+    runner = loaded.cuda_graphs
+    assert runner is not compiled.cuda_graphs and runner.module is loaded
+    assert runner.options == options and isinstance(runner.backend, Emulated)
+    assert loaded.report.cuda_graphs is runner.stats
+    loaded(x).sum().backward()
+    loaded.source_model.arch = [1, 1]
+    torch.testing.assert_close(loaded(x), loaded.source_model(x))
+    assert runner.stats.captured == 2  # the loaded module captures again, every variant
+
+    asked = _compiled(S.ModelArchNet(), x, cuda_graphs=CudaGraphOptions(warn=False))
+    again = pickle.loads(pickle.dumps(asked))  # compile_supernet(cuda_graphs=...) on CPU
+    assert again.cuda_graphs.options == CudaGraphOptions(warn=False)
+    again(x)
+    assert again.report.cuda_graphs.fallbacks  # CPU tensors: uncaptured, and counted

@@ -34,8 +34,8 @@ class CompiledSupernet(fx.GraphModule):
     ``graph_forward``, without hooks (see :meth:`recompile`).  Methods of the model it lacks
     (``arch_parameters()``, ``genotype()``, ``loss(x, y)``...) run the model's code with
     ``self`` reading the model's attributes and calling the compiled module.
-    ``copy.deepcopy`` copies the model with it; pickling stores the model and the compile
-    settings and compiles again on load.
+    ``copy.deepcopy`` copies the model with it; pickling stores the model, the compile
+    settings and the CUDA-graph options, and compiles again on load.
     """
 
     def recompile(self) -> Any:
@@ -154,14 +154,19 @@ class CompiledSupernet(fx.GraphModule):
         return res
 
     def __reduce__(self):
-        """Pickle the model and the compile settings; loading compiles again (fx's own
+        """Pickle the model, the compile settings and the CUDA-graph runner's options and
+        backend (whether ``compile_supernet(cuda_graphs=...)`` or ``install`` put it there);
+        loading compiles again and installs a runner, whose captures start empty (fx's own
         pickling re-traces the generated code through torch.fx, which cannot follow the
         compiler's runtime functions)."""
         from .api import recompile
 
         dispatch = self.__dict__.get("_dispatch")
         dynamic = tuple(dispatch.dynamic) if dispatch is not None else ()
-        return (recompile, (self.source_model, self.__dict__["_compile_call"], dynamic))
+        runner = self.__dict__.get("cuda_graphs")
+        graphs = (runner.options, runner.backend) if runner is not None else None
+        return (recompile, (self.source_model, self.__dict__["_compile_call"], dynamic,
+                            graphs))
 
 
 def _guarded_entry(generated: Any) -> Any:
