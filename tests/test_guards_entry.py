@@ -12,6 +12,7 @@ import copy
 import pickle
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -112,6 +113,17 @@ def test_model_method_calling_self_forward_is_guarded_and_hookless_like_eager():
     model.arch = [2, 1]
     torch.testing.assert_close(compiled.loss(x), model.loss(x))
     assert calls == []  # self.forward(x) runs no hook, on the model or the compiled module
+
+
+def test_data_parallel_replica_is_refused_not_stale():
+    """``nn.DataParallel`` over several GPUs calls ``_replicate_for_data_parallel``; fx's
+    replica ran the first variant's code without guards (stale after ``model.arch`` changes).
+    On one device DataParallel calls the module itself, guards included."""
+    model, x, compiled = _arch_net()
+    with pytest.raises(TypeError, match="DataParallel .* without its guards"):
+        compiled._replicate_for_data_parallel()
+    model.arch = [2, 3]
+    torch.testing.assert_close(nn.DataParallel(compiled, device_ids=[])(x), model(x))
 
 
 # -- hooks on the compiled module ------------------------------------------------------------

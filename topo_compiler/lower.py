@@ -58,6 +58,19 @@ class CompiledSupernet(fx.GraphModule):
         cls.forward = _guarded_entry(generated)
         return code
 
+    def _replicate_for_data_parallel(self) -> "CompiledSupernet":
+        """Refused: ``nn.DataParallel`` over several devices replicates a module per call.
+
+        why: fx's replica is a plain ``GraphModule`` copy that runs the first variant's code
+        without its guards (stale once a guarded value changes), and the graph reaches its
+        nested modules through aliases that would still point at the first device's modules.
+        """
+        raise TypeError(
+            "nn.DataParallel over several devices cannot replicate a compiled supernet: a "
+            "replica would run the first traced graph without its guards. Use "
+            "DistributedDataParallel (one process per device, each compiling its model), or "
+            "DataParallel with one device")
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
