@@ -8,6 +8,7 @@ eager's ``w_i`` by a relative 2e-5 in some gradients, above ``assert_same_step``
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helpers import assert_same_step
-from supernets.more_styles import (AuxMixedOp, NUM_CLASSES, STYLES, random_alpha)
+from supernets import darts_original
+from supernets.more_styles import AuxMixedOp, Architect, NUM_CLASSES, STYLES, random_alpha
 from topo_compiler import compile_supernet
 from topo_compiler.guards import RecompileLimitError
 
@@ -35,8 +37,22 @@ def float64():
 
 
 def _build(name: str, seed: int = 0) -> nn.Module:
+    """The style's supernet in the default dtype (P-DARTS's ``torch.FloatTensor`` alphas are
+    float32 whatever the default: converted like every parameter)."""
     torch.manual_seed(seed)
-    return STYLES[name].build()
+    return STYLES[name].build().to(torch.get_default_dtype())
+
+
+class _Reseeding(nn.Module):
+    """Calls ``module`` from one RNG state every time (P-DARTS's Dropout draws in forward)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        torch.manual_seed(99)
+        return self.module(*args)
 
 
 def _compile(model, args, **kw):
@@ -63,12 +79,12 @@ def test_exact_mode_step_equals_eager(name, float64):
     compiled = _compile(model, (x,), exact=True)
     assert len(compiled.report.mixed_ops) == STYLES[name].num_mixed_ops
     assert compiled.report.final.counts.total < compiled.report.input.counts.total
-    assert_same_step(model, compiled, (x,), extra=model.arch_parameters(), **TIGHT)
+    eager, twin, alphas = _Reseeding(model), _Reseeding(compiled), model.arch_parameters()
+    assert_same_step(eager, twin, (x,), extra=alphas, **TIGHT)
     if name == 'sdarts_rs':
-        assert_same_step(model, compiled, (x, 'weight'), extra=model.arch_parameters(), **TIGHT)
+        assert_same_step(eager, twin, (x, 'weight'), extra=alphas, **TIGHT)
     x3 = torch.randn(3, *x.shape[1:])  # another batch size: no re-trace needed
-    assert_same_step(model, compiled, _call_args(name, x3), extra=model.arch_parameters(),
-                     **TIGHT)
+    assert_same_step(eager, twin, _call_args(name, x3), extra=alphas, **TIGHT)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -115,10 +131,11 @@ def test_default_sharing_at_one_hot_weights_is_the_chosen_subnetwork(name, float
     assert len(compiled.report.mixed_ops) == STYLES[name].num_mixed_ops
     gen = torch.Generator().manual_seed(3)
     for _ in range(3):
-        choice = torch.randint(0, model.alphas_normal.shape[1], (2, model.alphas_normal.shape[0]),
-                               generator=gen)
+        choice = torch.randint(0, model.alphas_normal.shape[1],
+                               (2, model.alphas_normal.shape[0]), generator=gen)
         _set_vertex(name, model, choice)
-        torch.testing.assert_close(compiled(*args), model(*args), rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(_Reseeding(compiled)(*args), _Reseeding(model)(*args),
+                                   rtol=1e-9, atol=1e-11)
 
 
 def _batches(n: int, batch: int = 4) -> list:
@@ -132,18 +149,22 @@ def _search(name: str, model: nn.Module, module, data: list) -> list:
     """First-order DARTS alternation, as each codebase's ``train_search.py`` does it: an
     architecture step on a validation batch through ``module._loss``, then a weight step on a
     training batch (DARTS-: ``set_auxiliary_beta`` once per epoch, decaying linearly to 0;
-    SDARTS-RS: softmax the alphas, perturb them at random, ``updateType='weight'``, restore).
+    P-DARTS: ``model.p = ...; model.update_p()`` once per epoch; SDARTS-RS: softmax the
+    alphas, perturb them at random, ``updateType='weight'``, restore).
     Records the alphas, the losses and the BatchNorm statistics after every step."""
     w_opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=3e-4)
     a_opt = torch.optim.Adam(model.arch_parameters(), lr=0.1, betas=(0.5, 0.999),
                              weight_decay=1e-3)
-    torch.manual_seed(7)   # SDARTS-RS's perturbations
+    torch.manual_seed(7)   # SDARTS-RS's perturbations, P-DARTS's Dropout
     epochs = len(data) // 2
     record = []
     for epoch in range(epochs):
         (xv, yv), (xt, yt) = data[2 * epoch], data[2 * epoch + 1]
         if name == 'darts_minus':
             module.set_auxiliary_beta(1.0 - epoch / (epochs - 1))
+        if name == 'pdarts':
+            module.p = 0.2 * (epochs - epoch - 1) / epochs
+            module.update_p()
         a_opt.zero_grad()
         loss = module._loss(xv, yv)
         if isinstance(loss, tuple):      # FairDARTS: (loss, loss1.item(), loss2.item())
@@ -274,43 +295,116 @@ def test_decaying_beta_on_every_mixed_op_is_one_more_trace():
     assert len(compiled.report.variants) == 2, compiled.report.variants
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "fold turns `bn(u) * beta` into runtime.scaled_batch_norm(bn, u, beta); once beta is a "
-    "run-time float its holder is a float64 0-d tensor (guards._holder_proxy), and for a "
-    "BatchNorm without affine weights scaled_batch_norm passes `scale.expand(C)` (float64) "
-    "as the weight of a float32 batch_norm: 'mixed dtype (CPU): expect parameter to have "
-    "scalar type of Float' on the first call after beta changes (DARTS-'s FactorizedReduce "
-    "auxiliary skips on stride-2 edges, BatchNorm2d(affine=False))"))
-@pytest.mark.parametrize("options", [dict(exact=True), dict(passes=("fold",))],
-                         ids=["exact", "fold-only"])
-def test_run_time_float_scaling_an_affine_free_batchnorm_in_float32(options):
-    """A float attribute multiplying the output of an affine-free BatchNorm keeps working in
-    float32 after it changes (and becomes a run-time input)."""
-    torch.manual_seed(0)
+def _double_darts_with_float32_alphas():
+    """quark0/darts's supernet after ``model.double()``: its alphas are plain tensors, not
+    parameters, so they stay float32 (eager promotes ``w * op(x)`` to float64)."""
+    model = darts_original.build(C=4, layers=3, steps=2, multiplier=2).double()
+    assert model.alphas_normal.dtype == torch.float32
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    return model, x, [dict(exact=True)]
+
+
+def _one_run_time_beta_on_an_affine_free_batchnorm():
+    """A DARTS- auxiliary skip ``bn(conv(x)) * self.beta`` with ``BatchNorm2d(affine=False)``
+    (FactorizedReduce's), float32; beta changes after compiling."""
     model = _BetaSkips(n=1)
     model.ops[0] = _BetaMixed(2, affine=False)
-    x = torch.randn(2, 2, 4, 4)
+    return model, torch.randn(2, 2, 4, 4), [dict(beta=b) for b in (1.0, 0.5, 0.25)]
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "runtime.scaled_batch_norm(bn, x, scale), which fold makes of `scale * bn(x)`, passes "
+    "`scale.expand(C)` as the weight of a BatchNorm without affine parameters, in the "
+    "scale's dtype, not x's: eager's `w * bn(x)` follows 0-d promotion (x's dtype), "
+    "F.batch_norm refuses 'mixed dtype (CPU): expect parameter to have scalar type of "
+    "Float'. Hit by (a) a run-time float (guards._holder_proxy makes float64 0-d holders) "
+    "scaling an affine-free BN in a float32 model, e.g. DARTS-'s FactorizedReduce auxiliary "
+    "skip once beta decays; (b) quark0/darts's model.double(), whose Variable alphas stay "
+    "float32, scaling the pools' BatchNorm2d(affine=False)"))
+@pytest.mark.parametrize("case, options", [
+    (_one_run_time_beta_on_an_affine_free_batchnorm, dict(exact=True)),
+    (_one_run_time_beta_on_an_affine_free_batchnorm, dict(passes=("fold",))),
+    (_double_darts_with_float32_alphas, dict(exact=True)),
+    (_double_darts_with_float32_alphas, dict()),
+], ids=["run-time-beta-exact", "run-time-beta-fold-only", "darts-double-exact",
+        "darts-double-default"])
+def test_scale_of_another_dtype_on_an_affine_free_batchnorm(case, options):
+    """``w * bn(x)`` with an affine-free BatchNorm and a 0-d ``w`` of another dtype than
+    ``x`` computes what eager computes, in ``x``'s dtype."""
+    torch.manual_seed(0)
+    model, x, calls = case()
     compiled = _compile(model, (x,), **options)
-    for beta in (1.0, 0.5, 0.25):
-        compiled.set_beta(beta)
-        torch.testing.assert_close(compiled(x), model(x))
-
-
-def test_sdarts_update_type_switch_is_followed(float64):
-    """SDARTS-RS's string argument switches between the softmax and the raw alphas; every
-    call gives eager's output, switching back and forth reuses the two variants, and the
-    in-place ``.data`` edits of the alphas between calls need no re-trace."""
-    model = _build('sdarts_rs')
-    (x,) = STYLES['sdarts_rs'].example_inputs()
-    compiled = _compile(model, (x,), exact=True)
-    model.eval()
+    model.eval()        # the paper's mode shares BatchNorms: compare where it is affine
     compiled.eval()
-    torch.manual_seed(5)
-    for i in range(3):
-        torch.testing.assert_close(compiled(x), model(x), **TIGHT)
-        compiled.softmax_arch_parameters()
-        random_alpha(compiled, 0.3)
-        torch.testing.assert_close(compiled(x, updateType='weight'),
-                                   model(x, updateType='weight'), **TIGHT)
-        compiled.restore_arch_parameters()
-    assert len(compiled.report.variants) == 2, compiled.report.variants
+    for call in calls:
+        if "beta" in call:
+            compiled.set_beta(call["beta"])
+        out = compiled(x)
+        assert out.dtype == x.dtype
+        if options.get("exact") or options.get("passes"):
+            torch.testing.assert_close(out, model(x))
+
+
+def test_pdarts_dropout_rate_is_followed_without_re_tracing(float64):
+    """P-DARTS's ``model.p = ...; model.update_p()`` rewrites the ``p`` of every skip's
+    Dropout (a leaf module): the compiled supernet drops with the new rate from the same
+    RNG state as eager, and no call re-traces."""
+    model = _build('pdarts')
+    (x,) = STYLES['pdarts'].example_inputs()
+    compiled = _compile(model, (x,), exact=True)
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(dropouts) == 5 + 1 + 1   # stride-1 edges: 5 in the normal cell, 1 per reduction
+    outs = []
+    for p in (0.2, 0.5, 0.0):
+        compiled.p = p
+        compiled.update_p()
+        assert model.p == p and all(d.p == p for d in dropouts)
+        outs.append(_Reseeding(compiled)(x))
+        torch.testing.assert_close(outs[-1], _Reseeding(model)(x), **TIGHT)
+    assert not torch.allclose(outs[0], outs[1])
+    assert len(compiled.report.variants) == 1, compiled.report.variants
+
+
+def _darts_second_order(module, model, data: list) -> list:
+    """quark0/darts ``train_search.py`` with ``--unrolled``: ``architect.step`` (a virtual
+    weight step, then the implicit gradient by finite differences) on a validation batch,
+    then the weight step on a training batch, both through ``module``.  Records the alphas
+    and the weights after every iteration."""
+    args = SimpleNamespace(momentum=0.9, weight_decay=3e-4, arch_learning_rate=0.1,
+                           arch_weight_decay=1e-3)
+    optimizer = torch.optim.SGD(module.parameters(), 0.05, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    architect = Architect(module, args)
+    record = []
+    for step in range(len(data) // 2):
+        (input, target), (input_search, target_search) = data[2 * step], data[2 * step + 1]
+        architect.step(input, target, input_search, target_search, 0.05, optimizer,
+                       unrolled=True)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(module(input), target)
+        loss.backward()
+        nn.utils.clip_grad_norm_(module.parameters(), 5.0)
+        optimizer.step()
+        record.append([a.detach().clone() for a in model.arch_parameters()]
+                      + [p.detach().clone() for p in model.parameters()])
+    return record
+
+
+def test_darts_second_order_architect_gives_eager_alphas(float64):
+    """DARTS's own second-order architect, handed the compiled supernet instead of the
+    model: ``compiled._loss``, ``compiled.new()``, ``compiled.named_parameters()`` /
+    ``state_dict()`` filling the unrolled model, weights moved in place between two
+    ``compiled._loss`` calls.  Two iterations give eager's alphas and weights (exact mode)."""
+    def build():
+        torch.manual_seed(0)
+        return darts_original.build(C=4, layers=3, steps=2, multiplier=2)
+    data = _batches(4)
+    eager = build()
+    want = _darts_second_order(eager, eager, data)
+    model = build()
+    compiled = _compile(model, data[0][0][:2], exact=True)
+    got = _darts_second_order(compiled, model, data)
+    for step, (a, b) in enumerate(zip(want, got)):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, rtol=1e-8, atol=1e-10, msg=f"iteration {step}")
+    assert not torch.allclose(want[-1][0], build().alphas_normal)

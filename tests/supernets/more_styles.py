@@ -24,11 +24,31 @@ multiplier=2, 8x8 inputs: 3 cells x (2+3) edges = 15 mixed ops each).
   which the forward uses the alphas as they are instead of their softmax -- and finally
   ``model.restore_arch_parameters()``.
 
+* ``pdarts`` -- P-DARTS (chenxin061/pdarts, ``model_search.py``, 4-space style): per-edge
+  ``switches`` (lists of bools) keep a different subset of the primitives on each edge (the
+  stage-2 search space: 5 of 8), a skip candidate becomes ``nn.Sequential(Identity(),
+  nn.Dropout(p))``, and the search loop decays the dropout rate every epoch through
+  ``model.p = ...; model.update_p()``, which walks Network -> Cell -> MixedOp and assigns
+  ``op[1].p`` of each Dropout; the alphas are ``nn.Parameter(torch.FloatTensor(1e-3 *
+  np.random.randn(k, num_ops)))`` and the forward branches on ``self.alphas_reduce.size(1)
+  == 1``.
+
+And one search loop the tests had no imitation of:
+
+* :class:`Architect` -- quark0/darts ``cnn/architect.py``, the second-order (``--unrolled``)
+  architecture step: ``model._loss`` and ``torch.autograd.grad`` over ``model.parameters()``,
+  a virtual weight step into ``model.new()`` filled through ``model.named_parameters()`` and
+  ``model.state_dict()``, and a finite-difference Hessian-vector product that moves the
+  weights in place through ``p.data.add_`` between two ``model._loss`` calls.  Upstream's
+  deprecated positional-alpha calls (``p.data.add_(R, v)``, ``theta.sub(eta, d)``) are written
+  with ``alpha=``, and ``.cuda()`` is dropped.
+
 ``STYLES = {name: Style(build, example_inputs, num_mixed_ops, source)}``.
 """
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -354,6 +374,256 @@ def random_alpha(model, epsilon):
 
 
 # --------------------------------------------------------------------------
+# P-DARTS
+# --------------------------------------------------------------------------
+class PMixedOp(nn.Module):
+
+    def __init__(self, C, stride, switch, p):
+        super(PMixedOp, self).__init__()
+        self.m_ops = nn.ModuleList()
+        self.p = p
+        for i in range(len(switch)):
+            if switch[i]:
+                primitive = PRIMITIVES[i]
+                op = OPS[primitive](C, stride, False)
+                if 'pool' in primitive:
+                    op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+                if isinstance(op, Identity) and p > 0:
+                    op = nn.Sequential(op, nn.Dropout(self.p))
+                self.m_ops.append(op)
+
+    def update_p(self):
+        for op in self.m_ops:
+            if isinstance(op, nn.Sequential):
+                if isinstance(op[0], Identity):
+                    op[1].p = self.p
+
+    def forward(self, x, weights):
+        return sum(w * op(x) for w, op in zip(weights, self.m_ops))
+
+
+class PCell(nn.Module):
+
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, switches, p):
+        super(PCell, self).__init__()
+        self.reduction = reduction
+        self.p = p
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        self._steps = steps
+        self._multiplier = multiplier
+
+        self.cell_ops = nn.ModuleList()
+        switch_count = 0
+        for i in range(self._steps):
+            for j in range(2+i):
+                stride = 2 if reduction and j < 2 else 1
+                op = PMixedOp(C, stride, switch=switches[switch_count], p=self.p)
+                self.cell_ops.append(op)
+                switch_count = switch_count + 1
+
+    def update_p(self):
+        for op in self.cell_ops:
+            op.p = self.p
+            op.update_p()
+
+    def forward(self, s0, s1, weights):
+        s0 = self.preprocess0(s0)
+        s1 = self.preprocess1(s1)
+
+        states = [s0, s1]
+        offset = 0
+        for i in range(self._steps):
+            s = sum(self.cell_ops[offset+j](h, weights[offset+j]) for j, h in enumerate(states))
+            offset += len(states)
+            states.append(s)
+
+        return torch.cat(states[-self._multiplier:], dim=1)
+
+
+class PNetwork(nn.Module):
+
+    def __init__(self, C, num_classes, layers, criterion, steps=STEPS, multiplier=MULTIPLIER, stem_multiplier=3, switches_normal=[], switches_reduce=[], p=0.0):
+        super(PNetwork, self).__init__()
+        self._C = C
+        self._num_classes = num_classes
+        self._layers = layers
+        self._criterion = criterion
+        self._steps = steps
+        self._multiplier = multiplier
+        self.p = p
+        self.switches_normal = switches_normal
+        switch_ons = []
+        for i in range(len(switches_normal)):
+            ons = 0
+            for j in range(len(switches_normal[i])):
+                if switches_normal[i][j]:
+                    ons = ons + 1
+            switch_ons.append(ons)
+            ons = 0
+        self.switch_on = switch_ons[0]
+
+        C_curr = stem_multiplier*C
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
+            nn.BatchNorm2d(C_curr)
+        )
+
+        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            if i in [layers//3, 2*layers//3]:
+                C_curr *= 2
+                reduction = True
+                cell = PCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, switches_reduce, self.p)
+            else:
+                reduction = False
+                cell = PCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, switches_normal, self.p)
+            reduction_prev = reduction
+            self.cells += [cell]
+            C_prev_prev, C_prev = C_prev, multiplier*C_curr
+
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+        self._initialize_alphas()
+
+    def forward(self, input):
+        s0 = s1 = self.stem(input)
+        for i, cell in enumerate(self.cells):
+            if cell.reduction:
+                if self.alphas_reduce.size(1) == 1:
+                    weights = F.softmax(self.alphas_reduce, dim=0)
+                else:
+                    weights = F.softmax(self.alphas_reduce, dim=-1)
+            else:
+                if self.alphas_normal.size(1) == 1:
+                    weights = F.softmax(self.alphas_normal, dim=0)
+                else:
+                    weights = F.softmax(self.alphas_normal, dim=-1)
+            s0, s1 = s1, cell(s0, s1, weights)
+        out = self.global_pooling(s1)
+        logits = self.classifier(out.view(out.size(0), -1))
+        return logits
+
+    def update_p(self):
+        for cell in self.cells:
+            cell.p = self.p
+            cell.update_p()
+
+    def _loss(self, input, target):
+        logits = self(input)
+        return self._criterion(logits, target)
+
+    def _initialize_alphas(self):
+        k = sum(1 for i in range(self._steps) for n in range(2+i))
+        num_ops = self.switch_on
+        self.alphas_normal = nn.Parameter(torch.FloatTensor(1e-3*np.random.randn(k, num_ops)))
+        self.alphas_reduce = nn.Parameter(torch.FloatTensor(1e-3*np.random.randn(k, num_ops)))
+        self._arch_parameters = [
+            self.alphas_normal,
+            self.alphas_reduce,
+        ]
+
+    def arch_parameters(self):
+        return self._arch_parameters
+
+
+# --------------------------------------------------------------------------
+# quark0/darts cnn/architect.py
+# --------------------------------------------------------------------------
+def _concat(xs):
+  return torch.cat([x.view(-1) for x in xs])
+
+
+class Architect(object):
+
+  def __init__(self, model, args):
+    self.network_momentum = args.momentum
+    self.network_weight_decay = args.weight_decay
+    self.model = model
+    self.optimizer = torch.optim.Adam(self.model.arch_parameters(),
+        lr=args.arch_learning_rate, betas=(0.5, 0.999), weight_decay=args.arch_weight_decay)
+
+  def _compute_unrolled_model(self, input, target, eta, network_optimizer):
+    loss = self.model._loss(input, target)
+    theta = _concat(self.model.parameters()).data
+    try:
+      moment = _concat(network_optimizer.state[v]['momentum_buffer'] for v in self.model.parameters()).mul_(self.network_momentum)
+    except KeyError:  # upstream: a bare except (no momentum buffer before the first step)
+      moment = torch.zeros_like(theta)
+    dtheta = _concat(torch.autograd.grad(loss, self.model.parameters())).data + self.network_weight_decay*theta
+    unrolled_model = self._construct_model_from_theta(theta.sub(moment+dtheta, alpha=eta))
+    return unrolled_model
+
+  def step(self, input_train, target_train, input_valid, target_valid, eta, network_optimizer, unrolled):
+    self.optimizer.zero_grad()
+    if unrolled:
+        self._backward_step_unrolled(input_train, target_train, input_valid, target_valid, eta, network_optimizer)
+    else:
+        self._backward_step(input_valid, target_valid)
+    self.optimizer.step()
+
+  def _backward_step(self, input_valid, target_valid):
+    loss = self.model._loss(input_valid, target_valid)
+    loss.backward()
+
+  def _backward_step_unrolled(self, input_train, target_train, input_valid, target_valid, eta, network_optimizer):
+    unrolled_model = self._compute_unrolled_model(input_train, target_train, eta, network_optimizer)
+    unrolled_loss = unrolled_model._loss(input_valid, target_valid)
+
+    unrolled_loss.backward()
+    dalpha = [v.grad for v in unrolled_model.arch_parameters()]
+    vector = [v.grad.data for v in unrolled_model.parameters()]
+    implicit_grads = self._hessian_vector_product(vector, input_train, target_train)
+
+    for g, ig in zip(dalpha, implicit_grads):
+      g.data.sub_(ig.data, alpha=eta)
+
+    for v, g in zip(self.model.arch_parameters(), dalpha):
+      if v.grad is None:
+        v.grad = Variable(g.data)
+      else:
+        v.grad.data.copy_(g.data)
+
+  def _construct_model_from_theta(self, theta):
+    model_new = self.model.new()
+    model_dict = self.model.state_dict()
+
+    params, offset = {}, 0
+    for k, v in self.model.named_parameters():
+      v_length = np.prod(v.size())
+      params[k] = theta[offset: offset+v_length].view(v.size())
+      offset += v_length
+
+    assert offset == len(theta)
+    model_dict.update(params)
+    model_new.load_state_dict(model_dict)
+    return model_new
+
+  def _hessian_vector_product(self, vector, input, target, r=1e-2):
+    R = r / _concat(vector).norm()
+    for p, v in zip(self.model.parameters(), vector):
+      p.data.add_(v, alpha=R)
+    loss = self.model._loss(input, target)
+    grads_p = torch.autograd.grad(loss, self.model.arch_parameters())
+
+    for p, v in zip(self.model.parameters(), vector):
+      p.data.sub_(v, alpha=2*R)
+    loss = self.model._loss(input, target)
+    grads_n = torch.autograd.grad(loss, self.model.arch_parameters())
+
+    for p, v in zip(self.model.parameters(), vector):
+      p.data.add_(v, alpha=R)
+
+    return [(x-y).div_(2*R) for x, y in zip(grads_p, grads_n)]
+
+
+# --------------------------------------------------------------------------
 # test entry points
 # --------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -376,6 +646,25 @@ def build_sdarts_rs():
   return SmoothNetwork(C, NUM_CLASSES, LAYERS, nn.CrossEntropyLoss())
 
 
+def pdarts_switches(seed=0, keep=5):
+  """Stage-2 switches: on every edge ``keep`` of the 8 primitives, a different subset per
+  edge, skip_connect kept everywhere (so every edge has its Dropout)."""
+  rng = np.random.RandomState(seed)
+  k = sum(2 + i for i in range(STEPS))
+  out = []
+  for _ in range(k):
+    others = [i for i in range(len(PRIMITIVES)) if PRIMITIVES[i] != 'skip_connect']
+    on = set(rng.choice(others, keep - 1, replace=False).tolist()) | {PRIMITIVES.index('skip_connect')}
+    out.append([i in on for i in range(len(PRIMITIVES))])
+  return out
+
+
+def build_pdarts(p=0.2):
+  np.random.seed(torch.randint(0, 2**31 - 1, ()).item())  # the alphas come from numpy
+  return PNetwork(C, NUM_CLASSES, LAYERS, nn.CrossEntropyLoss(),
+                  switches_normal=pdarts_switches(0), switches_reduce=pdarts_switches(1), p=p)
+
+
 def example_inputs(batch_size=2):
   return (torch.randn(batch_size, 3, INPUT_HW, INPUT_HW),)
 
@@ -387,4 +676,6 @@ STYLES = {
                        'Meituan-AutoML/DARTS- model_search.py (auxiliary skip, decaying beta)'),
   'sdarts_rs': Style(build_sdarts_rs, example_inputs, NUM_MIXED_OPS,
                      'xiangning-chen/SmoothDARTS sota/cnn/model_search.py (Random_alpha)'),
+  'pdarts': Style(build_pdarts, example_inputs, NUM_MIXED_OPS,
+                  'chenxin061/pdarts model_search.py (switches, Dropout after skip, update_p)'),
 }
