@@ -7,6 +7,7 @@ eager's ``w_i`` by a relative 2e-5 in some gradients, above ``assert_same_step``
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from types import SimpleNamespace
 
@@ -293,6 +294,34 @@ def test_decaying_beta_on_every_mixed_op_is_one_more_trace():
         compiled.set_beta(1.0 - epoch / 10)
         torch.testing.assert_close(compiled(x), model(x))
     assert len(compiled.report.variants) == 2, compiled.report.variants
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "a run-time float's holder is one 0-d tensor refreshed in place before each call "
+    "(guards: holder.fill_); a graph that saved it for backward (`aux(x) * beta` keeps beta "
+    "for aux's gradient) sees it modified by the next call, so two forwards with different "
+    "values before one backward raise autograd's 'modified by an inplace operation' (eager "
+    "bakes each call's float). Gradient accumulation while a scheduler moves beta or a "
+    "temperature every iteration hits it"))
+def test_two_forwards_with_different_run_time_floats_before_one_backward(float64):
+    """Two calls with different betas, one backward over both: eager's gradients."""
+    def run(module, model):
+        model.zero_grad()
+        module.set_beta(0.5)
+        first = module(x)
+        module.set_beta(0.25)
+        second = module(x)
+        (first.square().sum() + second.sum()).backward()
+        return [p.grad.clone() for p in model.parameters()]
+    torch.manual_seed(0)
+    model = _BetaSkips(n=1)
+    x = torch.randn(2, 2, 4, 4)
+    eager = copy.deepcopy(model)
+    compiled = _compile(model, (x,), exact=True)
+    compiled.set_beta(0.75)
+    compiled(x)                                  # beta is a run-time input from here on
+    for a, b in zip(run(eager, eager), run(compiled, model)):
+        torch.testing.assert_close(b, a, **TIGHT)
 
 
 def _double_darts_with_float32_alphas():
