@@ -8,9 +8,9 @@ eager's ``w_i`` by a relative 2e-5 in some gradients, above ``assert_same_step``
 
 The strict xfails are compiler bugs these styles exposed, each minimized to a few modules:
 a float set on many modules becomes a run-time input one module per re-trace (DARTS-'s beta
-hits the re-trace limit); ``scaled_batch_norm`` builds an affine-free BatchNorm's weight in
-the scale's dtype (run-time floats are float64; quark0/darts's alphas stay float32 after
-``model.double()``); a run-time float's holder is refreshed in place under saved tensors.
+hits the re-trace limit); a run-time float's holder is refreshed in place under saved
+tensors.  A third, ``scaled_batch_norm`` building an affine-free BatchNorm's weight in the
+scale's dtype, is fixed and kept as a regression test.
 """
 from __future__ import annotations
 
@@ -348,15 +348,6 @@ def _one_run_time_beta_on_an_affine_free_batchnorm():
     return model, torch.randn(2, 2, 4, 4), [dict(beta=b) for b in (1.0, 0.5, 0.25)]
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "runtime.scaled_batch_norm(bn, x, scale), which fold makes of `scale * bn(x)`, passes "
-    "`scale.expand(C)` as the weight of a BatchNorm without affine parameters, in the "
-    "scale's dtype, not x's: eager's `w * bn(x)` follows 0-d promotion (x's dtype), "
-    "F.batch_norm refuses 'mixed dtype (CPU): expect parameter to have scalar type of "
-    "Float'. Hit by (a) a run-time float (guards._holder_proxy makes float64 0-d holders) "
-    "scaling an affine-free BN in a float32 model, e.g. DARTS-'s FactorizedReduce auxiliary "
-    "skip once beta decays; (b) quark0/darts's model.double(), whose Variable alphas stay "
-    "float32, scaling the pools' BatchNorm2d(affine=False)"))
 @pytest.mark.parametrize("case, options", [
     (_one_run_time_beta_on_an_affine_free_batchnorm, dict(exact=True)),
     (_one_run_time_beta_on_an_affine_free_batchnorm, dict(passes=("fold",))),
@@ -366,7 +357,11 @@ def _one_run_time_beta_on_an_affine_free_batchnorm():
         "darts-double-default"])
 def test_scale_of_another_dtype_on_an_affine_free_batchnorm(case, options):
     """``w * bn(x)`` with an affine-free BatchNorm and a 0-d ``w`` of another dtype than
-    ``x`` computes what eager computes, in ``x``'s dtype."""
+    ``x`` computes what eager computes, in ``x``'s dtype.  Fold makes it
+    ``runtime.scaled_batch_norm``, which passed ``w.expand(C)`` as the BatchNorm's weight in
+    ``w``'s dtype and F.batch_norm refused the mix (4d5cb6f): a float64 run-time float (DARTS-'s
+    beta on a FactorizedReduce auxiliary skip once it decays), or quark0/darts's Variable
+    alphas, which stay float32 after ``model.double()``."""
     torch.manual_seed(0)
     model, x, calls = case()
     compiled = _compile(model, (x,), **options)
