@@ -108,15 +108,19 @@ IDIOMS = {
 }
 
 
-_MODULE = """import ctypes
+_HEADER = """import ctypes
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
 G = torch.zeros(2, 4, 6, 6)
 FT = torch.FloatTensor  # `from torch import FloatTensor`: bound before compiling
 AT = torch.as_tensor
+"""
+
+_MODULE = _HEADER + """
 
 
 class Probe(nn.Module):

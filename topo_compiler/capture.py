@@ -36,8 +36,11 @@ import dataclasses
 import functools
 import itertools
 import random
+import re
 import sys
+import sysconfig
 import types
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
@@ -718,6 +721,50 @@ def numpy_error(tracer: Any, proxy: fx.Proxy) -> Exception:
         "keep it a tensor op; to log it use t.detach().cpu().numpy() (dropped from the graph "
         "when no output depends on it)" +
         (f"; or mark this module as a leaf (leaf_modules=['{path}'])" if path else ""))
+
+
+def _leaf_way_out(path: str) -> str:
+    if path:
+        return (f"mark this module as a leaf so that its forward runs as is: "
+                f"compile_supernet(..., leaf_modules=['{path}'])")
+    return ("move that code into a submodule and mark it as a leaf so that its forward runs "
+            "as is: compile_supernet(..., leaf_modules=['<its path>'])")
+
+
+_STDLIB = sysconfig.get_paths()["stdlib"]
+_SITE = (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])
+
+
+def foreign_error(tracer: Any, exc: Exception) -> Exception:
+    """Python's, a library's or native code's own error escaping the traced forward
+    (``memoryview(t)``, ``ctypes`` at ``t.data_ptr()``, ``torch.save(t, f)``,
+    ``torch.Tensor.add(t, 1)``...): one TraceError naming the module whose forward raised
+    it, the user's line (the innermost one in the traceback) and a way out."""
+    from .tracer import TraceError, _describe_frame, _is_user_file
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    sources = getattr(tracer, "_shadow_sources", {})
+    module = next((sources[id(f.f_locals["self"])] for f in reversed(frames)
+                   if id(f.f_locals.get("self")) in sources), tracer.root)
+    path = next((p for p, m in tracer.root.named_modules() if m is module), "")
+    user = [f for f in frames if _is_user_file(f.f_code.co_filename) and not (
+        f.f_code.co_filename.startswith(_STDLIB) and
+        not f.f_code.co_filename.startswith(_SITE))]  # the user's code, not copy.py
+    text = str(exc).strip().splitlines()
+    problem = (f"{type(exc).__name__}: {text[0] if text else ''} (raised while tracing: a "
+               f"traced value has no data or storage, so code that needs a real tensor "
+               f"fails on it -- memoryview, ctypes, pickling, torch.testing, as_subclass, an "
+               f"unbound torch.Tensor method; if the model raises this eagerly too, the "
+               f"model itself is at fault)")
+    unbound = re.search(r"descriptor '(\w+)' for '[\w.]*TensorBase' objects", str(exc))
+    method = (f"call it as a method, `t.{unbound[1]}(...)` instead of "
+              f"`torch.Tensor.{unbound[1]}(t, ...)`; or " if unbound else "")
+    return TraceError(problem, module_path=path, module_type=type(module).__name__,
+                      source=_describe_frame(user[-1]) if user else None,
+                      way_out=method + _leaf_way_out(path))
 
 
 def _on_meta(factory: Callable) -> Callable:

@@ -544,10 +544,16 @@ class SupernetTracer(fx.Tracer):
                                  for i, leaf in enumerate(pytree.tree_leaves(value), 1)}
 
         attrs_before = set(root.__dict__)
-        with _guard_random(self), capture.capturing(self, root), self.guards.active():
-            graph = self.trace(root, concrete_args=concrete or None)
-        for name in set(root.__dict__) - attrs_before:  # fx keeps tensor constants on the root
-            self.plain_tensor_attrs[name] = root.__dict__.pop(name)
+        try:
+            with _guard_random(self), capture.capturing(self, root), self.guards.active():
+                graph = self.trace(root, concrete_args=concrete or None)
+        except TraceError:
+            raise
+        except Exception as exc:  # Python's or native code's own error, at the user's line
+            raise capture.foreign_error(self, exc) from exc
+        finally:
+            for name in set(root.__dict__) - attrs_before:  # fx's tensor constants
+                self.plain_tensor_attrs[name] = root.__dict__.pop(name)
         _check_fx_can_generate(graph, root, concrete)
         self.capture_notes.extend(capture.drop_bookkeeping(graph))
         _keep_argument_names(graph, concrete)
