@@ -97,6 +97,13 @@ IDIOMS = {
     "copy.deepcopy(t)": "__import__('copy').deepcopy(y.detach())",
     "torch.save(t)": "(torch.save(y, __import__('io').BytesIO()), y)[1]",
     "nested_tensor([t, t])": "torch.nested.nested_tensor([y[0], y[1]]).to_padded_tensor(0)",
+    # tensor attributes written on a traced value (silently dropped from the graph before)
+    "t.grad = t": "(setattr(y, 'grad', y.detach() * 2), y.grad + y)[1]",
+    "t.data = t": "(setattr(y, 'data', y.detach() * 2), y)[1]",
+    "W.data = W.clamp(0)": "(setattr(self.conv.weight, 'data', self.conv.weight.detach()"
+                           ".clamp(0)), self.conv(x))[1]",
+    "W.requires_grad = False": "(setattr(self.conv.bias, 'requires_grad', False), "
+                               "self.conv(x))[1]",
     # Python conversions of traced tensors
     "len(t)": "y * len(y)",
     "bool(t)": "y if bool(y.sum() > 0) else -y",

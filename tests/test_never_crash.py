@@ -97,6 +97,10 @@ EXPECTED = {
     "copy.deepcopy(t)": "equal",
     "torch.save(t)": "TraceError",  # pickle's own PicklingError before
     "nested_tensor([t, t])": "equal",  # SIGSEGV before
+    "t.grad = t": "TraceError",  # silently dropped from the graph before
+    "t.data = t": "TraceError",  # silently dropped before: compiled output differed
+    "W.data = W.clamp(0)": "TraceError",  # silently dropped before: the weight stayed as is
+    "W.requires_grad = False": "TraceError",  # silently dropped before
     "len(t)": "equal",
     "bool(t)": "TraceError",
     "int(t)": "TraceError",

@@ -731,6 +731,17 @@ def _leaf_way_out(path: str) -> str:
             "as is: compile_supernet(..., leaf_modules=['<its path>'])")
 
 
+def attribute_write_error(tracer: Any, proxy: fx.Proxy, name: str) -> Exception:
+    """``t.grad = g``, ``t.data = d``, ``t.requires_grad = b`` on a traced value: a graph
+    records no attribute writes, so the compiled module would silently skip it."""
+    return _user_error(
+        tracer,
+        f"`.{name}` of the traced value `{proxy.node.name}` is assigned; a graph records no "
+        f"attribute writes, so the compiled module would silently skip it",
+        f"set `.{name}` outside forward (in the training step), where the tensor is real; "
+        f"or {_leaf_way_out(tracer.current_module()[0])}")
+
+
 _STDLIB = sysconfig.get_paths()["stdlib"]
 _SITE = (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])
 

@@ -117,6 +117,10 @@ def _describe_frame(frame: types.FrameType | None) -> str | None:
 # --------------------------------------------------------------------------------------
 
 _NO_TRACE = {"__array__", "__array_interface__", "__array_struct__"}
+_TENSOR_DESCRIPTORS = frozenset(
+    name for name in dir(torch.Tensor) if not name.startswith("__") and
+    hasattr(type(inspect.getattr_static(torch.Tensor, name)), "__set__"))
+"""What ``t.name = v`` writes into a tensor (``grad``, ``data``, ``requires_grad``...)."""
 
 
 class ShapedProxy(fx.Proxy):
@@ -139,6 +143,11 @@ class ShapedProxy(fx.Proxy):
         if isinstance(self.val, torch.Tensor):
             return torch.Tensor
         return type(self)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _TENSOR_DESCRIPTORS:  # t.grad = g: the graph would silently drop it
+            raise capture.attribute_write_error(self.tracer, self, name)
+        object.__setattr__(self, name, value)
 
     def __getattr__(self, k: str) -> "ShapedAttribute":
         if k in _NO_TRACE:  # numpy.asarray(t) would read data the trace does not have
