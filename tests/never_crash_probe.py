@@ -74,6 +74,7 @@ IDIOMS = {
     "forward_ad.make_dual": "torch.autograd.forward_ad.make_dual(y, y)",
     "ops.aten.add.Tensor": "torch.ops.aten.add.Tensor(y, y)",
     "pad_sequence": "torch.nn.utils.rnn.pad_sequence([y[0], y[1]])",
+    "make_dual in dual_level": "tangent(y)",
     "testing.assert_close": "(torch.testing.assert_close(y, y), y)[1]",
     "t.as_subclass(Tensor)": "y.as_subclass(torch.Tensor)",
     # C functions, unbound methods
@@ -86,6 +87,7 @@ IDIOMS = {
     "TensorBase.__bool__(t)": "y * torch._C.TensorBase.__bool__(y.sum() > 0)",
     "vmap(sin)(t)": "torch.vmap(torch.sin)(y)",
     "autograd.grad": "torch.autograd.grad(y.sum(), self.conv.weight, create_graph=True)[0]",
+    "t.backward()": "(y.sum().backward(retain_graph=True), y)[1]",
     "func.grad": "torch.func.grad(lambda t: (t * t).sum())(y)",
     "func.vjp": "torch.func.vjp(torch.sin, y)[0]",
     "func.jacrev": "torch.func.jacrev(torch.sin)(y[0, 0, 0])",
@@ -125,6 +127,11 @@ from torch import nn
 G = torch.zeros(2, 4, 6, 6)
 FT = torch.FloatTensor  # `from torch import FloatTensor`: bound before compiling
 AT = torch.as_tensor
+
+
+def tangent(y):
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(fwAD.make_dual(y, torch.ones_like(y))).tangent * y
 """
 
 _MODULE = _HEADER + """

@@ -270,6 +270,12 @@ def capturing(tracer: Any, root: nn.Module | None = None) -> Iterator[None]:
         table[key] = value
         undo.append(lambda: table.__setitem__(key, old))
 
+    # forward AD scripts its decompositions on first use, which fails on the wrappers below
+    # (a leaf's forward using it would raise); load them first (once per process, ~0.1 s)
+    import torch.autograd.forward_ad as forward_ad
+    with warnings.catch_warnings():  # torch.jit.script is deprecated
+        warnings.simplefilter("ignore")
+        forward_ad._maybe_load_decompositions()
     _ACTIVE.append(tracer)
     try:
         _patch_function_apply(tracer, patch)
@@ -644,6 +650,19 @@ def _patch_refused(tracer: Any, patch: Callable) -> None:
     refusals = [(torch.jit, "trace", jit_way_out), (torch.jit, "trace_module", jit_way_out),
                 (dlpack, "to_dlpack", None), (torch, "to_dlpack", None),
                 (torch._C, "_to_dlpack", None)]
+    import torch.autograd.forward_ad as forward_ad
+    # no graph form: differentiation while tracing (Tensor.backward: ShapedProxy)
+    for owner, name in ((torch.autograd, "grad"), (torch.autograd, "backward"),
+                        (forward_ad, "make_dual")):
+        original = getattr(owner, name)
+
+        def differentiate(*args, original=original, label=f"{owner.__name__}.{name}",
+                          **kwargs):
+            if not _computing(tracer) and _has_proxy((args, kwargs)):
+                raise autograd_error(tracer, label)
+            return original(*args, **kwargs)
+
+        patch(owner, name, functools.wraps(original)(differentiate))
     for owner, name, way_out in refusals:
         original = getattr(owner, name, None)
         if original is None:
@@ -740,6 +759,15 @@ def attribute_write_error(tracer: Any, proxy: fx.Proxy, name: str) -> Exception:
         f"attribute writes, so the compiled module would silently skip it",
         f"set `.{name}` outside forward (in the training step), where the tensor is real; "
         f"or {_leaf_way_out(tracer.current_module()[0])}")
+
+
+def autograd_error(tracer: Any, name: str) -> Exception:
+    return _user_error(
+        tracer,
+        f"`{name}` is called on traced values inside forward; while tracing they have no "
+        f"autograd history, and the tracer does not record differentiation",
+        f"compute gradients outside forward (in the training step); or "
+        f"{_leaf_way_out(tracer.current_module()[0])}")
 
 
 _STDLIB = sysconfig.get_paths()["stdlib"]

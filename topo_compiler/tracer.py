@@ -152,6 +152,8 @@ class ShapedProxy(fx.Proxy):
     def __getattr__(self, k: str) -> "ShapedAttribute":
         if k in _NO_TRACE:  # numpy.asarray(t) would read data the trace does not have
             raise capture.numpy_error(self.tracer, self)
+        if k == "backward":  # no graph form (torch.autograd.grad: see capture.py)
+            raise capture.autograd_error(self.tracer, "Tensor.backward")
         return ShapedAttribute(self, k)
 
     def _concrete(self, what: str) -> Any:
@@ -639,7 +641,10 @@ def _run_leaf_on_random_data(module: nn.Module, args: tuple, kwargs: dict) -> An
         return v
 
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        # its submodules run, not record (fx patches Module.__call__); with grad, as the
+        # leaf's forward may differentiate (torch.autograd.grad)
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), \
+                _maybe_revert_all_patches():
             clone = copy.deepcopy(module).cpu()
             out = clone(*torch.utils._pytree.tree_map(realize, args),
                         **torch.utils._pytree.tree_map(realize, kwargs))
