@@ -284,12 +284,31 @@ def capturing(tracer: Any, root: nn.Module | None = None) -> Iterator[None]:
         _patch_distributions(tracer, patch)
         _patch_factories(tracer, patch)
         _patch_native_constructors(tracer, patch)
+        _patch_meta_addresses(tracer, patch)
         _patch_bound_names(root, replaced, patch_item)
         yield
     finally:
         for fn in reversed(undo):
             fn()
         _ACTIVE.remove(tracer)
+
+
+def _patch_meta_addresses(tracer: Any, patch: Callable) -> None:
+    """A meta tensor's ``data_ptr()`` is 0: user code run on meta tensors for a meta value (a
+    leaf's forward, an opaque call) that reads memory there (``ctypes.c_float.from_address``)
+    killed the interpreter.  It raises instead, and the meta value comes from small real
+    tensors (:func:`value_on_real_data`); ``torch.Tensor.data_ptr(t)`` of a traced value is
+    ``t.data_ptr()``, read at run time."""
+    original = torch._C.TensorBase.data_ptr
+
+    def data_ptr(self):
+        if isinstance(self, fx.Proxy):
+            return tracer.create_proxy("call_method", "data_ptr", (self,), {})
+        if self.is_meta:
+            raise RuntimeError("data_ptr() of a meta tensor: no memory behind it")
+        return original(self)
+
+    patch(torch.Tensor, "data_ptr", data_ptr)
 
 
 def _patch_function_apply(tracer: Any, patch: Callable) -> None:
