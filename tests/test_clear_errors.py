@@ -17,8 +17,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from torch import nn
 
 from never_crash_probe import LEAF_WAY_OUT, idiom_line
+from test_api import _assert_unchanged, _snapshot
+from topo_compiler import TraceError, compile_supernet
 
 PROBE = os.path.join(os.path.dirname(__file__), "never_crash_probe.py")
 
@@ -50,3 +54,26 @@ def test_one_clear_error_and_the_leaf_way_out_compiles_to_eager(name, outcomes):
 def test_unbound_tensor_methods_are_told_to_call_the_method(outcomes):
     refusal, _ = outcomes[1]["Tensor.add(t, 1)"]
     assert "`t.add(...)` instead of `torch.Tensor.add(t, ...)`" in refusal
+
+
+_G = torch.zeros(2, 4, 6, 6)
+
+
+class _ConstantThenMemoryview(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = torch.cat([_G, self.conv(x)])  # fx keeps _G on the model as a tensor constant
+        return torch.frombuffer(memoryview(y), dtype=torch.float32)
+
+
+def test_a_failed_trace_leaves_no_tensor_constant_on_the_model():
+    model = _ConstantThenMemoryview()
+    snap = _snapshot(model)
+    with pytest.raises(TraceError, match="memoryview") as info:
+        compile_supernet(model, torch.randn(2, 4, 6, 6), partial=False)
+    assert f"test_clear_errors.py:{_ConstantThenMemoryview.forward.__code__.co_firstlineno + 2}" \
+        in str(info.value)
+    _assert_unchanged(model, snap)  # no _tensor_constant0 left behind
