@@ -101,6 +101,7 @@ IDIOMS = {
                          "y[0, 0, 0, :2]).to_dense()",
     "copy.deepcopy(t)": "__import__('copy').deepcopy(y.detach())",
     "torch.save(t)": "(torch.save(y, __import__('io').BytesIO()), y)[1]",
+    "json.dumps(t)": "(__import__('json').dumps(y.tolist()), y)[1]",
     "nested_tensor([t, t])": "torch.nested.nested_tensor([y[0], y[1]]).to_padded_tensor(0)",
     # tensor attributes written on a traced value (silently dropped from the graph before)
     "t.grad = t": "(setattr(y, 'grad', y.detach() * 2), y.grad + y)[1]",
@@ -169,6 +170,7 @@ LEAF_WAY_OUT = {
     "TensorBase.data_ptr(t)": IDIOMS["TensorBase.data_ptr(t)"],
     "TensorBase.__bool__(t)": IDIOMS["TensorBase.__bool__(t)"],
     "torch.save(t)": IDIOMS["torch.save(t)"],
+    "json.dumps(t)": IDIOMS["json.dumps(t)"],  # raised in json's Python code, not the user's
     "autograd.grad": "y * torch.autograd.grad(y.sum(), self.conv.weight, create_graph=True)[0]"
                      ".sum()",
     "t.backward()": IDIOMS["t.backward()"],

@@ -790,7 +790,11 @@ def autograd_error(tracer: Any, name: str) -> Exception:
 
 
 _STDLIB = sysconfig.get_paths()["stdlib"]
-_SITE = (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])
+
+
+def _is_stdlib(filename: str) -> bool:
+    return filename.startswith(_STDLIB) and "site-packages" not in filename and \
+        "dist-packages" not in filename
 
 
 def foreign_error(tracer: Any, exc: Exception) -> Exception:
@@ -808,9 +812,8 @@ def foreign_error(tracer: Any, exc: Exception) -> Exception:
     module = next((sources[id(f.f_locals["self"])] for f in reversed(frames)
                    if id(f.f_locals.get("self")) in sources), tracer.root)
     path = next((p for p, m in tracer.root.named_modules() if m is module), "")
-    user = [f for f in frames if _is_user_file(f.f_code.co_filename) and not (
-        f.f_code.co_filename.startswith(_STDLIB) and
-        not f.f_code.co_filename.startswith(_SITE))]  # the user's code, not copy.py
+    user = [f for f in frames if _is_user_file(f.f_code.co_filename) and
+            not _is_stdlib(f.f_code.co_filename)]  # the user's code, not copy.py
     text = str(exc).strip().splitlines()
     problem = (f"{type(exc).__name__}: {text[0] if text else ''} (raised while tracing: a "
                f"traced value has no data or storage, so code that needs a real tensor "

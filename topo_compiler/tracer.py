@@ -558,10 +558,10 @@ class SupernetTracer(fx.Tracer):
         try:
             with _guard_random(self), capture.capturing(self, root), self.guards.active():
                 graph = self.trace(root, concrete_args=concrete or None)
-        except TraceError:
-            raise
-        except Exception as exc:  # Python's or native code's own error, at the user's line
-            raise capture.foreign_error(self, exc) from exc
+        except Exception as exc:
+            if type(exc).__module__.startswith(__package__):  # a refusal, or guards.NotDynamic
+                raise
+            raise capture.foreign_error(self, exc) from exc  # Python's, torch's, a library's
         finally:
             for name in set(root.__dict__) - attrs_before:  # fx's tensor constants
                 self.plain_tensor_attrs[name] = root.__dict__.pop(name)
@@ -641,10 +641,9 @@ def _run_leaf_on_random_data(module: nn.Module, args: tuple, kwargs: dict) -> An
         return v
 
     try:
-        # its submodules run, not record (fx patches Module.__call__); with grad, as the
-        # leaf's forward may differentiate (torch.autograd.grad)
-        with torch.random.fork_rng(devices=[]), torch.enable_grad(), \
-                _maybe_revert_all_patches():
+        # in the caller's grad mode, as eager code (a leaf may call torch.autograd.grad); its
+        # submodules run, not record (fx patches Module.__call__ while tracing)
+        with torch.random.fork_rng(devices=[]), _maybe_revert_all_patches():
             clone = copy.deepcopy(module).cpu()
             out = clone(*torch.utils._pytree.tree_map(realize, args),
                         **torch.utils._pytree.tree_map(realize, kwargs))
