@@ -160,6 +160,8 @@ LEAF_WAY_OUT = {
     "memoryview(t.numpy())": "y + torch.frombuffer(memoryview(y.detach().numpy()), "
                              "dtype=torch.float32).view_as(y)",
     "ctypes at data_ptr": IDIOMS["ctypes at data_ptr"],
+    "ctypes at storage data_ptr": "y * ctypes.c_float.from_address("
+                                  "y.untyped_storage().data_ptr()).value",
     "Size([t.abs().sum().long()])": "y + y.new_zeros(torch.Size([y.abs().sum().long() % 3 + 1]))"
                                     ".sum()",
     "make_dual in dual_level": IDIOMS["make_dual in dual_level"],
@@ -322,6 +324,8 @@ def run_all_in_one_process() -> None:
         outcome = run(name)
         leftover = {"__new__", "set_", "_make_subclass", "data", "grad", "data_ptr"} & \
             set(torch.Tensor.__dict__)
+        if "data_ptr" in torch.UntypedStorage.__dict__:
+            leftover.add("UntypedStorage.data_ptr")
         if leftover:
             outcome += f" | left patched: {sorted(leftover)}"
         print(f"{name}\t{outcome}", flush=True)

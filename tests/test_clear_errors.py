@@ -54,6 +54,8 @@ def test_one_clear_error_and_the_leaf_way_out_compiles_to_eager(name, outcomes):
 def test_unbound_tensor_methods_are_told_to_call_the_method(outcomes):
     refusal, _ = outcomes[1]["Tensor.add(t, 1)"]
     assert "`t.add(...)` instead of `torch.Tensor.add(t, ...)`" in refusal
+    refusal, _ = outcomes[1]["TensorBase.__bool__(t)"]  # t.__bool__() needs data: no such hint
+    assert "call it as a method" not in refusal and "leaf_modules=['cell']" in refusal
 
 
 _G = torch.zeros(2, 4, 6, 6)

@@ -300,6 +300,7 @@ def _patch_meta_addresses(tracer: Any, patch: Callable) -> None:
     tensors (:func:`value_on_real_data`); ``torch.Tensor.data_ptr(t)`` of a traced value is
     ``t.data_ptr()``, read at run time."""
     original = torch._C.TensorBase.data_ptr
+    storage_data_ptr = torch._C.StorageBase.data_ptr
 
     def data_ptr(self):
         if isinstance(self, fx.Proxy):
@@ -308,7 +309,13 @@ def _patch_meta_addresses(tracer: Any, patch: Callable) -> None:
             raise RuntimeError("data_ptr() of a meta tensor: no memory behind it")
         return original(self)
 
+    def storage_address(self):  # t.untyped_storage().data_ptr(), t.storage().data_ptr()
+        if self.device.type == "meta":
+            raise RuntimeError("data_ptr() of a meta storage: no memory behind it")
+        return storage_data_ptr(self)
+
     patch(torch.Tensor, "data_ptr", data_ptr)
+    patch(torch.UntypedStorage, "data_ptr", storage_address)
 
 
 def _patch_function_apply(tracer: Any, patch: Callable) -> None:
@@ -822,7 +829,8 @@ def foreign_error(tracer: Any, exc: Exception) -> Exception:
                f"model itself is at fault)")
     unbound = re.search(r"descriptor '(\w+)' for '[\w.]*TensorBase' objects", str(exc))
     method = (f"call it as a method, `t.{unbound[1]}(...)` instead of "
-              f"`torch.Tensor.{unbound[1]}(t, ...)`; or " if unbound else "")
+              f"`torch.Tensor.{unbound[1]}(t, ...)`; or "
+              if unbound and not unbound[1].startswith("__") else "")  # not t.__bool__()
     return TraceError(problem, module_path=path, module_type=type(module).__name__,
                       source=_describe_frame(user[-1]) if user else None,
                       way_out=method + _leaf_way_out(path))
