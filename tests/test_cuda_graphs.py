@@ -113,7 +113,7 @@ def test_keys_capture_on_call_and_fallback_reasons():
     assert runner.stats.fallbacks["grad disabled (only training-style calls are captured)"] == 1
 
     compiled.eval()
-    ref = type(compiled).forward(compiled, x)
+    ref = type(compiled).graph_forward(compiled, x)  # uncaptured
     for _ in range(2):
         out = compiled(x)
         out.sum().backward()
@@ -209,7 +209,7 @@ def test_capture_failure_is_refused_and_reported():
     runner = install(compiled, CudaGraphOptions(warmup=1, capture_on_call=1),
                      Emulated(fail_capture=error))
     x = data[0][0]
-    ref = type(compiled).forward(compiled, x)
+    ref = type(compiled).graph_forward(compiled, x)  # uncaptured
     with pytest.warns(CudaGraphFallbackWarning, match="stream is capturing"):
         out = compiled(x)
     torch.testing.assert_close(out, ref)
@@ -408,7 +408,7 @@ def test_key_follows_eval_of_the_source_model():
     model.eval()
     k_eval = runner.key((x,), {})
     assert compiled.training and k_train != k_eval
-    ref = type(compiled).forward(compiled, x)
+    ref = type(compiled).graph_forward(compiled, x)  # uncaptured
     out = compiled(x)
     out.sum().backward()
     torch.testing.assert_close(out, ref)
@@ -425,7 +425,7 @@ def test_deepcopy_gives_a_fresh_layer_for_the_copy():
     assert runner.stats.captured == 1
     twin = copy.deepcopy(compiled)
     assert twin.cuda_graphs is not runner and twin.cuda_graphs.module is twin
-    assert twin.forward is twin.cuda_graphs and twin.cuda_graphs.stats.captured == 0
+    assert twin.graph_forward is twin.cuda_graphs and twin.cuda_graphs.stats.captured == 0
     assert twin.report.cuda_graphs is twin.cuda_graphs.stats
     out = twin(x)
     torch.testing.assert_close(out, compiled(x).detach(), rtol=1e-5, atol=1e-6)

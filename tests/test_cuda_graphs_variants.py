@@ -54,7 +54,7 @@ def test_darts_retraced_variant_is_captured_in_the_alternating_loop():
     assert stats.captured == 2 and not stats.fallbacks
     assert stats.replays == stats.backward_replays == 2 * len(data)
     new = compiled.variants[0].module
-    assert new.cuda_graphs.cache is runner.cache and new.forward is new.cuda_graphs
+    assert new.cuda_graphs.cache is runner.cache and new.graph_forward is new.cuda_graphs
     assert [k.variant for k in runner._captures] == [1, 2]
 
 

@@ -386,12 +386,19 @@ def _from_spec(spec: Any) -> Any:
     return pytree.tree_map(lambda v: v.make() if isinstance(v, _TensorSpec) else v, spec)
 
 
-def recompile(model: nn.Module, compile_call: tuple, dynamic: Iterable[tuple] = ()
-              ) -> CompiledSupernet:
-    """Compile ``model`` again the way ``compile_call`` says (unpickling a compiled supernet)."""
+def recompile(model: nn.Module, compile_call: tuple, dynamic: Iterable[tuple] = (),
+              cuda_graphs: tuple[CudaGraphOptions, Any] | None = None) -> CompiledSupernet:
+    """Compile ``model`` again the way ``compile_call`` says (unpickling a compiled supernet),
+    with a CUDA-graph runner of these ``(options, backend)`` when the pickled one had one."""
     settings, inputs, kwargs = compile_call
     with warnings.catch_warnings(), guards.trace_options(
             guards.TraceOptions(frozenset(dynamic), retrace=False)):
         warnings.simplefilter("ignore")
-        return compile_supernet(model, _from_spec(inputs), example_kwargs=_from_spec(kwargs),
-                                cache_size_limit=settings.cache_size_limit, **settings.kwargs())
+        compiled = compile_supernet(model, _from_spec(inputs),
+                                    example_kwargs=_from_spec(kwargs),
+                                    cache_size_limit=settings.cache_size_limit,
+                                    **settings.kwargs())
+    if cuda_graphs is not None:
+        from .cuda_graphs import install
+        install(compiled, *cuda_graphs)
+    return compiled

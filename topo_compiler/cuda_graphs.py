@@ -508,9 +508,10 @@ class CudaGraphs:
     def adopt(self, module: nn.Module, variant: int) -> CudaGraphs:
         """Route another variant's calls through the same captures and budget (its keys
         carry ``variant``); returns its runner (also ``module.cuda_graphs``)."""
-        runner = CudaGraphs(module, module.__dict__.get("forward"), cache=self.cache,
+        entry = _entry(module)
+        runner = CudaGraphs(module, module.__dict__.get(entry), cache=self.cache,
                             variant=variant)
-        module.__dict__["forward"] = runner
+        module.__dict__[entry] = runner
         module.__dict__["cuda_graphs"] = runner
         return runner
 
@@ -518,7 +519,7 @@ class CudaGraphs:
         """The wrapped forward, run as it is."""
         if self._inner is not None:
             return self._inner(*args, **kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
+        return getattr(type(self.module), _entry(self.module))(self.module, *args, **kwargs)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CudaGraphs:
         """A copy for the copied module: same options, no captures (graphs are not copied);
@@ -584,7 +585,8 @@ class CudaGraphs:
         if not any(grad_flags) and not any(a.requires_grad for a in args):
             return "nothing requires grad"
         guards = self.options.guard_values() if self.options.guard_values else None
-        program = (id(type(self.module).forward), id(getattr(self.module, "graph", None)))
+        program = (id(getattr(type(self.module), _entry(self.module))),
+                   id(getattr(self.module, "graph", None)))
         if self._submodules is None:
             self._submodules = list(self.module.modules())
         return CaptureKey(bool(self.module.training),
@@ -699,17 +701,29 @@ def _attr(root: nn.Module, target: str) -> Any:
     return value
 
 
+def _entry(module: nn.Module) -> str:
+    """The attribute a module runs its computation by, which a runner replaces on the instance:
+    a compiled supernet's generated code ``graph_forward`` (see
+    :meth:`~topo_compiler.lower.CompiledSupernet.recompile`), any other module's ``forward``.
+    why: below a compiled supernet's guarded ``forward``, so a capture replays only once the
+    guards of its variant hold, whether the call came as ``compiled(x)`` or
+    ``compiled.forward(x)``."""
+    return "graph_forward" if hasattr(type(module), "graph_forward") else "forward"
+
+
 def install(module: nn.Module, options: CudaGraphOptions | None = None,
             backend: Any = None) -> CudaGraphs:
     """Route ``module``'s calls through :class:`CudaGraphs`; returns it (also
-    ``module.cuda_graphs``, and its stats as ``module.report.cuda_graphs``).  The forward it
-    wraps is looked up at every uncaptured call, so a recompile (or another layer's
-    instance-level forward) is honoured.  Variants the module's guards re-trace later are
-    routed through the same captures (:meth:`CudaGraphs.adopt`)."""
-    runner = CudaGraphs(module, module.__dict__.get("forward"), options, backend)
+    ``module.cuda_graphs``, and its stats as ``module.report.cuda_graphs``).  The runner
+    takes the place of the module's ``forward`` (a compiled supernet's ``graph_forward``, under
+    its guards) on the instance; the code it wraps is looked up at every uncaptured call, so a
+    recompile (or another layer's instance-level forward) is honoured.  Variants the module's
+    guards re-trace later are routed through the same captures (:meth:`CudaGraphs.adopt`)."""
+    entry = _entry(module)
+    runner = CudaGraphs(module, module.__dict__.get(entry), options, backend)
     report = module.__dict__.get("report")
     if report is not None and hasattr(report, "cuda_graphs"):
         report.cuda_graphs = runner.stats
-    module.__dict__["forward"] = runner
+    module.__dict__[entry] = runner
     module.__dict__["cuda_graphs"] = runner
     return runner

@@ -1096,7 +1096,10 @@ class Variant:
     reason: str
 
     def run(self, args: tuple) -> Any:
-        return nn.Module.__call__(self.module, *args)
+        """The variant's generated code (through its CUDA-graph runner when one is
+        installed).  why: not ``module(*args)``: the first variant is the compiled module
+        itself, whose ``forward`` is this dispatch and whose hooks already ran."""
+        return self.module.graph_forward(*args)
 
 
 class ForwardSignature:

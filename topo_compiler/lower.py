@@ -8,6 +8,7 @@ carry over) plus the modules and tensors passes added.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import re
 import types
@@ -25,19 +26,50 @@ __all__ = ["CompiledSupernet", "lower"]
 class CompiledSupernet(fx.GraphModule):
     """The compiled supernet: an fx ``GraphModule`` sharing the user's parameters.
 
-    ``report`` is the :class:`~topo_compiler.report.CompileReport`.  Calling it checks the
-    guards of its variants (see :mod:`topo_compiler.guards`) and runs the one that holds,
-    re-tracing when none does.  Methods of the model it lacks (``arch_parameters()``,
-    ``genotype()``, ``loss(x, y)``...) run the model's code with ``self`` reading the model's
-    attributes and calling the compiled forward.  ``copy.deepcopy`` copies the model with it;
-    pickling stores the model and the compile settings and compiles again on load.
+    ``report`` is the :class:`~topo_compiler.report.CompileReport`.  Its ``forward`` checks
+    the guards of its variants (see :mod:`topo_compiler.guards`) and runs the one that holds,
+    re-tracing when none does; calling it goes through ``nn.Module.__call__`` (the hooks
+    registered on it, then ``forward``), so ``compiled(x)``, ``compiled.forward(x)`` and hooks
+    behave as on the model, whatever variant runs.  A variant runs its generated code,
+    ``graph_forward``, without hooks (see :meth:`recompile`).  Methods of the model it lacks
+    (``arch_parameters()``, ``genotype()``, ``loss(x, y)``...) run the model's code with
+    ``self`` reading the model's attributes and calling the compiled module.
+    ``copy.deepcopy`` copies the model with it; pickling stores the model, the compile
+    settings and the CUDA-graph options, and compiles again on load.
     """
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        dispatch = self.__dict__.get("_dispatch")
-        if dispatch is None:  # a variant run by its dispatcher, or a bare lowering
-            return super().__call__(*args, **kwargs)
-        return dispatch(args, kwargs)
+    def recompile(self) -> Any:
+        """fx's recompile, with the generated code kept as ``graph_forward`` and ``forward``
+        the guarded entry.
+
+            fx:    type(gm).forward = <generated code>
+            here:  type(gm).graph_forward = <generated code>       (what a variant runs)
+                   type(gm).forward = guarded(<generated code>)    (dispatch, same signature)
+
+        why: fx writes the generated code as the per-instance class's ``forward`` on every
+        recompile (the ``graph`` setter, ``__init__``, a user's ``recompile()``), so a
+        ``forward`` defined once on this class would be shadowed and ``compiled.forward(x)``
+        would run the first variant's code without its guards.
+        """
+        code = super().recompile()
+        cls = type(self)
+        generated = cls.__dict__["forward"]
+        cls.graph_forward = generated
+        cls.forward = _guarded_entry(generated)
+        return code
+
+    def _replicate_for_data_parallel(self) -> "CompiledSupernet":
+        """Refused: ``nn.DataParallel`` over several devices replicates a module per call.
+
+        why: fx's replica is a plain ``GraphModule`` copy that runs the first variant's code
+        without its guards (stale once a guarded value changes), and the graph reaches its
+        nested modules through aliases that would still point at the first device's modules.
+        """
+        raise TypeError(
+            "nn.DataParallel over several devices cannot replicate a compiled supernet: a "
+            "replica would run the first traced graph without its guards. Use "
+            "DistributedDataParallel (one process per device, each compiling its model), or "
+            "DataParallel with one device")
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -85,8 +117,9 @@ class CompiledSupernet(fx.GraphModule):
 
     def model_view(self) -> nn.Module:
         """The model as its methods see it when called through the compiled module: every
-        attribute is the model's own (same ``__dict__``), but calling it, or its ``forward``,
-        runs the compiled supernet."""
+        attribute is the model's own (same ``__dict__``), but calling it calls the compiled
+        module (hooks included) and its ``forward`` is the compiled ``forward`` (no hooks, as
+        ``self.forward(x)`` on the model)."""
         view = self.__dict__.get("_view")
         if view is None:
             source = self.source_model
@@ -95,8 +128,11 @@ class CompiledSupernet(fx.GraphModule):
             def call(_, *args: Any, **kwargs: Any) -> Any:
                 return compiled(*args, **kwargs)
 
+            def forward(_, *args: Any, **kwargs: Any) -> Any:  # why: no hooks, as on the model
+                return compiled.forward(*args, **kwargs)
+
             base = type(source)
-            cls = type(base.__name__, (base,), {"__call__": call, "forward": call,
+            cls = type(base.__name__, (base,), {"__call__": call, "forward": forward,
                                                 "__module__": base.__module__,
                                                 "__qualname__": base.__qualname__})
             view = object.__new__(cls)
@@ -131,14 +167,35 @@ class CompiledSupernet(fx.GraphModule):
         return res
 
     def __reduce__(self):
-        """Pickle the model and the compile settings; loading compiles again (fx's own
+        """Pickle the model, the compile settings and the CUDA-graph runner's options and
+        backend (whether ``compile_supernet(cuda_graphs=...)`` or ``install`` put it there);
+        loading compiles again and installs a runner, whose captures start empty (fx's own
         pickling re-traces the generated code through torch.fx, which cannot follow the
         compiler's runtime functions)."""
         from .api import recompile
 
         dispatch = self.__dict__.get("_dispatch")
         dynamic = tuple(dispatch.dynamic) if dispatch is not None else ()
-        return (recompile, (self.source_model, self.__dict__["_compile_call"], dynamic))
+        runner = self.__dict__.get("cuda_graphs")
+        graphs = (runner.options, runner.backend) if runner is not None else None
+        return (recompile, (self.source_model, self.__dict__["_compile_call"], dynamic,
+                            graphs))
+
+
+def _guarded_entry(generated: Any) -> Any:
+    """The compiled module's ``forward``: its dispatcher (guards, re-trace, the variant's
+    CUDA-graph runner), or the generated code of a module without one (a variant, a bare
+    lowering).  Signature and name are the generated code's (``inspect.signature`` shows the
+    model's forward arguments)."""
+
+    @functools.wraps(generated)
+    def forward(self: CompiledSupernet, *args: Any, **kwargs: Any) -> Any:
+        dispatch = self.__dict__.get("_dispatch")
+        if dispatch is None:
+            return self.graph_forward(*args, **kwargs)
+        return dispatch(args, kwargs)
+
+    return forward
 
 
 def _mirror_into(target: nn.Module, source: nn.Module, path: str, shared: set[str],
