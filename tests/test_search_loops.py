@@ -1,4 +1,4 @@
-"""SNAS, DrNAS and ProxylessNAS supernets (:mod:`supernets.search_loops`) compiled unchanged
+"""SNAS, DrNAS, ProxylessNAS, NASLib-style and NNI 3.x-style supernets (:mod:`supernets.search_loops`) compiled unchanged
 (or with the one option an error names) and trained by their codebases' own search loops.
 
 Exact mode is compared with eager in float64 (the default dtype while those tests build and
@@ -18,7 +18,12 @@ The strict xfails are compiler bugs these styles exposed, each minimized:
 * a re-trace that meets an untraceable forward raises ``TraceError`` from ``compiled(x)``
   mid-search although ``partial=True`` is the default;
 * ``torch.tensor([t], dtype=...)`` in a forward makes compiling emit torch.fx's internal
-  "Does not support nested parametric types ... Please file a bug." ``UserWarning``.
+  "Does not support nested parametric types ... Please file a bug." ``UserWarning``;
+* a Parameter two dict levels deep (NASLib's alphas in networkx edge data) is read as the
+  real tensor: ``softmax(alpha)`` is baked as a constant with autograd history, silently;
+* ``compiled.modules()`` yields plain ``nn.Module`` mirrors of the model's containers, so
+  NNI 3's loop setting ``m._softmax.tau`` on them changes nothing;
+* ``F.gumbel_softmax``'s default ``eps`` is reported as a baked value (a false warning).
 """
 from __future__ import annotations
 
@@ -31,8 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helpers import assert_same_step
-from supernets.search_loops import (NUM_CLASSES, STYLES, MixedEdge, drnas_search, naslib_search,
-                                    proxyless_search, snas_search)
+from supernets.search_loops import (NUM_CLASSES, STYLES, GumbelSoftmax, MixedEdge, drnas_search,
+                                    naslib_search, nni3_search, proxyless_search, snas_search)
 from topo_compiler import compile_supernet
 from topo_compiler.guards import RecompileLimitError
 from topo_compiler.tracer import TraceError
@@ -44,6 +49,8 @@ LOOSE = dict(rtol=1e-8, atol=1e-10)
 FX_LIST_WARNING = "Does not support nested parametric types"
 # torch.fx's concrete_args warning for a numpy scalar argument (part of the numpy xfail)
 FX_CONCRETE_WARNING = "Was not able to add assertion"
+# F.gumbel_softmax's default eps=1e-10 reported as a baked value (see the xfail below)
+GUMBEL_EPS_WARNING = "a number in `gumbel_softmax"
 
 
 @pytest.fixture
@@ -405,3 +412,76 @@ def test_parameter_two_dicts_deep_is_followed():
     with torch.no_grad():
         model.alpha[0] = 3.0
     torch.testing.assert_close(compiled(x), model(x))
+
+
+# -- NNI 3.x ----------------------------------------------------------------------------------
+def test_nni3_gumbel_darts_walking_the_model_gives_eager_alphas(float64):
+    """NNI 3's GumbelDARTS: alphas shared by label between layers, one GumbelSoftmax module
+    shared by every layer, its ``tau`` annealed each epoch.  Walking the *model's* modules to
+    set ``tau`` (the workaround for the xfail below), five epochs through the compiled
+    module give eager's losses, alphas and statistics; ``tau`` is re-traced twice (int 1 ->
+    float 1.0, then made a run-time input), never again."""
+    data = _batches(10)
+    eager = _build('nni3')
+    torch.manual_seed(7)
+    want = nni3_search(eager, eager, data)
+    model = _build('nni3')
+    compiled = _compile(model, data[0][0][:2], expect=(GUMBEL_EPS_WARNING,), exact=True)
+    assert len(compiled.report.mixed_ops) == STYLES['nni3'].num_mixed_ops
+    torch.manual_seed(7)
+    got = nni3_search(compiled, model, data, walk=model)
+    _assert_same_records(want, got)
+    assert model.layers[0]._softmax.tau == pytest.approx(0.33 + 0.67 / 5)
+    assert len(compiled.report.variants) == 3, compiled.report.variants
+    assert "now read at run time" in compiled.report.variants[2]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "compiled.modules() yields the compiled module's mirrors of the model's containers: "
+    "plain nn.Module()s holding the same parameters (lower.py _mirror_into, l.~200-227), "
+    "without the model's classes or Python attributes; NNI 3's on_train_epoch_start walks "
+    "self.model.modules() for `_softmax` and sets `.tau` on the mirrors' empty placeholder "
+    "modules: the model's tau never changes, silently"))
+def test_nni3_gumbel_darts_as_upstream_walks_the_compiled_module(float64):
+    data = _batches(6)
+    eager = _build('nni3')
+    torch.manual_seed(7)
+    want = nni3_search(eager, eager, data)
+    model = _build('nni3')
+    compiled = _compile(model, data[0][0][:2], expect=(GUMBEL_EPS_WARNING,), exact=True)
+    torch.manual_seed(7)
+    got = nni3_search(compiled, model, data)
+    _assert_same_records(want, got)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "minimal: `for m in compiled.modules(): if isinstance(m, GumbelSoftmax): m.tau = 0.5` "
+    "finds no GumbelSoftmax (a non-leaf module is mirrored by a plain nn.Module)"))
+def test_compiled_modules_are_the_models_modules(float64):
+    model = _build('nni3')
+    x = torch.randn(2, 3, 8, 8)
+    compiled = _compile(model, x, expect=(GUMBEL_EPS_WARNING,), exact=True)
+    found = [m for m in compiled.modules() if isinstance(m, GumbelSoftmax)]
+    assert found and all(m is model.layers[0]._softmax for m in found)
+
+
+class _GumbelEdge(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(2))
+        self.tau = 1.0
+        self.ops = nn.ModuleList([nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 1)])
+
+    def forward(self, x):
+        weights = F.gumbel_softmax(self.alpha, tau=self.tau)
+        return sum(w * op(x) for w, op in zip(weights, self.ops))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "BakedValueWarning false positive: the traced F.gumbel_softmax node carries the "
+    "function's default eps=1e-10, which guards._find_baked_constants (guards.py:692-698) "
+    "takes for a number of the user's line; every SNAS/GDAS/GumbelDARTS-style compile "
+    "warns that the supernet 'goes stale if they change' about a value nobody can change"))
+def test_gumbel_softmax_default_eps_is_not_a_baked_value():
+    model = _GumbelEdge()
+    _compile(model, torch.randn(1, 2, 4, 4))

@@ -1,4 +1,4 @@
-"""Supernets of three more search codebases, each with the search-loop idioms it is trained
+"""Supernets of five more search codebases, each with the search-loop idioms it is trained
 with, written from the upstream layouts in our own words and shrunk for tests.
 
 * ``snas`` -- SNAS (Xie et al. 2019; the public PyTorch re-implementations of
@@ -31,8 +31,21 @@ with, written from the upstream layouts in our own words and shrunk for tests.
   ``loss.backward()`` the loop calls ``set_arch_param_grad()``, which builds the alphas'
   gradients from the gates' (``binary_grads[j] * probs[j] * (delta_ij - probs[i])``).
 
+* ``naslib`` -- NASLib (automl/NASLib ``search_spaces/core/graph.py``, ``DARTSOptimizer``): a
+  cell is ``Graph(nn.Module, nx.DiGraph)``; each edge holds ``op`` (registered with
+  ``add_module``) and ``alpha`` in its networkx edge data (one Parameter per edge position,
+  shared between cells, owned by a ``ParameterList``); the forward walks
+  ``nx.lexicographical_topological_sort``, writes edge outputs into
+  ``self.nodes[v]['input']`` and clears them at the end.
+* ``nni3`` -- NNI 3.x one-shot (``nas/oneshot/pytorch/supermodule/differentiable.py``, the
+  GumbelDARTS strategy): ``DifferentiableMixedLayer`` with the candidates as named children,
+  ``_arch_alpha`` shared by every layer with the same label and ONE ``GumbelSoftmax`` module
+  (``tau = 1``, an int, at first) shared by all layers; ``on_train_epoch_start`` anneals the
+  temperature and sets ``m._softmax.tau`` on every module of the trained model that has one.
+
 ``STYLES = {name: Style(build, example_inputs, num_mixed_ops, source)}``; the search loops
-live next to the models (``snas_search``, ``drnas_search``, ``proxyless_search``), written the
+live next to the models (``snas_search``, ``drnas_search``, ``proxyless_search``,
+``naslib_search``, ``nni3_search``), written the
 way the codebases' ``train_search.py`` / ``nas_manager.py`` write them, each taking the module
 to train (the model or its compilation) and the model (for its parameter lists).
 """
@@ -949,6 +962,127 @@ def naslib_search(module, model, data):
 
 
 # ==========================================================================
+# NNI 3.x differentiable one-shot (DARTS / GumbelDARTS strategies)
+# ==========================================================================
+NNI3_C, NNI3_LABELS = 4, ('op_a', 'op_b', 'op_a')   # layers 0 and 2 share one alpha
+NNI3_NUM_MIXED_OPS = len(NNI3_LABELS)
+
+
+class GumbelSoftmax(nn.Softmax):
+  """NNI 3's ``GumbelSoftmax``: ``F.gumbel_softmax`` with a ``tau`` attribute (an int at
+  first) and ``hard``."""
+
+  def __init__(self, dim=-1):
+    super().__init__(dim)
+    self.tau = 1
+    self.hard = False
+
+  def forward(self, inputs):
+    return F.gumbel_softmax(inputs, tau=self.tau, hard=self.hard, dim=self.dim)
+
+
+def weighted_sum(items, weights):
+  return sum(w * item for w, item in zip(weights, items))
+
+
+class DifferentiableMixedLayer(nn.Module):
+  """NNI 3's ``DifferentiableMixedLayer``: the candidates as named children, the alpha (shared
+  by every layer with the same label) as ``_arch_alpha`` and ONE softmax module shared by all
+  layers (``mutate_kwargs['softmax']``)."""
+  _arch_parameter_names = ['_arch_alpha']
+
+  def __init__(self, paths, alpha, softmax, label):
+    super().__init__()
+    self.op_names = []
+    for name, module in paths:
+      self.add_module(name, module)
+      self.op_names.append(name)
+    self.label = label
+    self._arch_alpha = alpha
+    self._softmax = softmax
+
+  def forward(self, *args, **kwargs):
+    all_op_results = [getattr(self, op)(*args, **kwargs) for op in self.op_names]
+    return weighted_sum(all_op_results, self._softmax(self._arch_alpha))
+
+
+def _nni3_paths(C):
+  return [('conv3x3', nn.Sequential(nn.Conv2d(C, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))),
+          ('conv1x1', nn.Sequential(nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C))),
+          ('avgpool', nn.AvgPool2d(3, 1, 1, count_include_pad=False)),
+          ('skip', nn.Identity())]
+
+
+class Nni3Network(nn.Module):
+
+  def __init__(self, C=NNI3_C, num_classes=NUM_CLASSES, softmax=None):
+    super().__init__()
+    softmax = GumbelSoftmax(-1) if softmax is None else softmax
+    memo = {}
+    self.stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+    layers = []
+    for label in NNI3_LABELS:
+      if label not in memo:
+        memo[label] = nn.Parameter(torch.randn(4) * 1e-3)
+      layers.append(DifferentiableMixedLayer(_nni3_paths(C), memo[label], softmax, label))
+    self.layers = nn.ModuleList(layers)
+    self.classifier = nn.Linear(C, num_classes)
+
+  def forward(self, x):
+    x = self.stem(x)
+    for layer in self.layers:
+      x = x + layer(x)
+    return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+  def arch_parameters(self):
+    seen = {}
+    for module in self.modules():
+      if isinstance(module, DifferentiableMixedLayer):
+        seen.setdefault(id(module._arch_alpha), module._arch_alpha)
+    return list(seen.values())
+
+  def weights(self):
+    return [p for n, p in self.named_parameters() if '_arch_' not in n]
+
+
+def build_nni3():
+  return Nni3Network()
+
+
+def nni3_search(module, model, data, init_temp=1.0, min_temp=0.33, walk=None):
+  """NNI 3's ``GumbelDartsLightningModule``: ``on_train_epoch_start`` anneals the temperature
+  linearly and sets ``m._softmax.tau`` on every module ``m`` of ``walk`` (upstream: of
+  ``self.model``, the module it trains; default ``module``) that has a ``_softmax``; each
+  epoch (one step here) an architecture step on the validation batch, then a weight step."""
+  walk = module if walk is None else walk
+  arch_optim = torch.optim.Adam(model.arch_parameters(), lr=0.1, betas=(0.5, 0.999),
+                                weight_decay=1e-3)
+  w_optim = torch.optim.SGD(model.weights(), lr=0.05, momentum=0.9, weight_decay=3e-4)
+  max_epochs = len(data) // 2
+  record = []
+  for epoch in range(max_epochs):
+    temp = (1 - epoch / max_epochs) * (init_temp - min_temp) + min_temp
+    temp = max(temp, min_temp)
+    for m in walk.modules():
+      if hasattr(m, '_softmax'):
+        m._softmax.tau = temp
+    (trn_x, trn_y), (val_x, val_y) = data[2 * epoch], data[2 * epoch + 1]
+    arch_optim.zero_grad()
+    loss_a = F.cross_entropy(module(val_x), val_y)
+    loss_a.backward()
+    arch_optim.step()
+    w_optim.zero_grad()
+    loss = F.cross_entropy(module(trn_x), trn_y)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.weights(), 5.0)
+    w_optim.step()
+    record.append((torch.stack([loss_a.detach(), loss.detach()]),
+                   [a.detach().clone() for a in model.arch_parameters()]
+                   + [b.detach().clone() for b in model.buffers()]))
+  return record
+
+
+# ==========================================================================
 # entry points
 # ==========================================================================
 def example_inputs(batch_size=2):
@@ -968,4 +1102,6 @@ STYLES = {
                      'mit-han-lab/proxylessnas search/modules/mix_op.py, nas_manager.py'),
   'naslib': Style(build_naslib, example_inputs, NASLIB_NUM_MIXED_OPS,
                   'automl/NASLib naslib/search_spaces/core/graph.py, DARTSOptimizer'),
+  'nni3': Style(build_nni3, example_inputs, NNI3_NUM_MIXED_OPS,
+                'microsoft/nni 3.x nas/oneshot/pytorch (DifferentiableMixedLayer, GumbelDARTS)'),
 }
