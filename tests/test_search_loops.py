@@ -1,5 +1,6 @@
-"""SNAS, DrNAS, ProxylessNAS, NASLib-style and NNI 3.x-style supernets (:mod:`supernets.search_loops`) compiled unchanged
-(or with the one option an error names) and trained by their codebases' own search loops.
+"""SNAS, DrNAS, ProxylessNAS, NASLib-style and NNI 3.x-style supernets
+(:mod:`supernets.search_loops`) compiled unchanged (or with the one option an error names)
+and trained by their codebases' own search loops.
 
 Exact mode is compared with eager in float64 (the default dtype while those tests build and
 run).  Random forwards (SNAS's relaxed one-hot sample, DrNAS's Dirichlet sample,
@@ -342,7 +343,8 @@ class _ReadsChild(nn.Module):
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "a plain attribute of a submodule read from its parent's forward is not guarded: "
-    "the tracer shadows a module only when it is called (tracer.py SupernetTracer.call_module/_shadow, "
+    "the tracer shadows a module only when it is called (tracer.py "
+    "SupernetTracer.call_module/_shadow, "
     "l.312-344), the parent's `self.gate` is the real child, whose reads "
     "GuardRecorder.on_attribute (guards.py:310) never sees; changing `gate.on` keeps the "
     "old graph silently (read in the child's own forward it re-traces)"))

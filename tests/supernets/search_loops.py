@@ -152,7 +152,8 @@ class SnasNetwork(nn.Module):
     self._multiplier = multiplier
     self._resource_lambda = resource_lambda
     C_curr = stem_multiplier*C
-    self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+    self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
+                              nn.BatchNorm2d(C_curr))
     C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
     self.cells = nn.ModuleList()
     reduction_prev = False
@@ -271,7 +272,8 @@ def _wider(module, ratio):
         new.weight.copy_(child.weight[out_idx][:, in_idx])
       setattr(module, name, new)
     elif isinstance(child, nn.BatchNorm2d):
-      new = nn.BatchNorm2d(child.num_features * ratio, affine=child.affine).to(child.running_mean.dtype)
+      new = nn.BatchNorm2d(child.num_features * ratio, affine=child.affine)
+      new = new.to(child.running_mean.dtype)
       idx = torch.arange(new.num_features) % child.num_features
       new.running_mean.copy_(child.running_mean[idx])
       new.running_var.copy_(child.running_var[idx])
@@ -365,7 +367,8 @@ class DrNetwork(nn.Module):
     self.reg_type = reg_type
     self.reg_scale = reg_scale
     C_curr = stem_multiplier*C
-    self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+    self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
+                              nn.BatchNorm2d(C_curr))
     C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
     self.cells = nn.ModuleList()
     reduction_prev = False
@@ -601,7 +604,8 @@ class MixedEdge(nn.Module):
     return output
 
   def binarize(self):
-    """ prepare: active_index, inactive_index, AP_path_wb, log_prob (optional), current_prob_over_ops (optional) """
+    """ prepare: active_index, inactive_index, AP_path_wb, log_prob (optional),
+    current_prob_over_ops (optional) """
     self.log_prob = None
     # reset binary gates
     self.AP_path_wb.data.zero_()
