@@ -911,18 +911,24 @@ class _TensorWatch:
 
 
 class _DynamicSlot:
-    """Copies a dynamic number from the model into its 0-d tensor before each call."""
+    """Copies a dynamic number from the model into its 0-d tensor before each call.
 
-    __slots__ = ("read", "holder", "last")
+    The tensor is shared by every variant reading that number (and filled by a re-trace), so
+    its version says whether this slot was the last to write it.  Each call's graph copies
+    the tensor before using it (:func:`read_holders_once`), so filling it in place never
+    reaches a graph still waiting for its backward."""
+
+    __slots__ = ("read", "holder", "last", "version")
 
     def __init__(self, read: Callable[[], Any], holder: torch.Tensor):
-        self.read, self.holder, self.last = read, holder, _MISSING
+        self.read, self.holder, self.last, self.version = read, holder, _MISSING, -1
 
     def refresh(self) -> None:
         value = self.read()
-        if value != self.last or type(value) is not type(self.last):
+        if value != self.last or type(value) is not type(self.last) or \
+                self.holder._version != self.version:  # why: another variant wrote it
             self.holder.fill_(float(value))
-            self.last = value
+            self.last, self.version = value, self.holder._version
 
 
 class GuardSet:
