@@ -1018,6 +1018,42 @@ class GuardSet:
             slot.refresh()
 
 
+def read_holders_once(module: fx.GraphModule, holders: Iterable[torch.Tensor]) -> int:
+    """Make ``module``'s graph read each run-time number through a copy of its 0-d tensor,
+    taken when the call reads it; returns how many reads were rewritten.
+
+        before:  mul = aux * self._dynamic_beta                   (autograd saves the holder)
+        after:   _dynamic_beta_now = self._dynamic_beta.clone()
+                 mul = aux * _dynamic_beta_now                     (saves this call's copy)
+
+    why: the holder is refilled in place before each call; a graph that saved it for its
+    backward (``aux(x) * beta``) would see the next call's value, and autograd refuses
+    ('modified by an inplace operation') when two forwards with different values run before
+    one backward (eager bakes each call's float).  The holder itself stays what the graph
+    reads, so a CUDA-graph runner still keys its captures on its value.
+    """
+    wanted = {id(h) for h in holders}
+    graph = module.graph
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or not node.users:
+            continue
+        value: Any = module
+        for atom in str(node.target).split("."):
+            value = getattr(value, atom, None)
+        if id(value) not in wanted or any(u.op == "call_method" and u.target == "clone" and
+                                          u.name.endswith("_now") for u in node.users):
+            continue
+        with graph.inserting_after(node):
+            now = graph.create_node("call_method", "clone", (node,), name=f"{node.name}_now")
+        now.meta.update(node.meta)
+        node.replace_all_uses_with(now, delete_user_cb=lambda user: user is not now)
+        rewritten += 1
+    if rewritten:
+        module.recompile()
+    return rewritten
+
+
 def _closure(read: Callable[[tuple], Any]) -> Callable[[], Any]:
     return lambda: read(())
 
@@ -1166,6 +1202,8 @@ class Dispatch:
         self.dynamic: set[tuple] = set(dynamic)
         self.static_only: set[tuple] = set()
         self.history: list[tuple[Guard, Any, Any]] = []
+        if self.holders:  # a compile that reads run-time numbers (a reload, a re-trace's)
+            read_holders_once(primary, self.holders.values())
         self.variants: list[Variant] = [
             Variant(primary, GuardSet(guards, model, self.holders), "first trace")]
         self.retraces = 0
@@ -1232,6 +1270,7 @@ class Dispatch:
                           f"{_and_more(len(static) - 1)} decides Python control " \
                           f"flow or is needed as a number, so it stays a constant)"
         self.holders.update(options.holders)
+        read_holders_once(module, self.holders.values())
         graphs = self.variants[-1].module.__dict__.get("cuda_graphs")  # the first trace's
         if graphs is not None:  # why: every variant replays captured graphs, not only the first
             graphs.adopt(module, variant=len(self.variants) + 1)
