@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from topo_compiler import compile_supernet, guards
+from topo_compiler import CompiledSupernet, compile_supernet, guards
 
 TIGHT = dict(rtol=1e-6, atol=1e-7)
 
@@ -207,3 +207,31 @@ def test_forwards_with_different_run_time_floats_before_one_backward(build, relo
     compiled.set_beta(1.0)
     compiled(x)
     assert len(compiled.variants) == (1 if reload else 2)
+
+
+# -- copy.copy ---------------------------------------------------------------------------
+
+def test_shallow_copy_stays_guarded_and_shares_the_model():
+    """``copy.copy(compiled)`` is a compiled supernet sharing what a shallow copy of a module
+    shares (parameters, graph, guards, variants), not fx's plain ``GraphModule`` running the
+    first trace unguarded: a guarded change (an argument, a run-time float) is followed."""
+    torch.manual_seed(0)
+    model = TemperatureSwitch()
+    x = _x()
+    compiled = _compile(model, x, exact=True)
+    copied = copy.copy(compiled)
+    assert isinstance(copied, CompiledSupernet) and copied is not compiled
+    assert dict(copied.named_parameters()) == dict(compiled.named_parameters())
+    for double, tau in [(True, 1.0), (False, 0.5), (True, 0.25)]:
+        model.tau = tau
+        with torch.no_grad():
+            torch.testing.assert_close(copied(x, double), model(x, double), **TIGHT)
+            torch.testing.assert_close(copied.forward(x, double), model(x, double), **TIGHT)
+    assert copied.variants == compiled.variants and len(copied.variants) == 4  # double x tau
+    seen = []
+    copied.register_forward_hook(lambda module, args, out: seen.append(module))
+    copied(x)
+    assert seen == [copied]
+    copied.tau = 2.0  # the model's attribute, as on the original
+    assert model.tau == 2.0
+    torch.testing.assert_close(copied(x), model(x), **TIGHT)
