@@ -126,6 +126,32 @@ def test_data_parallel_replica_is_refused_not_stale():
     torch.testing.assert_close(nn.DataParallel(compiled, device_ids=[])(x), model(x))
 
 
+def test_distributed_data_parallel_wraps_the_guarded_module(tmp_path):
+    """The way out the DataParallel refusal names: DistributedDataParallel calls the compiled
+    module itself (one gloo process on CPU here), so a change that re-traces is followed and
+    the model's parameters get eager's gradients."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not built in")
+    model, x, compiled = _arch_net()
+    eager = copy.deepcopy(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(compiled)
+        model.arch = eager.arch = [1, 2]
+        ddp(x).square().sum().backward()
+        eager(x).square().sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert len(compiled.variants) == 2
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 # -- hooks on the compiled module ------------------------------------------------------------
 def _hooked_pair():
     model, x, compiled = _arch_net()

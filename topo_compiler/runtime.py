@@ -304,8 +304,9 @@ def scaled_batch_norm(bn: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> to
     if torch.result_type(scale, x) != x.dtype:  # eager's product leaves x's dtype: so do we
         return scale * bn(x)
     # why: a 0-d scale of another dtype (a float64 run-time float, float32 alphas in a
-    # float64 model) takes x's dtype in eager's product; F.batch_norm refuses mixed dtypes
-    scale = scale.to(x.dtype)
+    # float64 model) must match the BatchNorm's parameters, which F.batch_norm wants in x's
+    # dtype, or in float32 for a bf16/fp16 x under autocast
+    scale = scale.to(x.dtype if bn.running_mean is None else bn.running_mean.dtype)
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
