@@ -33,7 +33,7 @@ the run whose command is given with it. Rerun rather than edit.
 
 Each row measures ONE search step of a supernet: forward, cross-entropy on the logits,
 backward reaching the weights and the architecture weights (alphas). Configurations are pass
-lists given to `compile_supernet` (`traced`: no pass; `all`: pms, fms, merge, fold, kn; naming
+lists given to `compile_supernet` (`traced`: no pass; `all`: pms, fms, kn, merge, fold; naming
 merge brings fold along; `[exact]`: `exact=True`, shown only where it compiles to another
 graph); `baseline` is the eager supernet. All configurations of a space share one supernet
 instance (same parameters, batch and gradients).

@@ -141,6 +141,17 @@ def conv_piece(ir: SupernetIR, name: str) -> tuple[Piece, tuple[int, ...]] | Non
     return piece, tuple(stride)
 
 
+def _conv_label(ir: SupernetIR, name: str, piece: Piece) -> str:
+    """``conv2d 3x3 s2x2 g8``: a functional convolution (``kn`` turns module calls into
+    ones reading the normalized kernel) has no ``kernel_size`` hyperparameter, so it is
+    taken from the kernel, as a module's label shows it."""
+    label = ir.node(name).desc.label()
+    if ir.node(name).desc.hparam("kernel_size") is not None:
+        return label
+    op, _, rest = label.partition(" ")
+    return " ".join(filter(None, (op, "x".join(map(str, piece.kernel_size)), rest)))
+
+
 def _pool_piece(ir: SupernetIR, name: str, exact: bool) -> tuple[Piece, tuple, bool] | None:
     desc = ir.node(name).desc
     if not desc.op.startswith("avg_pool") or desc.hparam("ceil_mode") or \
@@ -183,7 +194,7 @@ def linear_candidate(ir: SupernetIR, op: MixedOp, index: int,
         got = conv_piece(ir, data[0])
         if got is None or data_inputs(ir, data[0]) != [op.input]:
             return None
-        return LinearCandidate(index, (got[0],), got[1], True, ir.node(data[0]).desc.label())
+        return LinearCandidate(index, (got[0],), got[1], True, _conv_label(ir, data[0], got[0]))
     if len(data) == 1 and kinds[0] is Kind.POOL:
         got = _pool_piece(ir, data[0], exact)
         if got is None or data_inputs(ir, data[0]) != [op.input]:
@@ -206,7 +217,7 @@ def _separable(ir, op, index, data) -> LinearCandidate | None:
         return None
     piece = dataclasses.replace(dw, structure="separable", pointwise=pw.kernel, bias=pw.bias,
                                 out_channels=pw.out_channels)
-    label = f"{ir.node(data[0]).desc.label()} + {ir.node(data[1]).desc.label()}"
+    label = f"{_conv_label(ir, data[0], dw)} + {_conv_label(ir, data[1], pw)}"
     return LinearCandidate(index, (piece,), stride, True, label)
 
 

@@ -4,7 +4,9 @@
 ``TraceError: ...`` (with `` | `` for newlines) or ``error: Type: ...``; a crash shows as
 the process's exit status.  ``--all`` runs every idiom in this one process (what
 test_never_crash.py does, in a subprocess); no argument runs each idiom in a subprocess of
-its own and prints the table (idiom, exit status, outcome).
+its own and prints the table (idiom, exit status, outcome).  ``--leaf-way-out`` runs each
+idiom of ``LEAF_WAY_OUT`` in a submodule: its refusal, then whether the way out it names
+(leaf_modules=['cell']) compiles to eager's result (what test_clear_errors.py checks).
 """
 import importlib.util
 import os
@@ -74,6 +76,7 @@ IDIOMS = {
     "forward_ad.make_dual": "torch.autograd.forward_ad.make_dual(y, y)",
     "ops.aten.add.Tensor": "torch.ops.aten.add.Tensor(y, y)",
     "pad_sequence": "torch.nn.utils.rnn.pad_sequence([y[0], y[1]])",
+    "make_dual in dual_level": "tangent(y)",
     "testing.assert_close": "(torch.testing.assert_close(y, y), y)[1]",
     "t.as_subclass(Tensor)": "y.as_subclass(torch.Tensor)",
     # C functions, unbound methods
@@ -83,9 +86,11 @@ IDIOMS = {
     "Tensor.add(t, 1)": "torch.Tensor.add(y, 1)",
     "TensorBase.add(t, 1)": "torch._C.TensorBase.add(y, 1)",
     "TensorBase.data_ptr(t)": "y * torch._C.TensorBase.data_ptr(y)",
+    "Tensor.data_ptr(t)": "y * (torch.Tensor.data_ptr(y) != 0)",
     "TensorBase.__bool__(t)": "y * torch._C.TensorBase.__bool__(y.sum() > 0)",
     "vmap(sin)(t)": "torch.vmap(torch.sin)(y)",
     "autograd.grad": "torch.autograd.grad(y.sum(), self.conv.weight, create_graph=True)[0]",
+    "t.backward()": "(y.sum().backward(retain_graph=True), y)[1]",
     "func.grad": "torch.func.grad(lambda t: (t * t).sum())(y)",
     "func.vjp": "torch.func.vjp(torch.sin, y)[0]",
     "func.jacrev": "torch.func.jacrev(torch.sin)(y[0, 0, 0])",
@@ -96,7 +101,15 @@ IDIOMS = {
                          "y[0, 0, 0, :2]).to_dense()",
     "copy.deepcopy(t)": "__import__('copy').deepcopy(y.detach())",
     "torch.save(t)": "(torch.save(y, __import__('io').BytesIO()), y)[1]",
+    "json.dumps(t)": "(__import__('json').dumps(y.tolist()), y)[1]",
     "nested_tensor([t, t])": "torch.nested.nested_tensor([y[0], y[1]]).to_padded_tensor(0)",
+    # tensor attributes written on a traced value (silently dropped from the graph before)
+    "t.grad = t": "(setattr(y, 'grad', y.detach() * 2), y.grad + y)[1]",
+    "t.data = t": "(setattr(y, 'data', y.detach() * 2), y)[1]",
+    "W.data = W.clamp(0)": "(setattr(self.conv.weight, 'data', self.conv.weight.detach()"
+                           ".clamp(0)), self.conv(x))[1]",
+    "W.requires_grad = False": "(setattr(self.conv.bias, 'requires_grad', False), "
+                               "self.conv(x))[1]",
     # Python conversions of traced tensors
     "len(t)": "y * len(y)",
     "bool(t)": "y if bool(y.sum() > 0) else -y",
@@ -108,15 +121,24 @@ IDIOMS = {
 }
 
 
-_MODULE = """import ctypes
+_HEADER = """import ctypes
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
 G = torch.zeros(2, 4, 6, 6)
 FT = torch.FloatTensor  # `from torch import FloatTensor`: bound before compiling
 AT = torch.as_tensor
+
+
+def tangent(y):
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(fwAD.make_dual(y, torch.ones_like(y))).tangent * y
+"""
+
+_MODULE = _HEADER + """
 
 
 class Probe(nn.Module):
@@ -130,11 +152,73 @@ class Probe(nn.Module):
 """
 
 
-def _probe_class(name: str, directory: str) -> type:
+# Refused idioms whose way out is a leaf: each runs in the forward of the submodule `cell`;
+# compile_supernet(partial=False) must refuse it naming `cell`, the idiom's line and
+# leaf_modules=['cell'], and compile_supernet(..., leaf_modules=['cell']) must match eager.
+# (Variants that eager code runs where the root-level idiom above fails eagerly too.)
+LEAF_WAY_OUT = {
+    "memoryview(t.numpy())": "y + torch.frombuffer(memoryview(y.detach().numpy()), "
+                             "dtype=torch.float32).view_as(y)",
+    "ctypes at data_ptr": IDIOMS["ctypes at data_ptr"],
+    "ctypes at storage data_ptr": "y * ctypes.c_float.from_address("
+                                  "y.untyped_storage().data_ptr()).value",
+    "Size([t.abs().sum().long()])": "y + y.new_zeros(torch.Size([y.abs().sum().long() % 3 + 1]))"
+                                    ".sum()",
+    "make_dual in dual_level": IDIOMS["make_dual in dual_level"],
+    "testing.assert_close": IDIOMS["testing.assert_close"],
+    "t.as_subclass(Tensor)": IDIOMS["t.as_subclass(Tensor)"],
+    "Tensor.add(t, 1)": IDIOMS["Tensor.add(t, 1)"],
+    "TensorBase.add(t, 1)": IDIOMS["TensorBase.add(t, 1)"],
+    "TensorBase.data_ptr(t)": IDIOMS["TensorBase.data_ptr(t)"],
+    "TensorBase.__bool__(t)": IDIOMS["TensorBase.__bool__(t)"],
+    "torch.save(t)": IDIOMS["torch.save(t)"],
+    "json.dumps(t)": IDIOMS["json.dumps(t)"],  # raised in json's Python code, not the user's
+    "autograd.grad": "y * torch.autograd.grad(y.sum(), self.conv.weight, create_graph=True)[0]"
+                     ".sum()",
+    "t.backward()": IDIOMS["t.backward()"],
+    "t.grad = t": IDIOMS["t.grad = t"],
+    "t.data = t": IDIOMS["t.data = t"],
+    "W.data = W.clamp(0)": IDIOMS["W.data = W.clamp(0)"],
+    "W.requires_grad = False": IDIOMS["W.requires_grad = False"],
+}
+
+_CELL_MODULE = _HEADER + """
+
+class Cell(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return {expr}
+
+
+class Probe(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(4, 4, 1)
+        self.cell = Cell()
+
+    def forward(self, x):
+        return self.cell(self.stem(x)) * 2
+"""
+
+
+def idiom_line(name: str) -> int:
+    """The line of idiom.py the refusal of ``LEAF_WAY_OUT[name]`` must name."""
+    text = _CELL_MODULE.format(expr=LEAF_WAY_OUT[name]).splitlines()
+    wanted = "fwAD.make_dual(" if "tangent(" in LEAF_WAY_OUT[name] else "return " + \
+        LEAF_WAY_OUT[name]
+    return next(i for i, line in enumerate(text, 1) if wanted in line)
+
+
+def _probe_class(name: str, directory: str, template: str = _MODULE,
+                 idioms: dict = IDIOMS) -> type:
     """The idiom as a user file, so that source lines and user-code checks are real."""
     path = os.path.join(directory, "idiom.py")
     with open(path, "w") as f:
-        f.write(_MODULE.format(expr=IDIOMS[name]))
+        f.write(template.format(expr=idioms[name]))
     spec = importlib.util.spec_from_file_location("idiom", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -180,6 +264,53 @@ def _compare(model, x) -> str:
     return f"mismatch: {why}" if why else "equal"
 
 
+def run_leaf_way_out(name: str) -> str:
+    """``refusal<TAB>way out`` for ``LEAF_WAY_OUT[name]`` in the submodule ``cell``: the
+    TraceError of compile_supernet(partial=False) (`` | `` for newlines; the model must be
+    unchanged after it), then ``equal`` when leaf_modules=['cell'] compiles to eager's
+    outputs, gradients and parameters, else what differs."""
+    import copy
+    from test_api import _assert_unchanged, _snapshot
+    from topo_compiler import TraceError, compile_supernet
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as directory:
+        model = _probe_class(name, directory, _CELL_MODULE, LEAF_WAY_OUT)()
+        x = torch.randn(2, 4, 6, 6)
+        snap = _snapshot(model)
+        try:
+            compile_supernet(model, (x,), exact=True, partial=False)
+            refusal = "compiled without a leaf"
+        except TraceError as exc:
+            refusal = str(exc).replace("\n", " | ")
+        except Exception as exc:  # noqa: BLE001
+            refusal = f"error: {type(exc).__name__}: {exc}".replace("\n", " | ")[:300]
+        try:
+            _assert_unchanged(model, snap)
+        except AssertionError:
+            return f"{refusal}\tthe failed compile changed the model"
+        eager = copy.deepcopy(model)
+        try:
+            compiled = compile_supernet(model, (x,), exact=True, partial=False,
+                                        leaf_modules=["cell"])
+            got = compiled(x)
+        except Exception as exc:  # noqa: BLE001
+            why = f"{type(exc).__name__}: {exc}".replace("\n", " | ")[:600]
+            return f"{refusal}\tway out fails: {why}"
+        want = eager(x)
+        why = _same(got, want)
+        if why is None:
+            got.sum().backward()
+            want.sum().backward()
+            for (n, p), q in zip(model.named_parameters(), eager.parameters()):
+                if not torch.equal(p, q):
+                    why = f"parameter {n} differs"
+                elif (p.grad is None) != (q.grad is None) or p.grad is not None and \
+                        not torch.allclose(p.grad, q.grad):
+                    why = f"gradient of {n} differs"
+    return f"{refusal}\t{why or 'equal'}"
+
+
 def run_in_subprocess(name: str, timeout: float = 300) -> tuple[int, str]:
     done = subprocess.run([sys.executable, os.path.abspath(__file__), name],
                           capture_output=True, text=True, timeout=timeout)
@@ -191,8 +322,10 @@ def run_all_in_one_process() -> None:
     """Every idiom in turn, one ``name<TAB>outcome`` line each (a crash ends the list)."""
     for name in IDIOMS:
         outcome = run(name)
-        leftover = {"__new__", "set_", "_make_subclass", "data", "grad"} & \
+        leftover = {"__new__", "set_", "_make_subclass", "data", "grad", "data_ptr"} & \
             set(torch.Tensor.__dict__)
+        if "data_ptr" in torch.UntypedStorage.__dict__:
+            leftover.add("UntypedStorage.data_ptr")
         if leftover:
             outcome += f" | left patched: {sorted(leftover)}"
         print(f"{name}\t{outcome}", flush=True)
@@ -201,6 +334,9 @@ def run_all_in_one_process() -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--all"]:
         run_all_in_one_process()
+    elif sys.argv[1:] == ["--leaf-way-out"]:
+        for name in LEAF_WAY_OUT:
+            print(f"{name}\t{run_leaf_way_out(name)}", flush=True)
     elif len(sys.argv) > 1:
         print(run(sys.argv[1]))
     else:

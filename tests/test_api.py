@@ -195,6 +195,23 @@ def test_example_inputs_none_is_one_clear_type_error():
     assert "torch.randn(" in text and "\n" not in text and "conv2d" not in text
 
 
+def test_numpy_example_input_is_one_clear_type_error_and_the_way_out_works():
+    """A numpy batch (data loaders built on numpy) stopped fx's code generation with
+    "argument of type: <class 'numpy.ndarray'>"; the error names the argument and the fix."""
+    np = pytest.importorskip("numpy")
+    model = _Edge()
+    array = np.random.default_rng(0).standard_normal((2, 4, 5, 5)).astype(np.float32)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=r"'x' of _Edge.forward holds a numpy array.*"
+                                        r"torch.from_numpy\(array\)"):
+        compile_supernet(model, array)
+    with pytest.raises(TypeError, match="'x' of _Edge.forward"):
+        compile_supernet(model, (array,))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    x = torch.from_numpy(array)
+    torch.testing.assert_close(compile_supernet(model, x)(x), model(x))
+
+
 def test_compiling_a_compiled_supernet_warns_and_compiles_its_source_once():
     model, x = _Edge(), torch.randn(2, 4, 6, 6)
     compiled = compile_supernet(model, x)

@@ -52,3 +52,23 @@ def test_moduledict_keys_name_candidates_and_repeats_get_an_index():
     assert value_name(ir, op.input) == "input x"
     ir, (op,) = _ir(_Listed(), torch.randn(1, 2, 5, 5))
     assert candidate_names(ir, op) == ["Conv2d 3x3", "Conv2d 1x1 [1]", "Conv2d 1x1 [2]"]
+
+
+def test_merge_decisions_name_candidates_after_kn_batched_their_kernels():
+    """``kn`` runs before ``merge`` and reads every kernel of one shape through one
+    ``normalize_kernels([...])[i]`` call: merge's decisions still name the candidates by class
+    and kernel (they said ``getitem [0], getitem [1]``), as without ``kn``."""
+    import warnings
+
+    from topo_compiler import compile_supernet
+
+    model, x = build("darts", C=4, layers=2), default_input("darts", resolution=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lines = {passes: [(str(d), d.kind) for stage, d in compile_supernet(
+            model, x, passes=passes).report.decisions if stage == "merge"]
+                 for passes in (("pms", "fms", "merge"), ("pms", "fms", "kn", "merge"))}
+    assert lines[("pms", "fms", "kn", "merge")] == lines[("pms", "fms", "merge")]
+    assert any("SepConv 3x3, SepConv 5x5" in kind for _, kind in lines[("pms", "fms", "merge")])
+    assert any("[conv2d 3x3 s2x2 g8 + conv2d 1x1" in text
+               for text, _ in lines[("pms", "fms", "merge")])

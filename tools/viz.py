@@ -219,7 +219,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--C", type=int, help="built-in spaces: initial channels")
     parser.add_argument("--layers", type=int, help="built-in spaces: number of cells")
     parser.add_argument("--passes", default=None,
-                        help="comma-separated passes (default: pms,fms,merge,fold,kn)")
+                        help="comma-separated passes (default: pms,fms,kn,merge,fold)")
     parser.add_argument("--exact", action="store_true", help="only exact rewrites")
     parser.add_argument("--format", default="svg", choices=("svg", "png", "pdf", "dot"))
     parser.add_argument("--out", default="topo-viz-out", help="output directory")

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "what each pass did.")
     parser.add_argument("space", nargs="?", default="darts", choices=spaces.SPACES)
     parser.add_argument("--passes", default=None,
-                        help="comma-separated subset of pms,fms,merge,fold,kn ('' for none; "
+                        help="comma-separated subset of pms,fms,kn,merge,fold ('' for none; "
                              "merge brings fold along)")
     parser.add_argument("--exact", action="store_true",
                         help="only rewrites that keep the function exactly")

@@ -86,6 +86,27 @@ def _no_inputs_message(model: nn.Module) -> str:
             f"batch (use your training batch size and the model's device)")
 
 
+def _check_no_arrays(model: nn.Module, example_inputs: Any, example_kwargs: Any) -> None:
+    """A numpy array among the example inputs would be guarded as a constant and then stop
+    fx's code generation with "argument of type: <class 'numpy.ndarray'>": say which argument
+    and how to pass it."""
+    args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    try:
+        names = list(inspect.signature(type(model).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        names = []
+    named = [(names[i] if i < len(names) else f"#{i}", v) for i, v in enumerate(args)]
+    named += list((example_kwargs or {}).items())
+    for name, value in named:
+        leaves = pytree.tree_leaves(value)
+        if any(type(v).__module__ == "numpy" and hasattr(v, "__array__") and
+               getattr(v, "ndim", 0) > 0 for v in leaves):
+            raise TypeError(
+                f"example input {name!r} of {type(model).__name__}.forward holds a numpy "
+                f"array; the compiled graph takes tensors: pass torch.from_numpy(array) (moved "
+                f"to the model's device), as the model's own layers need")
+
+
 @contextlib.contextmanager
 def _gc_paused():
     """Python's cyclic garbage collector off while compiling, as it was afterwards.
@@ -149,7 +170,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
             (dimension 0) stays free; non-tensor values are guarded: a call with other
             values re-traces (see ``cache_size_limit``).
         passes: pass names to run, in the pipeline's order (``"pms"``, ``"fms"``,
-            ``"merge"``, ``"fold"``, ``"kn"``; ``"merge"`` brings ``"fold"`` along) as a
+            ``"kn"``, ``"merge"``, ``"fold"``; ``"merge"`` brings ``"fold"`` along) as a
             sequence or a comma-separated string; ``None`` runs the paper's full pipeline,
             ``()`` none (the model regenerated as it is).
         exact: apply only rewrites that keep the function for every input and every
@@ -218,6 +239,7 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
     model = _check_model(model)
     if example_inputs is None:
         raise TypeError(_no_inputs_message(model))
+    _check_no_arrays(model, example_inputs, example_kwargs)
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be True or False, got {exact!r}")
     if not isinstance(cuda_graphs, (bool, CudaGraphOptions)):

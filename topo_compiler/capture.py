@@ -36,8 +36,11 @@ import dataclasses
 import functools
 import itertools
 import random
+import re
 import sys
+import sysconfig
 import types
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
@@ -267,6 +270,12 @@ def capturing(tracer: Any, root: nn.Module | None = None) -> Iterator[None]:
         table[key] = value
         undo.append(lambda: table.__setitem__(key, old))
 
+    # forward AD scripts its decompositions on first use, which fails on the wrappers below
+    # (a leaf's forward using it would raise); load them first (once per process, ~0.1 s)
+    import torch.autograd.forward_ad as forward_ad
+    with warnings.catch_warnings():  # torch.jit.script is deprecated
+        warnings.simplefilter("ignore")
+        forward_ad._maybe_load_decompositions()
     _ACTIVE.append(tracer)
     try:
         _patch_function_apply(tracer, patch)
@@ -275,12 +284,38 @@ def capturing(tracer: Any, root: nn.Module | None = None) -> Iterator[None]:
         _patch_distributions(tracer, patch)
         _patch_factories(tracer, patch)
         _patch_native_constructors(tracer, patch)
+        _patch_meta_addresses(tracer, patch)
         _patch_bound_names(root, replaced, patch_item)
         yield
     finally:
         for fn in reversed(undo):
             fn()
         _ACTIVE.remove(tracer)
+
+
+def _patch_meta_addresses(tracer: Any, patch: Callable) -> None:
+    """A meta tensor's ``data_ptr()`` is 0: user code run on meta tensors for a meta value (a
+    leaf's forward, an opaque call) that reads memory there (``ctypes.c_float.from_address``)
+    killed the interpreter.  It raises instead, and the meta value comes from small real
+    tensors (:func:`value_on_real_data`); ``torch.Tensor.data_ptr(t)`` of a traced value is
+    ``t.data_ptr()``, read at run time."""
+    original = torch._C.TensorBase.data_ptr
+    storage_data_ptr = torch._C.StorageBase.data_ptr
+
+    def data_ptr(self):
+        if isinstance(self, fx.Proxy):
+            return tracer.create_proxy("call_method", "data_ptr", (self,), {})
+        if self.is_meta:
+            raise RuntimeError("data_ptr() of a meta tensor: no memory behind it")
+        return original(self)
+
+    def storage_address(self):  # t.untyped_storage().data_ptr(), t.storage().data_ptr()
+        if self.device.type == "meta":
+            raise RuntimeError("data_ptr() of a meta storage: no memory behind it")
+        return storage_data_ptr(self)
+
+    patch(torch.Tensor, "data_ptr", data_ptr)
+    patch(torch.UntypedStorage, "data_ptr", storage_address)
 
 
 def _patch_function_apply(tracer: Any, patch: Callable) -> None:
@@ -641,6 +676,19 @@ def _patch_refused(tracer: Any, patch: Callable) -> None:
     refusals = [(torch.jit, "trace", jit_way_out), (torch.jit, "trace_module", jit_way_out),
                 (dlpack, "to_dlpack", None), (torch, "to_dlpack", None),
                 (torch._C, "_to_dlpack", None)]
+    import torch.autograd.forward_ad as forward_ad
+    # no graph form: differentiation while tracing (Tensor.backward: ShapedProxy)
+    for owner, name in ((torch.autograd, "grad"), (torch.autograd, "backward"),
+                        (forward_ad, "make_dual")):
+        original = getattr(owner, name)
+
+        def differentiate(*args, original=original, label=f"{owner.__name__}.{name}",
+                          **kwargs):
+            if not _computing(tracer) and _has_proxy((args, kwargs)):
+                raise autograd_error(tracer, label)
+            return original(*args, **kwargs)
+
+        patch(owner, name, functools.wraps(original)(differentiate))
     for owner, name, way_out in refusals:
         original = getattr(owner, name, None)
         if original is None:
@@ -718,6 +766,74 @@ def numpy_error(tracer: Any, proxy: fx.Proxy) -> Exception:
         "keep it a tensor op; to log it use t.detach().cpu().numpy() (dropped from the graph "
         "when no output depends on it)" +
         (f"; or mark this module as a leaf (leaf_modules=['{path}'])" if path else ""))
+
+
+def _leaf_way_out(path: str) -> str:
+    if path:
+        return (f"mark this module as a leaf so that its forward runs as is: "
+                f"compile_supernet(..., leaf_modules=['{path}'])")
+    return ("move that code into a submodule and mark it as a leaf so that its forward runs "
+            "as is: compile_supernet(..., leaf_modules=['<its path>'])")
+
+
+def attribute_write_error(tracer: Any, proxy: fx.Proxy, name: str) -> Exception:
+    """``t.grad = g``, ``t.data = d``, ``t.requires_grad = b`` on a traced value: a graph
+    records no attribute writes, so the compiled module would silently skip it."""
+    return _user_error(
+        tracer,
+        f"`.{name}` of the traced value `{proxy.node.name}` is assigned; a graph records no "
+        f"attribute writes, so the compiled module would silently skip it",
+        f"set `.{name}` outside forward (in the training step), where the tensor is real; "
+        f"or {_leaf_way_out(tracer.current_module()[0])}")
+
+
+def autograd_error(tracer: Any, name: str) -> Exception:
+    return _user_error(
+        tracer,
+        f"`{name}` is called on traced values inside forward; while tracing they have no "
+        f"autograd history, and the tracer does not record differentiation",
+        f"compute gradients outside forward (in the training step); or "
+        f"{_leaf_way_out(tracer.current_module()[0])}")
+
+
+_STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def _is_stdlib(filename: str) -> bool:
+    return filename.startswith(_STDLIB) and "site-packages" not in filename and \
+        "dist-packages" not in filename
+
+
+def foreign_error(tracer: Any, exc: Exception) -> Exception:
+    """Python's, a library's or native code's own error escaping the traced forward
+    (``memoryview(t)``, ``ctypes`` at ``t.data_ptr()``, ``torch.save(t, f)``,
+    ``torch.Tensor.add(t, 1)``...): one TraceError naming the module whose forward raised
+    it, the user's line (the innermost one in the traceback) and a way out."""
+    from .tracer import TraceError, _describe_frame, _is_user_file
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    sources = getattr(tracer, "_shadow_sources", {})
+    module = next((sources[id(f.f_locals["self"])] for f in reversed(frames)
+                   if id(f.f_locals.get("self")) in sources), tracer.root)
+    path = next((p for p, m in tracer.root.named_modules() if m is module), "")
+    user = [f for f in frames if _is_user_file(f.f_code.co_filename) and
+            not _is_stdlib(f.f_code.co_filename)]  # the user's code, not copy.py
+    text = str(exc).strip().splitlines()
+    problem = (f"{type(exc).__name__}: {text[0] if text else ''} (raised while tracing: a "
+               f"traced value has no data or storage, so code that needs a real tensor "
+               f"fails on it -- memoryview, ctypes, pickling, torch.testing, as_subclass, an "
+               f"unbound torch.Tensor method; if the model raises this eagerly too, the "
+               f"model itself is at fault)")
+    unbound = re.search(r"descriptor '(\w+)' for '[\w.]*TensorBase' objects", str(exc))
+    method = (f"call it as a method, `t.{unbound[1]}(...)` instead of "
+              f"`torch.Tensor.{unbound[1]}(t, ...)`; or "
+              if unbound and not unbound[1].startswith("__") else "")  # not t.__bool__()
+    return TraceError(problem, module_path=path, module_type=type(module).__name__,
+                      source=_describe_frame(user[-1]) if user else None,
+                      way_out=method + _leaf_way_out(path))
 
 
 def _on_meta(factory: Callable) -> Callable:

@@ -19,6 +19,7 @@ import weakref
 from torch import nn
 
 from .analysis import MixedOp
+from .descriptors import Ref
 from .ir import Role, SupernetIR
 
 __all__ = ["module_label", "candidate_name", "candidate_names", "value_name", "edge_of",
@@ -112,10 +113,27 @@ def _modules_of(ir: SupernetIR, names) -> list[str]:
         node = ir.node(n)
         if node.opcode == "call_module":
             out.append(node.target)
-        elif node.opcode == "get_attr" and node.notes.role is Role.KERNEL and \
-                "." in node.target:
-            out.append(node.target.rsplit(".", 1)[0])
+        elif node.notes.role is Role.KERNEL:
+            source = _kernel_source(ir, n)
+            if source is not None and "." in source:
+                out.append(source.rsplit(".", 1)[0])
     return list(dict.fromkeys(out))
+
+
+def _kernel_source(ir: SupernetIR, name: str, depth: int = 0) -> str | None:
+    """The parameter a kernel node reads: itself (``get_attr``), or, through ``kn``'s
+    ``normalize_kernels([...])[i]``, item ``i`` of the batch (kn batches every kernel of one
+    shape into one call, so the branch holds the ``getitem``, not the parameter)."""
+    node = ir.node(name)
+    if node.opcode == "get_attr":
+        return str(node.target)
+    if depth < 8 and node.desc.op == "getitem" and isinstance(node.args[0], Ref) and \
+            isinstance(node.args[1], int):
+        batch = ir.node(node.args[0].name).args
+        if batch and isinstance(batch[0], (list, tuple)) and node.args[1] < len(batch[0]) \
+                and isinstance(batch[0][node.args[1]], Ref):
+            return _kernel_source(ir, batch[0][node.args[1]].name, depth + 1)
+    return None
 
 
 def _name_at(ir: SupernetIR, path: str) -> str:

@@ -117,6 +117,10 @@ def _describe_frame(frame: types.FrameType | None) -> str | None:
 # --------------------------------------------------------------------------------------
 
 _NO_TRACE = {"__array__", "__array_interface__", "__array_struct__"}
+_TENSOR_DESCRIPTORS = frozenset(
+    name for name in dir(torch.Tensor) if not name.startswith("__") and
+    hasattr(type(inspect.getattr_static(torch.Tensor, name)), "__set__"))
+"""What ``t.name = v`` writes into a tensor (``grad``, ``data``, ``requires_grad``...)."""
 
 
 class ShapedProxy(fx.Proxy):
@@ -140,9 +144,16 @@ class ShapedProxy(fx.Proxy):
             return torch.Tensor
         return type(self)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _TENSOR_DESCRIPTORS:  # t.grad = g: the graph would silently drop it
+            raise capture.attribute_write_error(self.tracer, self, name)
+        object.__setattr__(self, name, value)
+
     def __getattr__(self, k: str) -> "ShapedAttribute":
         if k in _NO_TRACE:  # numpy.asarray(t) would read data the trace does not have
             raise capture.numpy_error(self.tracer, self)
+        if k == "backward":  # no graph form (torch.autograd.grad: see capture.py)
+            raise capture.autograd_error(self.tracer, "Tensor.backward")
         return ShapedAttribute(self, k)
 
     def _concrete(self, what: str) -> Any:
@@ -544,10 +555,16 @@ class SupernetTracer(fx.Tracer):
                                  for i, leaf in enumerate(pytree.tree_leaves(value), 1)}
 
         attrs_before = set(root.__dict__)
-        with _guard_random(self), capture.capturing(self, root), self.guards.active():
-            graph = self.trace(root, concrete_args=concrete or None)
-        for name in set(root.__dict__) - attrs_before:  # fx keeps tensor constants on the root
-            self.plain_tensor_attrs[name] = root.__dict__.pop(name)
+        try:
+            with _guard_random(self), capture.capturing(self, root), self.guards.active():
+                graph = self.trace(root, concrete_args=concrete or None)
+        except Exception as exc:
+            if type(exc).__module__.startswith(__package__):  # a refusal, or guards.NotDynamic
+                raise
+            raise capture.foreign_error(self, exc) from exc  # Python's, torch's, a library's
+        finally:
+            for name in set(root.__dict__) - attrs_before:  # fx's tensor constants
+                self.plain_tensor_attrs[name] = root.__dict__.pop(name)
         _check_fx_can_generate(graph, root, concrete)
         self.capture_notes.extend(capture.drop_bookkeeping(graph))
         _keep_argument_names(graph, concrete)
@@ -624,7 +641,9 @@ def _run_leaf_on_random_data(module: nn.Module, args: tuple, kwargs: dict) -> An
         return v
 
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        # in the caller's grad mode, as eager code (a leaf may call torch.autograd.grad); its
+        # submodules run, not record (fx patches Module.__call__ while tracing)
+        with torch.random.fork_rng(devices=[]), _maybe_revert_all_patches():
             clone = copy.deepcopy(module).cpu()
             out = clone(*torch.utils._pytree.tree_map(realize, args),
                         **torch.utils._pytree.tree_map(realize, kwargs))
