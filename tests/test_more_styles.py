@@ -6,11 +6,10 @@ run), where rounding is far below the tolerances: in float32, FairDARTS's sigmoi
 (which do not sum to one) make the exact mode's ``w'_i = w_i / w_S`` round differently from
 eager's ``w_i`` by a relative 2e-5 in some gradients, above ``assert_same_step``'s 1e-5.
 
-The strict xfails are compiler bugs these styles exposed, each minimized to a few modules:
-a float set on many modules becomes a run-time input one module per re-trace (DARTS-'s beta
-hits the re-trace limit); a run-time float's holder is refreshed in place under saved
-tensors.  A third, ``scaled_batch_norm`` building an affine-free BatchNorm's weight in the
-scale's dtype, is fixed and kept as a regression test.
+Three compiler bugs these styles exposed are fixed and kept as regression tests: a float set
+on many modules became a run-time input one module per re-trace (DARTS-'s beta hit the
+re-trace limit); a run-time float's holder was refreshed in place under saved tensors;
+``scaled_batch_norm`` built an affine-free BatchNorm's weight in the scale's dtype.
 """
 from __future__ import annotations
 
@@ -27,7 +26,6 @@ from helpers import assert_same_step
 from supernets import darts_original
 from supernets.more_styles import AuxMixedOp, Architect, NUM_CLASSES, STYLES, random_alpha
 from topo_compiler import compile_supernet
-from topo_compiler.guards import RecompileLimitError
 
 NAMES = sorted(STYLES)
 TIGHT = dict(rtol=1e-9, atol=1e-11)
@@ -285,11 +283,6 @@ class _BetaMixed(nn.Module):
         return res + self.aux(x) * self.beta
 
 
-@pytest.mark.xfail(strict=True, raises=RecompileLimitError, reason=(
-    "a float attribute changed on many modules at once is made a run-time input one module "
-    "per re-trace: Dispatch._retrace promotes only each variant's first_failure, so DARTS-'s "
-    "beta decay re-traces every epoch and, with more MixedOps than cache_size_limit (8), "
-    "raises RecompileLimitError naming `ops.N.beta` (a real DARTS- has 112 MixedOps)"))
 def test_decaying_beta_on_every_mixed_op_is_one_more_trace():
     """Setting the same decaying float on every mixed op, epoch after epoch, is followed and
     makes all of them run-time inputs at once: one re-trace, not one per module."""
@@ -303,13 +296,6 @@ def test_decaying_beta_on_every_mixed_op_is_one_more_trace():
     assert len(compiled.report.variants) == 2, compiled.report.variants
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "a run-time float's holder is one 0-d tensor refreshed in place before each call "
-    "(guards: holder.fill_); a graph that saved it for backward (`aux(x) * beta` keeps beta "
-    "for aux's gradient) sees it modified by the next call, so two forwards with different "
-    "values before one backward raise autograd's 'modified by an inplace operation' (eager "
-    "bakes each call's float). Gradient accumulation while a scheduler moves beta or a "
-    "temperature every iteration hits it"))
 def test_two_forwards_with_different_run_time_floats_before_one_backward(float64):
     """Two calls with different betas, one backward over both: eager's gradients."""
     def run(module, model):

@@ -389,3 +389,20 @@ def test_darts_custom_primitives():
     assert model.primitives == prims
     assert model.alphas_reduce.shape == (14, 3)
     assert model(x).shape == (2, NUM_CLASSES)
+
+
+def test_guards_on_a_built_in_space_name_its_source_line():
+    """The built-in supernets are model code: a guard on ``cells.0._steps`` names the line of
+    ``spaces/darts.py`` that read it (it named the caller's ``compile_supernet`` line, since
+    frames in the package were skipped as the compiler's own)."""
+    import warnings
+
+    from topo_compiler import compile_supernet
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = compile_supernet(spaces.build("darts", C=4, layers=1),
+                                    spaces.default_input("darts", resolution=8))
+    steps = [g for g in compiled.report.guards if g.startswith("`cells.0._steps`")]
+    assert len(steps) == 1
+    assert re.search(r"spaces[/\\]darts\.py:\d+: `for i in range\(self\._steps\):`", steps[0])

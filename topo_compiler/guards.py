@@ -911,18 +911,24 @@ class _TensorWatch:
 
 
 class _DynamicSlot:
-    """Copies a dynamic number from the model into its 0-d tensor before each call."""
+    """Copies a dynamic number from the model into its 0-d tensor before each call.
 
-    __slots__ = ("read", "holder", "last")
+    The tensor is shared by every variant reading that number (and filled by a re-trace), so
+    its version says whether this slot was the last to write it.  Each call's graph copies
+    the tensor before using it (:func:`read_holders_once`), so filling it in place never
+    reaches a graph still waiting for its backward."""
+
+    __slots__ = ("read", "holder", "last", "version")
 
     def __init__(self, read: Callable[[], Any], holder: torch.Tensor):
-        self.read, self.holder, self.last = read, holder, _MISSING
+        self.read, self.holder, self.last, self.version = read, holder, _MISSING, -1
 
     def refresh(self) -> None:
         value = self.read()
-        if value != self.last or type(value) is not type(self.last):
+        if value != self.last or type(value) is not type(self.last) or \
+                self.holder._version != self.version:  # why: another variant wrote it
             self.holder.fill_(float(value))
-            self.last = value
+            self.last, self.version = value, self.holder._version
 
 
 class GuardSet:
@@ -985,6 +991,11 @@ class GuardSet:
 
     def first_failure(self, args: tuple) -> tuple[Guard, Any] | None:
         """The first guard that does not hold, and the value found there."""
+        return next(self.failures(args), None)
+
+    def failures(self, args: tuple) -> Iterable[tuple[Guard, Any]]:
+        """Every guard that does not hold, in order, with the value found there (one guard
+        at a time: the slow path of a re-trace, not the per-call check)."""
         for g, read in zip(self.guards, self._readers):
             try:
                 value = read(args)
@@ -992,20 +1003,55 @@ class GuardSet:
                 value = _MISSING
             if g.access[0] == "tensor":
                 if not value.holds():
-                    return g, value.read()
+                    yield g, value.read()
                 continue
             if g.access[0] == "ident":
                 if value is not g.expected:
-                    return g, value
+                    yield g, value
                 continue
             ok = _is_number(value) if g.dynamic else _same(value, g.expected)
             if not ok:
-                return g, value
-        return None
+                yield g, value
 
     def refresh(self) -> None:
         for slot in self.slots:
             slot.refresh()
+
+
+def read_holders_once(module: fx.GraphModule, holders: Iterable[torch.Tensor]) -> int:
+    """Make ``module``'s graph read each run-time number through a copy of its 0-d tensor,
+    taken when the call reads it; returns how many reads were rewritten.
+
+        before:  mul = aux * self._dynamic_beta                   (autograd saves the holder)
+        after:   _dynamic_beta_now = self._dynamic_beta.clone()
+                 mul = aux * _dynamic_beta_now                     (saves this call's copy)
+
+    why: the holder is refilled in place before each call; a graph that saved it for its
+    backward (``aux(x) * beta``) would see the next call's value, and autograd refuses
+    ('modified by an inplace operation') when two forwards with different values run before
+    one backward (eager bakes each call's float).  The holder itself stays what the graph
+    reads, so a CUDA-graph runner still keys its captures on its value.
+    """
+    wanted = {id(h) for h in holders}
+    graph = module.graph
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or not node.users:
+            continue
+        value: Any = module
+        for atom in str(node.target).split("."):
+            value = getattr(value, atom, None)
+        if id(value) not in wanted or any(u.op == "call_method" and u.target == "clone" and
+                                          u.name.endswith("_now") for u in node.users):
+            continue
+        with graph.inserting_after(node):
+            now = graph.create_node("call_method", "clone", (node,), name=f"{node.name}_now")
+        now.meta.update(node.meta)
+        node.replace_all_uses_with(now, delete_user_cb=lambda user: user is not now)
+        rewritten += 1
+    if rewritten:
+        module.recompile()
+    return rewritten
 
 
 def _closure(read: Callable[[tuple], Any]) -> Callable[[], Any]:
@@ -1156,6 +1202,8 @@ class Dispatch:
         self.dynamic: set[tuple] = set(dynamic)
         self.static_only: set[tuple] = set()
         self.history: list[tuple[Guard, Any, Any]] = []
+        if self.holders:  # a compile that reads run-time numbers (a reload, a re-trace's)
+            read_holders_once(primary, self.holders.values())
         self.variants: list[Variant] = [
             Variant(primary, GuardSet(guards, model, self.holders), "first trace")]
         self.retraces = 0
@@ -1181,34 +1229,48 @@ class Dispatch:
     # -- re-tracing -----------------------------------------------------------------------
     def _retrace(self, a: tuple) -> Variant:
         names = self.signature.names
-        failures = [f for f in (v.guards.first_failure(a) for v in self.variants) if f]
-        guard, found = failures[0] if failures else (None, None)
-        newly_dynamic = [g.access for g, value in failures
-                         if not g.dynamic and type(g.expected) is float and _is_number(value)
-                         and g.access[0] in ("attr", "arg", "global")
-                         and g.access not in self.static_only
-                         and g.access not in self.dynamic]
+        # why every failing guard, not the first: a float set on many modules at once (a
+        # decaying beta on every mixed op, a tau on every cell) becomes a run-time input in
+        # one re-trace, as dynamo's automatic dynamic marks every changed source
+        failures = [list(v.guards.failures(a)) for v in self.variants]
+        named = next((f for f in failures if f), [])
+        guard, found = named[0] if named else (None, None)
+        newly_dynamic = list(dict.fromkeys(
+            g.access for g, value in itertools.chain.from_iterable(failures)
+            if not g.dynamic and type(g.expected) is float and _is_number(value)
+            and g.access[0] in ("attr", "arg", "global")
+            and g.access not in self.static_only and g.access not in self.dynamic))
         self.dynamic.update(newly_dynamic)
+        sources = {g.access: g.source for g, _ in itertools.chain.from_iterable(failures)
+                   if g.access in newly_dynamic}
         if guard is not None:
             self.history.append((guard, guard.expected, found))
         if len(self.variants) >= self.settings.cache_size_limit:
-            raise RecompileLimitError(self._limit_message(guard, found))
+            raise RecompileLimitError(self._limit_message(guard, found, len(named) - 1))
         reason = "re-trace" if guard is None else \
-            f"{guard.label(names)} changed from {_short(guard.expected)} to {_short(found)}"
+            f"{guard.label(names)}{_and_more(len(named) - 1)} changed from " \
+            f"{_short(guard.expected)} to {_short(found)}"
         if newly_dynamic:
-            reason += " (now read at run time: " + ", ".join(
-                describe_access(d, names) for d in newly_dynamic) + ")"
+            reason += " (now read at run time: " + describe_access(newly_dynamic[0], names) + \
+                _and_more(len(newly_dynamic) - 1) + ")"
         while True:
             options = TraceOptions(frozenset(self.dynamic), self.holders)
             try:
                 module = self._compile(a, options)
                 break
             except NotDynamic as exc:  # Python needs its value: a constant after all
-                self.dynamic.discard(exc.access)
-                self.static_only.add(exc.access)
-                reason += f" ({describe_access(exc.access, names)} decides Python control " \
+                # why: the same line of code reads it on every module promoted with it (one
+                # trace per module otherwise); a wrong guess only costs a later re-trace
+                line = sources.get(exc.access)
+                static = {exc.access} | {d for d in newly_dynamic
+                                         if line is not None and sources[d] == line}
+                self.dynamic -= static
+                self.static_only |= static
+                reason += f" ({describe_access(exc.access, names)}" \
+                          f"{_and_more(len(static) - 1)} decides Python control " \
                           f"flow or is needed as a number, so it stays a constant)"
         self.holders.update(options.holders)
+        read_holders_once(module, self.holders.values())
         graphs = self.variants[-1].module.__dict__.get("cuda_graphs")  # the first trace's
         if graphs is not None:  # why: every variant replays captured graphs, not only the first
             graphs.adopt(module, variant=len(self.variants) + 1)
@@ -1230,9 +1292,9 @@ class Dispatch:
                 self.model, tuple(a[:n]), example_kwargs=dict(zip(self.signature.names[n:], a[n:])),
                 cache_size_limit=self.settings.cache_size_limit, **self.settings.kwargs())
 
-    def _limit_message(self, guard: Guard | None, found: Any) -> str:
+    def _limit_message(self, guard: Guard | None, found: Any, others: int = 0) -> str:
         names = self.signature.names
-        what = "the model's state" if guard is None else guard.label(names)
+        what = "the model's state" if guard is None else guard.label(names) + _and_more(others)
         seen = [f"{_short(old)} -> {_short(new)}" for g, old, new in self.history
                 if guard is not None and g.access == guard.access]
         where = f"\n  read at {guard.source}" if guard is not None and guard.source else ""
@@ -1285,6 +1347,10 @@ class Dispatch:
             new.variants.append(Variant(module, GuardSet(guards, model, new.holders),
                                         v.reason))
         return new
+
+
+def _and_more(n: int) -> str:
+    return f" (and {n} more)" if n > 0 else ""
 
 
 def _short(value: Any) -> str:

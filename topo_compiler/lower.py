@@ -150,6 +150,18 @@ class CompiledSupernet(fx.GraphModule):
             dispatch.model.train(mode)
         return self
 
+    def __copy__(self) -> "CompiledSupernet":
+        """A shallow copy, as ``copy.copy`` makes of any module: it shares the parameters,
+        submodules, hooks, graph, guards and variants (a re-trace through one serves both:
+        they run the same model).
+
+        why: fx's ``GraphModule.__copy__`` builds a plain ``GraphModule`` running the first
+        variant's code without its guards (stale once a guarded value changes)."""
+        res = object.__new__(type(self))
+        res.__dict__.update(self.__dict__)
+        res.__dict__.pop("_view", None)  # why: the model's methods called on it call the copy
+        return res
+
     def __deepcopy__(self, memo: dict[int, Any]) -> "CompiledSupernet":
         source = self.__dict__.get("_source_model")
         model = copy.deepcopy(source, memo)  # first: shared tensors and leaves map through memo

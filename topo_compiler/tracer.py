@@ -54,6 +54,7 @@ _DATA_DEPENDENT = {
 }
 
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+_SPACES_DIR = os.path.join(_OWN_DIR, "spaces")  # the built-in supernets are model code
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 
@@ -88,8 +89,8 @@ def _is_user_file(filename: str) -> bool:
     known = _USER_FILES.get(filename)
     if known is None:
         path = os.path.abspath(filename)
-        known = not (path.startswith(_TORCH_DIR) or path.startswith(_OWN_DIR)
-                     or filename.startswith("<"))
+        known = not (path.startswith(_TORCH_DIR) or filename.startswith("<") or
+                     (path.startswith(_OWN_DIR) and not path.startswith(_SPACES_DIR)))
         _USER_FILES[filename] = known
     return known
 

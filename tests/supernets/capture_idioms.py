@@ -40,6 +40,7 @@ Idioms:
 * ``bookkeeping``: ``alphas_cpu = softmax(alpha).detach().cpu()``, ``.tolist()``,
   ``.numpy()`` and appends to a Python list, none of which the output depends on.
 """
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -165,9 +166,12 @@ class CheckpointNonReentrant(_Base):
         return cp.checkpoint(self.mixed, x, weights, use_reentrant=False)
 
 
-@torch.jit.script
-def sharpen(alpha: torch.Tensor, tau: float) -> torch.Tensor:
-    return torch.softmax(alpha / tau, dim=-1)
+with warnings.catch_warnings():  # torch 2.13 deprecates torch.jit.script; NAS code still uses it
+    warnings.simplefilter("ignore", DeprecationWarning)
+
+    @torch.jit.script
+    def sharpen(alpha: torch.Tensor, tau: float) -> torch.Tensor:
+        return torch.softmax(alpha / tau, dim=-1)
 
 
 class JitScript(_Base):
