@@ -332,8 +332,8 @@ def test_proxyless_partial_compile_driven_through_the_returned_module(float64):
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "partial compile returns a shallow copy of the model's module tree (partial.py, "
-    "compile_partially); Python state a loop then sets on the model's modules "
+    "partial compile returns a shallow copy of the model's module tree (partial.py "
+    "compile_partially, l.281-284); Python state a loop then sets on the model's modules "
     "(ProxylessNAS's binarize rebinding `self.active_index`, unused_modules_off) never "
     "reaches the copy's eagerly-run modules, which keep the compile-time path: silently "
     "stale, where a CompiledSupernet follows the model (README: samplers set model.arch)"))
@@ -395,7 +395,7 @@ class _ReadsChild(nn.Module):
     "a plain attribute of a submodule read from its parent's forward is not guarded: "
     "the tracer shadows a module only when it is called (tracer.py "
     "SupernetTracer.call_module/_shadow, "
-    "l.312-344), the parent's `self.gate` is the real child, whose reads "
+    "l.324-356), the parent's `self.gate` is the real child, whose reads "
     "GuardRecorder.on_attribute (guards.py:310) never sees; changing `gate.on` keeps the "
     "old graph silently (read in the child's own forward it re-traces)"))
 @pytest.mark.parametrize("through_method", [False, True], ids=["attribute", "method"])
@@ -412,7 +412,7 @@ def test_child_attribute_read_by_the_parent_is_followed(through_method):
 @pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
     "NASLib's cell is an nn.Module and an nx.DiGraph; its alphas live in the edge data "
     "(self._adj[u][v]['alpha']): the tracer proxies tensors only one container deep with "
-    "str keys (tracer.py SupernetTracer._proxy_tensors, l.351-359), so each edge's "
+    "str keys (tracer.py SupernetTracer._proxy_tensors, l.358-372), so each edge's "
     "softmax(alpha) runs at trace time and is baked as fx's `_tensor_constant` -- with its "
     "autograd history: no mixed op is found, no baked value is reported, the alphas' updates "
     "never reach the forward, and the second backward raises 'Trying to backward through "
@@ -455,7 +455,7 @@ class _EdgeDataAlpha(nn.Module):
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "minimal: a Parameter two dict levels deep (self.edges[1]['alpha']) is read as the real "
     "tensor while tracing; softmax(alpha) is baked as a constant (tracer.py "
-    "_proxy_tensors, l.351-359), silently: the changed alpha is not followed"))
+    "_proxy_tensors, l.358-372), silently: the changed alpha is not followed"))
 def test_parameter_two_dicts_deep_is_followed():
     torch.manual_seed(0)
     model = _EdgeDataAlpha()
@@ -490,7 +490,7 @@ def test_nni3_gumbel_darts_walking_the_model_gives_eager_alphas(float64):
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "compiled.modules() yields the compiled module's mirrors of the model's containers: "
-    "plain nn.Module()s holding the same parameters (lower.py _mirror_into, l.~200-227), "
+    "plain nn.Module()s holding the same parameters (lower.py _mirror_into, l.213-239), "
     "without the model's classes or Python attributes; NNI 3's on_train_epoch_start walks "
     "self.model.modules() for `_softmax` and sets `.tau` on the mirrors' empty placeholder "
     "modules: the model's tau never changes, silently"))
