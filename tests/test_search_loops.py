@@ -205,12 +205,6 @@ class _TensorOfList(nn.Module):
         return x * F.softmax(self.alpha / torch.tensor([t], dtype=x.dtype), dim=-1).sum()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "descriptors._schema_template calls torch.fx's normalize_function(torch.tensor, "
-    "arg_types=(list,)) without silencing it; fx warns 'Does not support nested parametric "
-    "types, got typing.List[~t]. Please file a bug.' (operator_schemas.py:333) on every "
-    "compile of a forward with torch.tensor([t], dtype=...) (SNAS's RelaxedOneHotCategorical "
-    "temperature)"))
 def test_torch_tensor_of_a_list_compiles_without_warnings():
     from topo_compiler import descriptors
     descriptors._schema_template.cache_clear()  # it warns once per process (lru_cache)
