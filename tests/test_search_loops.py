@@ -482,12 +482,6 @@ def test_nni3_gumbel_darts_walking_the_model_gives_eager_alphas(float64):
     assert "now read at run time" in compiled.report.variants[2]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "compiled.modules() yields the compiled module's mirrors of the model's containers: "
-    "plain nn.Module()s holding the same parameters (lower.py _mirror_into, l.213-239), "
-    "without the model's classes or Python attributes; NNI 3's on_train_epoch_start walks "
-    "self.model.modules() for `_softmax` and sets `.tau` on the mirrors' empty placeholder "
-    "modules: the model's tau never changes, silently"))
 def test_nni3_gumbel_darts_as_upstream_walks_the_compiled_module(float64):
     data = _batches(6)
     eager = _build('nni3')
@@ -500,9 +494,6 @@ def test_nni3_gumbel_darts_as_upstream_walks_the_compiled_module(float64):
     _assert_same_records(want, got)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "minimal: `for m in compiled.modules(): if isinstance(m, GumbelSoftmax): m.tau = 0.5` "
-    "finds no GumbelSoftmax (a non-leaf module is mirrored by a plain nn.Module)"))
 def test_compiled_modules_are_the_models_modules(float64):
     model = _build('nni3')
     x = torch.randn(2, 3, 8, 8)
