@@ -13,11 +13,13 @@ import copy
 import pickle
 import warnings
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from topo_compiler import compile_supernet
+from topo_compiler.tracer import TraceError
 
 
 class Edge(nn.Module):
@@ -118,3 +120,68 @@ def test_copies_walk_their_own_model():
         assert all(e.scale == 1.0 for e in model.edges)
         torch.testing.assert_close(other(x), source(x))
     torch.testing.assert_close(compiled(x), model(x))
+
+
+# -- parameters in nested containers (NASLib keeps alphas in networkx edge data) --------------
+class NestedEdges(nn.Module):
+    """Alphas two and three containers down, under int and tuple keys (``_adj[u][v]``), a
+    tensor list inside; plain tensors under the keys ``1`` and ``'1'`` (one sanitized name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.alphas = nn.ParameterList(nn.Parameter(torch.zeros(2)) for _ in range(2))
+        self.ops = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 3)])
+        self.adj = {1: {2: {"alpha": self.alphas[0]}}, (2, 3): [({"alpha": self.alphas[1]},)]}
+        self.scales = {"s": {1: torch.tensor(2.0), "1": torch.tensor(3.0)}}
+        self.succ = self.adj  # networkx: `_succ is _adj`
+
+    def forward(self, x):
+        a = F.softmax(self.adj[1][2]["alpha"], dim=-1)
+        x = sum(w * op(x) for w, op in zip(a, self.ops)) * self.scales["s"][1]
+        b = F.softmax(self.succ[(2, 3)][0][0]["alpha"], dim=-1)
+        return sum(w * op(x) for w, op in zip(b, self.ops)) * self.scales["s"]["1"]
+
+
+def test_parameters_in_nested_containers_are_read_as_themselves():
+    torch.manual_seed(0)
+    model = NestedEdges()
+    adj_before = model.adj[1][2]
+    x = torch.randn(2, 3)
+    compiled = _compile(model, x)
+    assert len(compiled.report.mixed_ops) == 2
+    torch.testing.assert_close(compiled(x), model(x))
+    with torch.no_grad():
+        model.alphas[0][0] = 3.0
+        model.alphas[1][1] = -2.0
+    torch.testing.assert_close(compiled(x), model(x))
+    compiled(x).sum().backward()
+    compiled(x).sum().backward()  # a baked softmax(alpha) would raise here (its history)
+    assert model.alphas[0].grad is not None and model.alphas[1].grad is not None
+    assert model.adj[1][2] is adj_before and model.adj[1][2]["alpha"] is model.alphas[0]
+    assert model.succ is model.adj  # the model's containers are left as they were
+
+
+class Holder:
+    pass
+
+
+class HiddenAlpha(nn.Module):
+    """The alpha behind a plain object the tracer does not look into."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(2))
+        self.ops = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 3)])
+        self.holder = Holder()
+        self.holder.alpha = self.alpha
+
+    def forward(self, x):
+        weights = F.softmax(self.holder.alpha, dim=-1)
+        return sum(w * op(x) for w, op in zip(weights, self.ops))
+
+
+def test_a_tensor_computed_from_an_unreachable_parameter_is_refused_not_baked():
+    model = HiddenAlpha()
+    with pytest.raises(TraceError, match="baked into the graph as a constant, with its "
+                                         "autograd history"):
+        compile_supernet(model, torch.randn(2, 3), exact=True, partial=False)

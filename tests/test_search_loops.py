@@ -403,14 +403,6 @@ def test_child_attribute_read_by_the_parent_is_followed(through_method):
 
 
 # -- NASLib -----------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "NASLib's cell is an nn.Module and an nx.DiGraph; its alphas live in the edge data "
-    "(self._adj[u][v]['alpha']): the tracer proxies tensors only one container deep with "
-    "str keys (tracer.py SupernetTracer._proxy_tensors, l.358-372), so each edge's "
-    "softmax(alpha) runs at trace time and is baked as fx's `_tensor_constant` -- with its "
-    "autograd history: no mixed op is found, no baked value is reported, the alphas' updates "
-    "never reach the forward, and the second backward raises 'Trying to backward through "
-    "the graph a second time'"))
 def test_naslib_search_gives_eager_alphas(float64):
     """NASLib's ``DARTSOptimizer`` step (arch step on the validation batch, weight step on
     the training batch) through the compiled networkx cells: eager's losses and alphas."""
@@ -423,9 +415,6 @@ def test_naslib_search_gives_eager_alphas(float64):
     _assert_same_records(want, got)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the same cause: with every softmax(alpha) baked, the compiler sees no mixed op in the "
-    "NASLib cells and warns NoMixedOpWarning"))
 def test_naslib_cells_mixed_ops_are_found():
     model = _build('naslib')
     compiled = _compile(model, STYLES['naslib'].example_inputs(), exact=True)
@@ -446,10 +435,6 @@ class _EdgeDataAlpha(nn.Module):
         return sum(w * op(x) for w, op in zip(weights, self.ops))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "minimal: a Parameter two dict levels deep (self.edges[1]['alpha']) is read as the real "
-    "tensor while tracing; softmax(alpha) is baked as a constant (tracer.py "
-    "_proxy_tensors, l.358-372), silently: the changed alpha is not followed"))
 def test_parameter_two_dicts_deep_is_followed():
     torch.manual_seed(0)
     model = _EdgeDataAlpha()
