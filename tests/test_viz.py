@@ -210,7 +210,8 @@ class Named(nn.Module):
 
 
 _names = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc"),
-                                        blacklist_characters="."), min_size=1, max_size=8)
+                                        blacklist_characters="."), min_size=1, max_size=8
+                 ).filter(lambda n: not hasattr(nn.ModuleDict, n))  # torch refuses 'apply' as a key
 
 
 @needs_dot
