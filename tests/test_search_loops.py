@@ -331,12 +331,6 @@ def test_proxyless_partial_compile_driven_through_the_returned_module(float64):
     _assert_same_records(want, got)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "partial compile returns a shallow copy of the model's module tree (partial.py "
-    "compile_partially, l.281-284); Python state a loop then sets on the model's modules "
-    "(ProxylessNAS's binarize rebinding `self.active_index`, unused_modules_off) never "
-    "reaches the copy's eagerly-run modules, which keep the compile-time path: silently "
-    "stale, where a CompiledSupernet follows the model (README: samplers set model.arch)"))
 def test_proxyless_partial_compile_follows_the_models_state(float64):
     """The loop samples paths on the model (``model.reset_binary_gates()``) and calls the
     partially compiled module."""

@@ -206,6 +206,72 @@ class _Dispatch:
         return compiled
 
 
+_VIEW_CLASSES: dict[type, type] = {}
+_VIEW_OWN = frozenset({"_modules", "_parameters", "_buffers", "forward", "_view_of", "report",
+                       "source_model", "graph_forward"})
+
+
+def _view_class(cls: type) -> type:
+    """``cls`` whose instances are views of one of the model's modules: every attribute
+    but the children (views in turn), the dispatching ``forward`` and the report is the
+    model module's own (read and written there).
+
+    why: the search loop keeps setting Python state on the model's modules after compiling
+    (ProxylessNAS's ``reset_binary_gates()`` rebinding ``active_index``, a sampler setting
+    ``model.arch``); a copy of their ``__dict__`` would keep the compile-time values and run
+    the compile-time path, silently.  The compiled submodules are compiled from the model's
+    own modules, so their guards read the same state.
+    """
+    view = _VIEW_CLASSES.get(cls)
+    if view is not None:
+        return view
+    data = {name for klass in cls.__mro__ for name, v in vars(klass).items()
+            if hasattr(type(v), "__set__") or hasattr(type(v), "__delete__")}
+
+    def __getattribute__(self, name):
+        own = object.__getattribute__(self, "__dict__")
+        if name in own:
+            return own[name]
+        source = own["_view_of"].__dict__
+        if name in source and name not in data:
+            return source[name]
+        return object.__getattribute__(self, name)
+
+    def __setattr__(self, name, value):
+        own = object.__getattribute__(self, "__dict__")
+        if name in _VIEW_OWN:
+            own["_modules"].pop(name, None)
+            own[name] = value
+            return
+        setattr(own["_view_of"], name, value)
+        if isinstance(value, nn.Module):
+            own["_modules"][name] = value
+
+    def __delattr__(self, name):
+        own = object.__getattribute__(self, "__dict__")
+        if name in _VIEW_OWN and name in own:
+            del own[name]
+            return
+        own["_modules"].pop(name, None)
+        delattr(own["_view_of"], name)
+
+    def __dir__(self):
+        own = object.__getattribute__(self, "__dict__")
+        return sorted(set(nn.Module.__dir__(self)) | set(own["_view_of"].__dict__))
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"a partially compiled {cls.__name__} cannot be pickled: save the "
+                        f"model (model.state_dict()) and compile it again after loading")
+
+    view = type(cls.__name__, (cls,), {
+        "__getattribute__": __getattribute__, "__setattr__": __setattr__,
+        "__delattr__": __delattr__, "__dir__": __dir__, "__reduce_ex__": __reduce_ex__,
+        "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__})
+    _VIEW_CLASSES[cls] = view
+    return view
+
+
 def _sum_counts(counts: Any) -> ModuleCounts:
     counts = list(counts)
     return ModuleCounts(sum(c.conv for c in counts), sum(c.non_conv for c in counts))
@@ -278,10 +344,11 @@ def compile_partially(model: nn.Module, example_inputs: tuple, root_error: Trace
     def shadow_tree(module: nn.Module, path: str) -> nn.Module:
         if id(module) in memo:
             return memo[id(module)]
-        shadow = object.__new__(type(module))
-        shadow.__dict__.update(module.__dict__)
-        for field in ("_parameters", "_buffers"):  # same tensors, registries of its own
-            shadow.__dict__[field] = dict(module.__dict__[field])
+        shadow = object.__new__(_view_class(type(module)))
+        own = object.__getattribute__(shadow, "__dict__")
+        own["_view_of"] = module
+        for field in ("_parameters", "_buffers"):  # why: nn.Module reads them in __dict__
+            own[field] = module.__dict__[field]
         memo[id(module)] = shadow
         children = {}
         for name, child in module._modules.items():
@@ -290,7 +357,7 @@ def compile_partially(model: nn.Module, example_inputs: tuple, root_error: Trace
                 children[name] = child
             else:
                 children[name] = shadow_tree(child, child_path)
-        object.__setattr__(shadow, "_modules", children)
+        own["_modules"] = children
         if path and type(module).forward is not nn.Module.forward:
             outcome = ModuleOutcome(path, type(module).__name__, UNREACHED,
                                     "not called through __call__ so far (not reached, or its "

@@ -1,0 +1,106 @@
+"""A partially compiled module follows the Python state the search loop sets on the model
+after compiling (``model.arch = ...``, a child's ``active_index``), on its eager root and on
+its eager children, and writes through it reach the model."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from topo_compiler import compile_supernet
+from topo_compiler.partial import PartialReport
+
+
+class Cell(nn.Module):
+    """Traceable: a weighted sum of two candidates."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x, w):
+        return w[0] * self.a(x) + w[1] * self.b(x)
+
+
+class Picker(nn.Module):
+    """Untraceable (``.item()`` decides control flow): runs the cell ``active_index`` picks."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells = nn.ModuleList([Cell(), Cell()])
+        self.active_index = 0
+
+    def forward(self, x, w):
+        if x.abs().sum().item() >= 0:
+            return self.cells[self.active_index](x, w)
+        return x
+
+
+class Net(nn.Module):
+    """Untraceable root reading its own ``arch`` (a sampler sets it) and a child's state."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.randn(2))
+        self.heads = nn.ModuleList([Cell(), Cell()])
+        self.picker = Picker()
+        self.arch = 0
+
+    def forward(self, x):
+        w = self.alpha.softmax(0)
+        if x.abs().sum().item() >= 0:
+            x = self.heads[self.arch](x, w)
+        return self.picker(x, w)
+
+
+def _partial(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = compile_supernet(model, x, exact=True)
+    assert isinstance(compiled.report, PartialReport)
+    return compiled
+
+
+def test_root_attribute_set_on_the_model_is_followed():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 3, 8, 8)
+    compiled = _partial(model, x)
+    model.arch = 1
+    torch.testing.assert_close(compiled(x), model(x))
+    assert compiled.arch == 1
+
+
+def test_child_attribute_set_on_the_model_is_followed():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 3, 8, 8)
+    compiled = _partial(model, x)
+    before = compiled(x)
+    model.picker.active_index = 1
+    after = compiled(x)
+    torch.testing.assert_close(after, model(x))
+    assert not torch.allclose(before, after)
+
+
+def test_state_set_through_the_returned_module_reaches_the_model():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 3, 8, 8)
+    compiled = _partial(model, x)
+    assert model.arch == 0 and model.picker.active_index == 0  # compiling changed nothing
+    compiled.arch = 1
+    compiled.picker.active_index = 1
+    assert model.arch == 1 and model.picker.active_index == 1
+    torch.testing.assert_close(compiled(x), model(x))
+    compiled.eval()
+    assert not model.training and not model.picker.training
+
+
+def test_replaced_parameter_is_followed():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 3, 8, 8)
+    compiled = _partial(model, x)
+    model.alpha = nn.Parameter(torch.tensor([5.0, -5.0]))
+    torch.testing.assert_close(compiled(x), model(x))
+    assert compiled.alpha is model.alpha
