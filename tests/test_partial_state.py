@@ -104,3 +104,84 @@ def test_replaced_parameter_is_followed():
     model.alpha = nn.Parameter(torch.tensor([5.0, -5.0]))
     torch.testing.assert_close(compiled(x), model(x))
     assert compiled.alpha is model.alpha
+
+
+# -- a re-trace that meets an untraceable forward falls back to partial compile -----------
+class Switch(nn.Module):
+    """Traceable while ``sampling`` is False; ``.item()`` control flow once it is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.randn(2))
+        self.cell = Cell()
+        self.sampling = False
+
+    def forward(self, x):
+        w = self.alpha.softmax(0)
+        if self.sampling and x.abs().sum().item() >= 0:
+            w = w.flip(0)
+        return self.cell(x, w)
+
+
+def test_retrace_that_cannot_trace_falls_back_to_partial_compile():
+    from topo_compiler.partial import PartialCompileWarning
+    torch.manual_seed(0)
+    model, x = Switch(), torch.randn(2, 3, 8, 8)
+    compiled = compile_supernet(model, x, exact=True)
+    torch.testing.assert_close(compiled(x), model(x))
+    model.sampling = True
+    with pytest.warns(PartialCompileWarning, match="cannot be traced"):
+        got = compiled(x)
+    torch.testing.assert_close(got, model(x))
+    assert any(v.startswith("fallback:") for v in compiled.report.variants)
+    model.sampling = False  # the traced variant's guards hold again
+    torch.testing.assert_close(compiled(x), model(x))
+    model.sampling = True
+    got = compiled(x)  # the fallback again, no second re-trace
+    torch.testing.assert_close(got, model(x))
+    assert sum(v.startswith("fallback:") for v in compiled.report.variants) == 1
+    got.sum().backward()  # gradients flow through the fallback's compiled cell
+    assert model.alpha.grad is not None and model.cell.a.weight.grad is not None
+
+
+def test_retrace_with_partial_false_raises_naming_the_change():
+    from topo_compiler.tracer import TraceError
+    torch.manual_seed(0)
+    model, x = Switch(), torch.randn(2, 3, 8, 8)
+    compiled = compile_supernet(model, x, exact=True, partial=False)
+    model.sampling = True
+    with pytest.raises(TraceError) as info:
+        compiled(x)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "while re-tracing (`sampling` changed from False to True)" in notes, notes
+    assert "partial=True" in notes
+
+
+def test_proxyless_search_through_a_fallback_equals_eager():
+    """ProxylessNAS compiled unchanged: the arch step's re-trace falls back to partial
+    compile; losses, paths and alphas equal eager's."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_search_loops import _assert_same_records, _batches, _build
+    from supernets.search_loops import MixedEdge, proxyless_search
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        data = _batches(4)
+        eager = _build("proxyless")
+        torch.manual_seed(7)
+        want = proxyless_search(eager, eager, data)
+        MixedEdge.MODE = None
+        model = _build("proxyless")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = compile_supernet(model, data[0][0][:2], exact=True)
+            torch.manual_seed(7)
+            got = proxyless_search(compiled, model, data)
+        _assert_same_records(want, got)
+        assert any(v.startswith("fallback:") for v in compiled.report.variants)
+    finally:
+        MixedEdge.MODE = None
+        torch.set_default_dtype(old)

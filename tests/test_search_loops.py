@@ -289,12 +289,6 @@ def test_proxyless_search_with_mixed_edges_as_leaves_gives_eager_alphas(float64)
     assert len(compiled.report.variants) == 1, compiled.report.variants
 
 
-@pytest.mark.xfail(strict=True, raises=TraceError, reason=(
-    "the first trace (MODE None: the active path) succeeds; ProxylessNAS's arch step sets "
-    "MODE='full_v2' and new paths, the re-trace meets ArchGradientFunction closing over "
-    "AP_path_wb and raises TraceError from compiled(x): a re-trace never falls back to "
-    "partial compile (api.py: `if not partial or options is not None ...: raise`), so the "
-    "default partial=True does not help mid-search"))
 def test_proxyless_search_compiled_unchanged(float64):
     """ProxylessNAS's loop through the module compiled with no option at all."""
     data = _batches(4)

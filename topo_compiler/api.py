@@ -342,7 +342,8 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
     settings = guards.CompileSettings(passes=passes, exact=exact,
                                       leaf_modules=tuple(leaf_modules),
                                       pass_options=pass_options,
-                                      cache_size_limit=cache_size_limit)
+                                      cache_size_limit=cache_size_limit,
+                                      partial=partial)
     compiled.__dict__["_compile_call"] = (settings, _example_spec(example_inputs),
                                           _example_spec(dict(example_kwargs or {})))
     if options is not None and options.retrace:  # the dispatcher that asked keeps the guards

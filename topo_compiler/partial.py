@@ -303,7 +303,7 @@ def _record_calls(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
 
     The copy keeps the user's parameters, buffers and random generators untouched.
     """
-    twin = copy.deepcopy(model)
+    twin = copy.deepcopy(model, _detached_memo(model))
     calls: dict[str, tuple] = {}
     handles = []
     for path, module in twin.named_modules():
@@ -326,6 +326,31 @@ def _record_calls(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
         if np is not None:
             np.random.set_state(np_state)
     return calls
+
+
+def _detached_memo(model: nn.Module) -> dict[int, Any]:
+    """A ``deepcopy`` memo giving each tensor with autograd history that a module keeps as
+    a plain attribute (ProxylessNAS's ``AP_path_wb`` after a forward) a detached copy.
+
+    why: ``deepcopy`` refuses non-leaf tensors, and a re-trace falls back to partial compile
+    in the middle of a search, when the model holds the last forward's tensors."""
+    memo: dict[int, Any] = {}
+
+    def seed(value: Any) -> None:
+        if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+            memo[id(value)] = value.detach().clone()
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                seed(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                seed(v)
+
+    for module in model.modules():
+        for name, value in module.__dict__.items():
+            if not name.startswith("_"):
+                seed(value)
+    return memo
 
 
 def compile_partially(model: nn.Module, example_inputs: tuple, root_error: TraceError,
@@ -394,3 +419,41 @@ def compile_partially(model: nn.Module, example_inputs: tuple, root_error: Trace
                   f"{len(report.compiled)} submodule(s) compiled, the rest runs eagerly "
                   f"(see .report)", PartialCompileWarning, stacklevel=4)
     return root
+
+
+def fall_back_partially(model: nn.Module, args: tuple, n_positional: int, error: TraceError,
+                        reason: str, settings: Any) -> nn.Module:
+    """What a compiled supernet runs when a re-trace cannot trace the forward (the model's
+    state changed into an untraceable one, ProxylessNAS's ``MODE='full_v2'``): the partial
+    compile of the model as it is now, with the first compile's ``settings``.  Raises
+    ``error``, with a note saying why, when the first compile asked for ``partial=False``,
+    when the forward has keyword-only arguments, or when nothing it reaches can be traced."""
+    from .api import _compile_partially
+
+    def refuse(why: str) -> None:
+        error.add_note(f"raised by compiled(...) while re-tracing ({reason}); {why}")
+        raise error
+
+    if not settings.partial:
+        refuse("compile_supernet(..., partial=True) (the default) would run this forward "
+               "eagerly and compile its submodules instead")
+    if len(args) > n_positional:
+        refuse("a forward with keyword-only arguments cannot fall back to partial compile")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            module = _compile_partially(model, tuple(args), error,
+                                        cache_size_limit=settings.cache_size_limit,
+                                        **settings.kwargs())
+        except TraceError as again:
+            cause = again.__cause__
+            refuse("partial compile cannot run it either: " +
+                   (f"the model does not run on these arguments ({cause!r})" if cause else
+                    "no submodule the call reaches can be traced"))
+    module.__dict__["graph_forward"] = module.forward
+    warnings.warn(f"{type(model).__name__}: re-tracing ({reason}) met a forward that cannot "
+                  f"be traced ({_short(error)}); calls no traced variant admits now run "
+                  f"partially compiled ({len(module.report.compiled)} submodule(s) compiled, "
+                  f"the rest eagerly; see .report.variants)", PartialCompileWarning,
+                  stacklevel=2)
+    return module
