@@ -185,3 +185,21 @@ def test_proxyless_search_through_a_fallback_equals_eager():
     finally:
         MixedEdge.MODE = None
         torch.set_default_dtype(old)
+
+
+def test_deep_copy_is_a_view_of_a_copy_of_the_model():
+    import copy
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 3, 8, 8)
+    compiled = _partial(model, x)
+    twin = copy.deepcopy(compiled)
+    twin.arch = 1
+    twin.picker.active_index = 1
+    assert model.arch == 0 and model.picker.active_index == 0  # the original is untouched
+    assert twin.alpha is not model.alpha
+    torch.testing.assert_close(compiled(x), model(x))
+    model.arch, model.picker.active_index = 1, 1
+    torch.testing.assert_close(twin(x), model(x))  # same weights, same state: same output
+    with torch.no_grad():
+        twin.alpha.add_(1.0)
+    assert not torch.allclose(twin.alpha, model.alpha)

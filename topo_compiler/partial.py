@@ -15,9 +15,18 @@ A submodule that traces is ``compiled`` when the passes change its graph (a DART
 the sampled weights as an argument) and ``traced`` when they change nothing (a single
 candidate op): it then runs its own forward, which costs no dispatch.
 
-The returned module is a shallow copy of the model's module tree (same classes, the very
-same parameters and buffers) in which each submodule's ``forward`` dispatches to its compiled
-graph.  Untraceable modules keep their own forward and their children dispatch in turn.
+The returned module is a tree of views of the model's modules (subclasses of their classes
+with the same names): every attribute -- Python state such as ``active_index`` or ``arch``,
+parameters, buffers, hooks, ``training`` -- is read from and written to the model's module,
+so state the search loop sets on the model after compiling is followed; only the children
+(views in turn) and each submodule's ``forward``, which dispatches to its compiled graph, are
+the view's own.  Untraceable modules run their own forward and their children dispatch in
+turn.  The compiled submodules are compiled from the model's own modules, so their guards
+read the same state.  A deep copy is a view of a deep copy of the model; a view cannot be
+pickled (save the model and compile it again).
+
+A compiled supernet whose re-trace meets an untraceable forward (the loop switched the model
+into a mode the tracer cannot follow) falls back the same way: :func:`fall_back_partially`.
 
 Granularity: a compiled graph is keyed by its input signature (shapes after the batch,
 dtypes, non-tensor argument values).  A module that sees more than ``max_variants``
@@ -260,12 +269,23 @@ def _view_class(cls: type) -> type:
         return sorted(set(nn.Module.__dir__(self)) | set(own["_view_of"].__dict__))
 
     def __reduce_ex__(self, protocol):
-        raise TypeError(f"a partially compiled {cls.__name__} cannot be pickled: save the "
-                        f"model (model.state_dict()) and compile it again after loading")
+        raise TypeError(f"a partially compiled {cls.__name__} is a view of the model's "
+                        f"modules and cannot be pickled: save the model (model.state_dict()) "
+                        f"and compile it again after loading")
+
+    def __deepcopy__(self, memo):  # a view of a deep copy of the model's module
+        own = object.__getattribute__(self, "__dict__")
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new_own = object.__getattribute__(new, "__dict__")
+        for key, value in own.items():  # _view_of first: the registries are its own
+            new_own[key] = copy.deepcopy(value, memo)
+        return new
 
     view = type(cls.__name__, (cls,), {
         "__getattribute__": __getattribute__, "__setattr__": __setattr__,
         "__delattr__": __delattr__, "__dir__": __dir__, "__reduce_ex__": __reduce_ex__,
+        "__deepcopy__": __deepcopy__,
         "__module__": cls.__module__, "__qualname__": cls.__qualname__,
         "__doc__": cls.__doc__})
     _VIEW_CLASSES[cls] = view
