@@ -106,6 +106,25 @@ def test_replaced_parameter_is_followed():
     assert compiled.alpha is model.alpha
 
 
+def test_children_set_on_the_model_are_followed():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 3, 8, 8)
+    compiled = _partial(model, x)
+    model.heads[1] = Cell()  # new weights, compiled on its first call
+    model.arch = 1
+    torch.testing.assert_close(compiled(x), model(x))
+    assert [id(p) for p in compiled.parameters()] == [id(p) for p in model.parameters()]
+    assert sorted(compiled.state_dict()) == sorted(model.state_dict())
+    unused = model.picker.cells[1]
+    model.picker.cells[1] = None  # ProxylessNAS's unused_modules_off
+    assert compiled.picker.cells[1] is None
+    torch.testing.assert_close(compiled(x), model(x))
+    model.picker.cells[1] = unused
+    model.picker.active_index = 1
+    torch.testing.assert_close(compiled(x), model(x))
+    assert len(compiled.picker.cells) == 2
+
+
 # -- a re-trace that meets an untraceable forward falls back to partial compile -----------
 class Switch(nn.Module):
     """Traceable while ``sampling`` is False; ``.item()`` control flow once it is set."""
@@ -169,7 +188,7 @@ def test_proxyless_search_through_a_fallback_equals_eager():
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        data = _batches(4)
+        data = _batches(8)  # 4 weight and 4 arch steps, several paths
         eager = _build("proxyless")
         torch.manual_seed(7)
         want = proxyless_search(eager, eager, data)
@@ -192,6 +211,8 @@ def test_deep_copy_is_a_view_of_a_copy_of_the_model():
     torch.manual_seed(0)
     model, x = Net(), torch.randn(2, 3, 8, 8)
     compiled = _partial(model, x)
+    compiled(x)
+    before = str(compiled.report)
     twin = copy.deepcopy(compiled)
     twin.arch = 1
     twin.picker.active_index = 1
@@ -203,3 +224,6 @@ def test_deep_copy_is_a_view_of_a_copy_of_the_model():
     with torch.no_grad():
         twin.alpha.add_(1.0)
     assert not torch.allclose(twin.alpha, model.alpha)
+    assert str(compiled.report) == before  # the copy's calls leave the original's report
+
+

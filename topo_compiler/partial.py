@@ -220,6 +220,119 @@ _VIEW_OWN = frozenset({"_modules", "_parameters", "_buffers", "forward", "_view_
                        "source_model", "graph_forward"})
 
 
+def _unview(value: Any) -> Any:
+    """The model's module a view shows (what the model's own tree may hold), else ``value``."""
+    if isinstance(value, nn.Module):
+        source = object.__getattribute__(value, "__dict__").get("_view_of")
+        if source is not None:
+            return source
+    return value
+
+
+class _Children(dict):
+    """A view's ``_modules``: the model module's children as they are now (a loop may set
+    one to ``None`` and back, ProxylessNAS's ``unused_modules_off``), each non-leaf one seen
+    through its view (made on first sight for a child set after compiling).  Writes go to
+    the model module's ``_modules``.  why: a copy would keep the compile-time children."""
+
+    def __init__(self, source: dict, tree: "_Tree", path: str):
+        super().__init__()
+        self.source = source
+        self.tree = tree
+        self.path = path
+        self.cache: dict[str, tuple[nn.Module, nn.Module]] = {}
+
+    def view(self, key: str, child: Any) -> Any:
+        if child is None or _is_standard_leaf(child):
+            return child
+        hit = self.cache.get(key)
+        if hit is not None and hit[0] is child:
+            return hit[1]
+        view = self.tree.view(child, f"{self.path}.{key}" if self.path else key)
+        self.cache[key] = (child, view)
+        return view
+
+    def __getitem__(self, key):
+        return self.view(key, self.source[key])
+
+    def get(self, key, default=None):
+        return self.view(key, self.source[key]) if key in self.source else default
+
+    def __contains__(self, key):
+        return key in self.source
+
+    def __iter__(self):
+        return iter(self.source)
+
+    def __len__(self):
+        return len(self.source)
+
+    def __bool__(self):
+        return bool(self.source)
+
+    def keys(self):
+        return self.source.keys()
+
+    def values(self):
+        return [self.view(k, m) for k, m in self.source.items()]
+
+    def items(self):
+        return [(k, self.view(k, m)) for k, m in self.source.items()]
+
+    def __setitem__(self, key, value):
+        self.source[key] = _unview(value)
+
+    def __delitem__(self, key):
+        del self.source[key]
+
+    def pop(self, key, *default):
+        return self.source.pop(key, *default)
+
+    def __repr__(self):
+        return f"_Children({dict(self.items())!r})"
+
+    def __deepcopy__(self, memo):
+        new = _Children(copy.deepcopy(self.source, memo), copy.deepcopy(self.tree, memo),
+                        self.path)
+        new.cache = copy.deepcopy(self.cache, memo)
+        return new
+
+
+class _Tree:
+    """Makes the views of one partial compile (each module's once) and their dispatchers."""
+
+    def __init__(self, compile_fn: Callable[[nn.Module, tuple], nn.Module], max_variants: int):
+        self.compile_fn = compile_fn
+        self.max_variants = max_variants
+        self.outcomes: dict[str, ModuleOutcome] = {}
+        self.dispatchers: dict[str, _Dispatch] = {}
+        self.memo: dict[int, nn.Module] = {}
+
+    def view(self, module: nn.Module, path: str) -> nn.Module:
+        hit = self.memo.get(id(module))
+        if hit is not None and object.__getattribute__(hit, "__dict__")["_view_of"] is module:
+            return hit
+        shadow = object.__new__(_view_class(type(module)))
+        own = object.__getattribute__(shadow, "__dict__")
+        own["_view_of"] = module
+        for field in ("_parameters", "_buffers"):  # why: nn.Module reads them in __dict__
+            own[field] = module.__dict__[field]
+        self.memo[id(module)] = shadow
+        children = own["_modules"] = _Children(module._modules, self, path)
+        for name, child in module._modules.items():  # views (and dispatchers) up front
+            children.view(name, child)
+        if path and type(module).forward is not nn.Module.forward:
+            outcome = ModuleOutcome(path, type(module).__name__, UNREACHED,
+                                    "not called through __call__ so far (not reached, or its "
+                                    "parent calls another method of it)")
+            self.outcomes[path] = outcome
+            dispatch = _Dispatch(path, module, shadow, self.compile_fn, self.max_variants,
+                                 outcome)
+            own["forward"] = dispatch
+            self.dispatchers[path] = dispatch
+        return shadow
+
+
 def _view_class(cls: type) -> type:
     """``cls`` whose instances are views of one of the model's modules: every attribute
     but the children (views in turn), the dispatching ``forward`` and the report is the
@@ -237,32 +350,35 @@ def _view_class(cls: type) -> type:
     data = {name for klass in cls.__mro__ for name, v in vars(klass).items()
             if hasattr(type(v), "__set__") or hasattr(type(v), "__delete__")}
 
+    # an instance made otherwise (``self.__class__(...)``, ModuleList slicing) is a plain one
     def __getattribute__(self, name):
         own = object.__getattribute__(self, "__dict__")
         if name in own:
             return own[name]
-        source = own["_view_of"].__dict__
-        if name in source and name not in data:
-            return source[name]
+        source = own.get("_view_of")
+        if source is not None:
+            source = source.__dict__
+            if name in source and name not in data:
+                return source[name]
         return object.__getattribute__(self, name)
 
     def __setattr__(self, name, value):
         own = object.__getattribute__(self, "__dict__")
-        if name in _VIEW_OWN:
-            own["_modules"].pop(name, None)
+        if "_view_of" not in own:
+            cls.__setattr__(self, name, value)
+        elif name in _VIEW_OWN:
             own[name] = value
-            return
-        setattr(own["_view_of"], name, value)
-        if isinstance(value, nn.Module):
-            own["_modules"][name] = value
+        else:
+            setattr(own["_view_of"], name, _unview(value))
 
     def __delattr__(self, name):
         own = object.__getattribute__(self, "__dict__")
-        if name in _VIEW_OWN and name in own:
+        if "_view_of" not in own:
+            cls.__delattr__(self, name)
+        elif name in _VIEW_OWN and name in own:
             del own[name]
-            return
-        own["_modules"].pop(name, None)
-        delattr(own["_view_of"], name)
+        else:
+            delattr(own["_view_of"], name)
 
     def __dir__(self):
         own = object.__getattribute__(self, "__dict__")
@@ -382,38 +498,9 @@ def compile_partially(model: nn.Module, example_inputs: tuple, root_error: Trace
     cannot be traced).  Raises ``root_error`` when no submodule the example run reaches can
     be traced (or the model does not run on ``example_inputs``).
     """
-    outcomes: dict[str, ModuleOutcome] = {}
-    dispatchers: dict[str, _Dispatch] = {}
-    memo: dict[int, nn.Module] = {}
-
-    def shadow_tree(module: nn.Module, path: str) -> nn.Module:
-        if id(module) in memo:
-            return memo[id(module)]
-        shadow = object.__new__(_view_class(type(module)))
-        own = object.__getattribute__(shadow, "__dict__")
-        own["_view_of"] = module
-        for field in ("_parameters", "_buffers"):  # why: nn.Module reads them in __dict__
-            own[field] = module.__dict__[field]
-        memo[id(module)] = shadow
-        children = {}
-        for name, child in module._modules.items():
-            child_path = f"{path}.{name}" if path else name
-            if child is None or _is_standard_leaf(child):
-                children[name] = child
-            else:
-                children[name] = shadow_tree(child, child_path)
-        own["_modules"] = children
-        if path and type(module).forward is not nn.Module.forward:
-            outcome = ModuleOutcome(path, type(module).__name__, UNREACHED,
-                                    "not called through __call__ so far (not reached, or its "
-                                    "parent calls another method of it)")
-            outcomes[path] = outcome
-            dispatch = _Dispatch(path, module, shadow, compile_fn, max_variants, outcome)
-            shadow.__dict__["forward"] = dispatch
-            dispatchers[path] = dispatch
-        return shadow
-
-    root = shadow_tree(model, "")
+    tree = _Tree(compile_fn, max_variants)
+    outcomes, dispatchers = tree.outcomes, tree.dispatchers
+    root = tree.view(model, "")
     report = PartialReport(type(model).__name__, _short(root_error), outcomes)
 
     # compile up front what the example run reaches, top-down (a compiled module's children
