@@ -227,3 +227,27 @@ def test_deep_copy_is_a_view_of_a_copy_of_the_model():
     assert str(compiled.report) == before  # the copy's calls leave the original's report
 
 
+
+
+class Outer(nn.Module):
+    """Untraceable root around a ``Switch`` that turns untraceable after compiling."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Switch()
+
+    def forward(self, x):
+        if x.abs().sum().item() >= 0:
+            return self.inner(x)
+        return x
+
+
+def test_compiled_submodule_whose_retrace_cannot_trace_runs_eagerly():
+    torch.manual_seed(0)
+    model, x = Outer(), torch.randn(2, 3, 8, 8)
+    compiled = _partial(model, x)
+    assert "inner" in compiled.report.compiled
+    model.inner.sampling = True
+    torch.testing.assert_close(compiled(x), model(x))
+    assert "inner" in compiled.report.eager
+    assert "a re-trace cannot trace it" in str(compiled.report)

@@ -178,7 +178,11 @@ class _Dispatch:
             compiled = self._compile(key, args)
         if compiled is None:
             return self.eager(*args)
-        return compiled(*args)
+        try:
+            return compiled(*args)
+        except TraceError as exc:  # its re-trace met an untraceable forward (before running)
+            self._refuse(EAGER, f"a re-trace cannot trace it: {_short(exc)}")
+            return self.eager(*args)
 
     def _refuse(self, state: str, reason: str) -> None:
         self.refused = True
