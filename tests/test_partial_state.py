@@ -149,8 +149,9 @@ def test_retrace_that_cannot_trace_falls_back_to_partial_compile():
     compiled = compile_supernet(model, x, exact=True)
     torch.testing.assert_close(compiled(x), model(x))
     model.sampling = True
-    with pytest.warns(PartialCompileWarning, match="cannot be traced"):
+    with pytest.warns(PartialCompileWarning, match="cannot be traced") as caught:
         got = compiled(x)
+    assert [w.filename for w in caught] == [__file__]  # points at the compiled(x) line
     torch.testing.assert_close(got, model(x))
     assert any(v.startswith("fallback:") for v in compiled.report.variants)
     model.sampling = False  # the traced variant's guards hold again

@@ -566,5 +566,16 @@ def fall_back_partially(model: nn.Module, args: tuple, n_positional: int, error:
                   f"be traced ({_short(error)}); calls no traced variant admits now run "
                   f"partially compiled ({len(module.report.compiled)} submodule(s) compiled, "
                   f"the rest eagerly; see .report.variants)", PartialCompileWarning,
-                  stacklevel=2)
+                  stacklevel=_callers_level())
     return module
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` of the first frame outside the compiler and torch (the user's
+    ``compiled(x)`` line) for a warning issued by the caller of this function."""
+    import os
+    skip = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    level, frame = 2, sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
