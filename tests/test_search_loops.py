@@ -283,12 +283,6 @@ def test_proxyless_search_with_mixed_edges_as_leaves_gives_eager_alphas(float64)
     assert len(compiled.report.variants) == 1, compiled.report.variants
 
 
-@pytest.mark.xfail(strict=True, raises=TraceError, reason=(
-    "the first trace (MODE None: the active path) succeeds; ProxylessNAS's arch step sets "
-    "MODE='full_v2' and new paths, the re-trace meets ArchGradientFunction closing over "
-    "AP_path_wb and raises TraceError from compiled(x): a re-trace never falls back to "
-    "partial compile (api.py: `if not partial or options is not None ...: raise`), so the "
-    "default partial=True does not help mid-search"))
 def test_proxyless_search_compiled_unchanged(float64):
     """ProxylessNAS's loop through the module compiled with no option at all."""
     data = _batches(4)
@@ -325,12 +319,6 @@ def test_proxyless_partial_compile_driven_through_the_returned_module(float64):
     _assert_same_records(want, got)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "partial compile returns a shallow copy of the model's module tree (partial.py "
-    "compile_partially, l.281-284); Python state a loop then sets on the model's modules "
-    "(ProxylessNAS's binarize rebinding `self.active_index`, unused_modules_off) never "
-    "reaches the copy's eagerly-run modules, which keep the compile-time path: silently "
-    "stale, where a CompiledSupernet follows the model (README: samplers set model.arch)"))
 def test_proxyless_partial_compile_follows_the_models_state(float64):
     """The loop samples paths on the model (``model.reset_binary_gates()``) and calls the
     partially compiled module."""

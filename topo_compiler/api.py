@@ -194,8 +194,12 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
         partial: when the forward cannot be traced, compile the submodules that can and run
             the rest eagerly (:mod:`~topo_compiler.partial`; ``.report`` is then a
             :class:`~topo_compiler.partial.PartialReport`; ``dump_dir`` and ``hooks`` are
-            not applied to the submodules); ``False`` raises the
-            :class:`~topo_compiler.tracer.TraceError` instead.
+            not applied to the submodules; the returned module's modules are views of
+            the model's, so Python state set on the model later is followed).  A re-trace
+            that meets an untraceable forward falls back the same way (a
+            ``PartialCompileWarning``, listed in ``report.variants``).  ``False`` raises
+            the :class:`~topo_compiler.tracer.TraceError` instead (from the call, for a
+            re-trace).
         cuda_graphs: run forward and backward as captured CUDA graphs (``True``, or a
             :class:`~topo_compiler.cuda_graphs.CudaGraphOptions`); calls that do not fit a
             capture (CPU tensors, grad disabled, a new shape's first call...) run uncaptured.
@@ -342,7 +346,8 @@ def compile_supernet(model: nn.Module, example_inputs: Any, *,
     settings = guards.CompileSettings(passes=passes, exact=exact,
                                       leaf_modules=tuple(leaf_modules),
                                       pass_options=pass_options,
-                                      cache_size_limit=cache_size_limit)
+                                      cache_size_limit=cache_size_limit,
+                                      partial=partial)
     compiled.__dict__["_compile_call"] = (settings, _example_spec(example_inputs),
                                           _example_spec(dict(example_kwargs or {})))
     if options is not None and options.retrace:  # the dispatcher that asked keeps the guards

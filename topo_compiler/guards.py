@@ -1182,6 +1182,8 @@ class CompileSettings:
     leaf_modules: tuple = ()
     pass_options: Any = None
     cache_size_limit: int = DEFAULT_CACHE_SIZE_LIMIT
+    partial: bool = True
+    """A re-trace that cannot trace the forward falls back to partial compile."""
 
     def kwargs(self) -> dict[str, Any]:
         return dict(passes=self.passes, exact=self.exact, leaf_modules=self.leaf_modules,
@@ -1207,6 +1209,8 @@ class Dispatch:
         self.variants: list[Variant] = [
             Variant(primary, GuardSet(guards, model, self.holders), "first trace")]
         self.retraces = 0
+        self.fallback: Variant | None = None
+        """The partial compile a re-trace fell back to: runs when no variant's guards hold."""
 
     # -- calls ---------------------------------------------------------------------------
     def __call__(self, args: tuple, kwargs: dict) -> Any:
@@ -1216,6 +1220,8 @@ class Dispatch:
                 if v.guards.slots:
                     v.guards.refresh()
                 return v.run(a)
+        if self.fallback is not None:
+            return self.fallback.run(a)
         return self._retrace(a).run(a)
 
     def select(self, args: tuple, kwargs: dict | None = None) -> Variant:
@@ -1224,10 +1230,14 @@ class Dispatch:
         for v in self.variants:
             if v.guards.check(a):
                 return v
+        if self.fallback is not None:
+            return self.fallback
         return self._retrace(a)
 
     # -- re-tracing -----------------------------------------------------------------------
     def _retrace(self, a: tuple) -> Variant:
+        from .tracer import TraceError
+
         names = self.signature.names
         # why every failing guard, not the first: a float set on many modules at once (a
         # decaying beta on every mixed op, a tau on every cell) becomes a run-time input in
@@ -1258,6 +1268,8 @@ class Dispatch:
             try:
                 module = self._compile(a, options)
                 break
+            except TraceError as error:  # this state's forward cannot be traced
+                return self._fall_back(a, error, reason)
             except NotDynamic as exc:  # Python needs its value: a constant after all
                 # why: the same line of code reads it on every module promoted with it (one
                 # trace per module otherwise); a wrong guess only costs a later re-trace
@@ -1281,6 +1293,23 @@ class Dispatch:
         if self.report is not None:
             self.report.variants.append(f"variant {len(self.variants)}: {reason}")
         return variant
+
+    def _fall_back(self, a: tuple, error: Exception, reason: str) -> Variant:
+        """The partial compile of the model as it is now (what a first compile would have
+        returned), kept as the variant for every call no traced variant's guards admit.
+        why: hours into a search, a re-trace's TraceError from ``compiled(x)`` is the worst
+        outcome, while the partial module computes what the model computes."""
+        from .partial import fall_back_partially
+
+        module = fall_back_partially(self.model, a, self.signature.n_positional, error,
+                                     reason, self.settings)
+        self.fallback = Variant(module, GuardSet((), self.model, {}),
+                                f"{reason}; the forward cannot be traced now, so it runs "
+                                f"partially compiled")
+        if self.report is not None:
+            self.report.variants.append(f"fallback: {self.fallback.reason} "
+                                        f"({module.report.root_error})")
+        return self.fallback
 
     def _compile(self, a: tuple, options: TraceOptions) -> nn.Module:
         from .api import compile_supernet
@@ -1320,11 +1349,14 @@ class Dispatch:
         names = self.signature.names
         return [f"variant {len(self.variants) - i}: {v.reason}" for i, v in
                 enumerate(self.variants)][::-1] + \
+            ([f"fallback: {self.fallback.reason}"] if self.fallback is not None else []) + \
             [f"read at run time: {describe_access(d, names)}" for d in sorted(self.dynamic)]
 
     def train(self, mode: bool) -> None:
         for v in self.variants:
             nn.Module.train(v.module, mode)
+        if self.fallback is not None:
+            self.fallback.module.train(mode)
 
     def rebind(self, model: nn.Module, primary: nn.Module, memo: dict) -> "Dispatch":
         """A copy for a deep-copied model (variants and holders copied through ``memo``)."""
@@ -1338,6 +1370,7 @@ class Dispatch:
         new.static_only = set(self.static_only)
         new.history = list(self.history)
         new.retraces = self.retraces
+        new.fallback = None  # why: the copy falls back again on its own model if it must
         new.variants = []
         for v in self.variants:
             module = primary if v.module is self.variants[-1].module else \

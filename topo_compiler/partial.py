@@ -15,9 +15,18 @@ A submodule that traces is ``compiled`` when the passes change its graph (a DART
 the sampled weights as an argument) and ``traced`` when they change nothing (a single
 candidate op): it then runs its own forward, which costs no dispatch.
 
-The returned module is a shallow copy of the model's module tree (same classes, the very
-same parameters and buffers) in which each submodule's ``forward`` dispatches to its compiled
-graph.  Untraceable modules keep their own forward and their children dispatch in turn.
+The returned module is a tree of views of the model's modules (subclasses of their classes
+with the same names): every attribute -- Python state such as ``active_index`` or ``arch``,
+parameters, buffers, hooks, ``training`` -- is read from and written to the model's module,
+so state the search loop sets on the model after compiling is followed; only the children
+(views in turn) and each submodule's ``forward``, which dispatches to its compiled graph, are
+the view's own.  Untraceable modules run their own forward and their children dispatch in
+turn.  The compiled submodules are compiled from the model's own modules, so their guards
+read the same state.  A deep copy is a view of a deep copy of the model; a view cannot be
+pickled (save the model and compile it again).
+
+A compiled supernet whose re-trace meets an untraceable forward (the loop switched the model
+into a mode the tracer cannot follow) falls back the same way: :func:`fall_back_partially`.
 
 Granularity: a compiled graph is keyed by its input signature (shapes after the batch,
 dtypes, non-tensor argument values).  A module that sees more than ``max_variants``
@@ -169,7 +178,11 @@ class _Dispatch:
             compiled = self._compile(key, args)
         if compiled is None:
             return self.eager(*args)
-        return compiled(*args)
+        try:
+            return compiled(*args)
+        except TraceError as exc:  # its re-trace met an untraceable forward (before running)
+            self._refuse(EAGER, f"a re-trace cannot trace it: {_short(exc)}")
+            return self.eager(*args)
 
     def _refuse(self, state: str, reason: str) -> None:
         self.refused = True
@@ -206,6 +219,199 @@ class _Dispatch:
         return compiled
 
 
+_VIEW_CLASSES: dict[type, type] = {}
+_VIEW_OWN = frozenset({"_modules", "_parameters", "_buffers", "forward", "_view_of", "report",
+                       "source_model", "graph_forward"})
+
+
+def _unview(value: Any) -> Any:
+    """The model's module a view shows (what the model's own tree may hold), else ``value``."""
+    if isinstance(value, nn.Module):
+        source = object.__getattribute__(value, "__dict__").get("_view_of")
+        if source is not None:
+            return source
+    return value
+
+
+class _Children(dict):
+    """A view's ``_modules``: the model module's children as they are now (a loop may set
+    one to ``None`` and back, ProxylessNAS's ``unused_modules_off``), each non-leaf one seen
+    through its view (made on first sight for a child set after compiling).  Writes go to
+    the model module's ``_modules``.  why: a copy would keep the compile-time children."""
+
+    def __init__(self, source: dict, tree: "_Tree", path: str):
+        super().__init__()
+        self.source = source
+        self.tree = tree
+        self.path = path
+        self.cache: dict[str, tuple[nn.Module, nn.Module]] = {}
+
+    def view(self, key: str, child: Any) -> Any:
+        if child is None or _is_standard_leaf(child):
+            return child
+        hit = self.cache.get(key)
+        if hit is not None and hit[0] is child:
+            return hit[1]
+        view = self.tree.view(child, f"{self.path}.{key}" if self.path else key)
+        self.cache[key] = (child, view)
+        return view
+
+    def __getitem__(self, key):
+        return self.view(key, self.source[key])
+
+    def get(self, key, default=None):
+        return self.view(key, self.source[key]) if key in self.source else default
+
+    def __contains__(self, key):
+        return key in self.source
+
+    def __iter__(self):
+        return iter(self.source)
+
+    def __len__(self):
+        return len(self.source)
+
+    def __bool__(self):
+        return bool(self.source)
+
+    def keys(self):
+        return self.source.keys()
+
+    def values(self):
+        return [self.view(k, m) for k, m in self.source.items()]
+
+    def items(self):
+        return [(k, self.view(k, m)) for k, m in self.source.items()]
+
+    def __setitem__(self, key, value):
+        self.source[key] = _unview(value)
+
+    def __delitem__(self, key):
+        del self.source[key]
+
+    def pop(self, key, *default):
+        return self.source.pop(key, *default)
+
+    def __repr__(self):
+        return f"_Children({dict(self.items())!r})"
+
+    def __deepcopy__(self, memo):
+        new = _Children(copy.deepcopy(self.source, memo), copy.deepcopy(self.tree, memo),
+                        self.path)
+        new.cache = copy.deepcopy(self.cache, memo)
+        return new
+
+
+class _Tree:
+    """Makes the views of one partial compile (each module's once) and their dispatchers."""
+
+    def __init__(self, compile_fn: Callable[[nn.Module, tuple], nn.Module], max_variants: int):
+        self.compile_fn = compile_fn
+        self.max_variants = max_variants
+        self.outcomes: dict[str, ModuleOutcome] = {}
+        self.dispatchers: dict[str, _Dispatch] = {}
+        self.memo: dict[int, nn.Module] = {}
+
+    def view(self, module: nn.Module, path: str) -> nn.Module:
+        hit = self.memo.get(id(module))
+        if hit is not None and object.__getattribute__(hit, "__dict__")["_view_of"] is module:
+            return hit
+        shadow = object.__new__(_view_class(type(module)))
+        own = object.__getattribute__(shadow, "__dict__")
+        own["_view_of"] = module
+        for field in ("_parameters", "_buffers"):  # why: nn.Module reads them in __dict__
+            own[field] = module.__dict__[field]
+        self.memo[id(module)] = shadow
+        children = own["_modules"] = _Children(module._modules, self, path)
+        for name, child in module._modules.items():  # views (and dispatchers) up front
+            children.view(name, child)
+        if path and type(module).forward is not nn.Module.forward:
+            outcome = ModuleOutcome(path, type(module).__name__, UNREACHED,
+                                    "not called through __call__ so far (not reached, or its "
+                                    "parent calls another method of it)")
+            self.outcomes[path] = outcome
+            dispatch = _Dispatch(path, module, shadow, self.compile_fn, self.max_variants,
+                                 outcome)
+            own["forward"] = dispatch
+            self.dispatchers[path] = dispatch
+        return shadow
+
+
+def _view_class(cls: type) -> type:
+    """``cls`` whose instances are views of one of the model's modules: every attribute
+    but the children (views in turn), the dispatching ``forward`` and the report is the
+    model module's own (read and written there).
+
+    why: the search loop keeps setting Python state on the model's modules after compiling
+    (ProxylessNAS's ``reset_binary_gates()`` rebinding ``active_index``, a sampler setting
+    ``model.arch``); a copy of their ``__dict__`` would keep the compile-time values and run
+    the compile-time path, silently.  The compiled submodules are compiled from the model's
+    own modules, so their guards read the same state.
+    """
+    view = _VIEW_CLASSES.get(cls)
+    if view is not None:
+        return view
+    data = {name for klass in cls.__mro__ for name, v in vars(klass).items()
+            if hasattr(type(v), "__set__") or hasattr(type(v), "__delete__")}
+
+    # an instance made otherwise (``self.__class__(...)``, ModuleList slicing) is a plain one
+    def __getattribute__(self, name):
+        own = object.__getattribute__(self, "__dict__")
+        if name in own:
+            return own[name]
+        source = own.get("_view_of")
+        if source is not None:
+            source = source.__dict__
+            if name in source and name not in data:
+                return source[name]
+        return object.__getattribute__(self, name)
+
+    def __setattr__(self, name, value):
+        own = object.__getattribute__(self, "__dict__")
+        if "_view_of" not in own:
+            cls.__setattr__(self, name, value)
+        elif name in _VIEW_OWN:
+            own[name] = value
+        else:
+            setattr(own["_view_of"], name, _unview(value))
+
+    def __delattr__(self, name):
+        own = object.__getattribute__(self, "__dict__")
+        if "_view_of" not in own:
+            cls.__delattr__(self, name)
+        elif name in _VIEW_OWN and name in own:
+            del own[name]
+        else:
+            delattr(own["_view_of"], name)
+
+    def __dir__(self):
+        own = object.__getattribute__(self, "__dict__")
+        return sorted(set(nn.Module.__dir__(self)) | set(own["_view_of"].__dict__))
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"a partially compiled {cls.__name__} is a view of the model's "
+                        f"modules and cannot be pickled: save the model (model.state_dict()) "
+                        f"and compile it again after loading")
+
+    def __deepcopy__(self, memo):  # a view of a deep copy of the model's module
+        own = object.__getattribute__(self, "__dict__")
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new_own = object.__getattribute__(new, "__dict__")
+        for key, value in own.items():  # _view_of first: the registries are its own
+            new_own[key] = copy.deepcopy(value, memo)
+        return new
+
+    view = type(cls.__name__, (cls,), {
+        "__getattribute__": __getattribute__, "__setattr__": __setattr__,
+        "__delattr__": __delattr__, "__dir__": __dir__, "__reduce_ex__": __reduce_ex__,
+        "__deepcopy__": __deepcopy__,
+        "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__})
+    _VIEW_CLASSES[cls] = view
+    return view
+
+
 def _sum_counts(counts: Any) -> ModuleCounts:
     counts = list(counts)
     return ModuleCounts(sum(c.conv for c in counts), sum(c.non_conv for c in counts))
@@ -237,7 +443,7 @@ def _record_calls(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
 
     The copy keeps the user's parameters, buffers and random generators untouched.
     """
-    twin = copy.deepcopy(model)
+    twin = copy.deepcopy(model, _detached_memo(model))
     calls: dict[str, tuple] = {}
     handles = []
     for path, module in twin.named_modules():
@@ -262,6 +468,31 @@ def _record_calls(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
     return calls
 
 
+def _detached_memo(model: nn.Module) -> dict[int, Any]:
+    """A ``deepcopy`` memo giving each tensor with autograd history that a module keeps as
+    a plain attribute (ProxylessNAS's ``AP_path_wb`` after a forward) a detached copy.
+
+    why: ``deepcopy`` refuses non-leaf tensors, and a re-trace falls back to partial compile
+    in the middle of a search, when the model holds the last forward's tensors."""
+    memo: dict[int, Any] = {}
+
+    def seed(value: Any) -> None:
+        if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+            memo[id(value)] = value.detach().clone()
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                seed(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                seed(v)
+
+    for module in model.modules():
+        for name, value in module.__dict__.items():
+            if not name.startswith("_"):
+                seed(value)
+    return memo
+
+
 def compile_partially(model: nn.Module, example_inputs: tuple, root_error: TraceError,
                       compile_fn: Callable[[nn.Module, tuple], nn.Module], *,
                       max_variants: int = 8) -> nn.Module:
@@ -271,37 +502,9 @@ def compile_partially(model: nn.Module, example_inputs: tuple, root_error: Trace
     cannot be traced).  Raises ``root_error`` when no submodule the example run reaches can
     be traced (or the model does not run on ``example_inputs``).
     """
-    outcomes: dict[str, ModuleOutcome] = {}
-    dispatchers: dict[str, _Dispatch] = {}
-    memo: dict[int, nn.Module] = {}
-
-    def shadow_tree(module: nn.Module, path: str) -> nn.Module:
-        if id(module) in memo:
-            return memo[id(module)]
-        shadow = object.__new__(type(module))
-        shadow.__dict__.update(module.__dict__)
-        for field in ("_parameters", "_buffers"):  # same tensors, registries of its own
-            shadow.__dict__[field] = dict(module.__dict__[field])
-        memo[id(module)] = shadow
-        children = {}
-        for name, child in module._modules.items():
-            child_path = f"{path}.{name}" if path else name
-            if child is None or _is_standard_leaf(child):
-                children[name] = child
-            else:
-                children[name] = shadow_tree(child, child_path)
-        object.__setattr__(shadow, "_modules", children)
-        if path and type(module).forward is not nn.Module.forward:
-            outcome = ModuleOutcome(path, type(module).__name__, UNREACHED,
-                                    "not called through __call__ so far (not reached, or its "
-                                    "parent calls another method of it)")
-            outcomes[path] = outcome
-            dispatch = _Dispatch(path, module, shadow, compile_fn, max_variants, outcome)
-            shadow.__dict__["forward"] = dispatch
-            dispatchers[path] = dispatch
-        return shadow
-
-    root = shadow_tree(model, "")
+    tree = _Tree(compile_fn, max_variants)
+    outcomes, dispatchers = tree.outcomes, tree.dispatchers
+    root = tree.view(model, "")
     report = PartialReport(type(model).__name__, _short(root_error), outcomes)
 
     # compile up front what the example run reaches, top-down (a compiled module's children
@@ -327,3 +530,52 @@ def compile_partially(model: nn.Module, example_inputs: tuple, root_error: Trace
                   f"{len(report.compiled)} submodule(s) compiled, the rest runs eagerly "
                   f"(see .report)", PartialCompileWarning, stacklevel=4)
     return root
+
+
+def fall_back_partially(model: nn.Module, args: tuple, n_positional: int, error: TraceError,
+                        reason: str, settings: Any) -> nn.Module:
+    """What a compiled supernet runs when a re-trace cannot trace the forward (the model's
+    state changed into an untraceable one, ProxylessNAS's ``MODE='full_v2'``): the partial
+    compile of the model as it is now, with the first compile's ``settings``.  Raises
+    ``error``, with a note saying why, when the first compile asked for ``partial=False``,
+    when the forward has keyword-only arguments, or when nothing it reaches can be traced."""
+    from .api import _compile_partially
+
+    def refuse(why: str) -> None:
+        error.add_note(f"raised by compiled(...) while re-tracing ({reason}); {why}")
+        raise error
+
+    if not settings.partial:
+        refuse("compile_supernet(..., partial=True) (the default) would run this forward "
+               "eagerly and compile its submodules instead")
+    if len(args) > n_positional:
+        refuse("a forward with keyword-only arguments cannot fall back to partial compile")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            module = _compile_partially(model, tuple(args), error,
+                                        cache_size_limit=settings.cache_size_limit,
+                                        **settings.kwargs())
+        except TraceError as again:
+            cause = again.__cause__
+            refuse("partial compile cannot run it either: " +
+                   (f"the model does not run on these arguments ({cause!r})" if cause else
+                    "no submodule the call reaches can be traced"))
+    module.__dict__["graph_forward"] = module.forward
+    warnings.warn(f"{type(model).__name__}: re-tracing ({reason}) met a forward that cannot "
+                  f"be traced ({_short(error)}); calls no traced variant admits now run "
+                  f"partially compiled ({len(module.report.compiled)} submodule(s) compiled, "
+                  f"the rest eagerly; see .report.variants)", PartialCompileWarning,
+                  stacklevel=_callers_level())
+    return module
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` of the first frame outside the compiler and torch (the user's
+    ``compiled(x)`` line) for a warning issued by the caller of this function."""
+    import os
+    skip = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    level, frame = 2, sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
