@@ -391,13 +391,6 @@ class _ReadsChild(nn.Module):
         return self.gate(x) if on else 2 * x
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a plain attribute of a submodule read from its parent's forward is not guarded: "
-    "the tracer shadows a module only when it is called (tracer.py "
-    "SupernetTracer.call_module/_shadow, "
-    "l.324-356), the parent's `self.gate` is the real child, whose reads "
-    "GuardRecorder.on_attribute (guards.py:310) never sees; changing `gate.on` keeps the "
-    "old graph silently (read in the child's own forward it re-traces)"))
 @pytest.mark.parametrize("through_method", [False, True], ids=["attribute", "method"])
 def test_child_attribute_read_by_the_parent_is_followed(through_method):
     torch.manual_seed(0)

@@ -203,6 +203,15 @@ def recording_type(cls: type) -> type:
                 _ACTIVE[-1].on_attribute(self, name, value)
         return value
 
+    def __getattr__(self, name: str):
+        # nn.Module.__getattr__ (fx patches it while tracing), looked up at each call
+        value = cls.__getattr__(self, name)
+        if _ACTIVE and isinstance(value, nn.Module) and \
+                base_get(self, "__dict__").get("_modules", {}).get(name) is value:
+            # a child read from this forward (``self.gate.on``): its reads are guarded too
+            return _ACTIVE[-1].on_child(self, name, value)
+        return value
+
     base_set = cls.__setattr__
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -212,6 +221,7 @@ def recording_type(cls: type) -> type:
 
     try:
         made = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__,
+                                           "__getattr__": __getattr__,
                                            "__setattr__": __setattr__,
                                            "__module__": cls.__module__,
                                            "__qualname__": cls.__qualname__})
@@ -319,6 +329,16 @@ class GuardRecorder:
         if real is _MISSING or not _guardable(real):
             return
         self._add(access, real, _frame_source(_user_frame()))
+
+    def on_child(self, shadow: nn.Module, name: str, child: nn.Module) -> nn.Module:
+        """``self.<name>`` of a shadow is a submodule: the tracer's shadow of it, so the
+        parent's reads of its attributes (``self.gate.on``, ``self.op.is_zero()``) are
+        guarded like the child's own."""
+        entry = self._shadows.get(id(shadow))
+        if entry is None:
+            return child
+        path = entry[0]
+        return self.tracer.child_shadow(child, f"{path}.{name}" if path else name)
 
     def on_assign(self, shadow: nn.Module, name: str, value: Any) -> None:
         """``self.<name> = value`` in a traced forward: state the graph cannot carry over.

@@ -279,6 +279,7 @@ class SupernetTracer(fx.Tracer):
         self._random_calls: list[tuple[str, str | None, str | None, str | None]] = []
         self.specializations: list[str] = []
         self._shadow_sources: dict[int, nn.Module] = {}  # id(shadow) -> the user's module
+        self._child_shadows: dict[int, nn.Module] = {}  # id(module) -> its shadow (above)
         self._computing_meta = 0  # > 0 while running ops for meta values (capture.py)
         self.capture_notes: list[capture.CaptureNote] = []
         self.guards = _guards.GuardRecorder(self, options)
@@ -323,6 +324,8 @@ class SupernetTracer(fx.Tracer):
     # -- module calls: shadows for non-leaves, meta values for leaves ----------------
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
+        shadow = m if id(m) in self._shadow_sources else None  # a child its parent read
+        m = self._shadow_sources.get(id(m), m)
         try:
             path = self.path_of_module(m)
         except NameError:  # built inside forward
@@ -332,9 +335,18 @@ class SupernetTracer(fx.Tracer):
             if self.is_leaf_module(m, path):
                 self.leaf_paths.add(path)
                 return self.create_proxy("call_module", path, args, kwargs)
-            return _orig_module_call(self._shadow(m, path), *args, **kwargs)
+            return _orig_module_call(shadow if shadow is not None else self._shadow(m, path),
+                                     *args, **kwargs)
         finally:
             self._module_stack.pop()
+
+    def child_shadow(self, m: nn.Module, path: str) -> nn.Module:
+        """The shadow of submodule ``m`` a parent's forward reads (``self.gate``): one per
+        module and trace, so reading and then calling it sees one object."""
+        shadow = self._child_shadows.get(id(m))
+        if shadow is None:
+            shadow = self._child_shadows[id(m)] = self._shadow(m, path)
+        return shadow
 
     def _shadow(self, m: nn.Module, path: str) -> nn.Module:
         """A shallow copy of ``m`` whose plain tensor attributes are ``get_attr`` proxies."""
