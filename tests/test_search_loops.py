@@ -157,13 +157,6 @@ def test_snas_search_with_annealed_temperature_gives_eager_alphas(float64):
     assert "now read at run time: argument `temperature`" in compiled.report.variants[1]
 
 
-@pytest.mark.xfail(strict=True, raises=NameError, reason=(
-    "a numpy scalar reaching the graph (SNAS's temperature `initial_temp * np.exp(-rate * "
-    "epoch)` is a numpy.float64) is not a guarded number (guards._is_number: type in "
-    "(float, int); automatic dynamic needs type(...) is float), so it is baked as a "
-    "constant, and fx writes it into the generated code by repr: numpy 2 prints "
-    "`np.float64(1.0)`, a name the generated module's globals lack -> NameError on the "
-    "first call"))
 def test_snas_numpy_temperature_as_upstream_writes_it(float64):
     """The temperature exactly as SNAS's loop computes it, a ``numpy.float64``."""
     model = _build('snas')
@@ -185,9 +178,6 @@ class _NumpyScale(nn.Module):
         return x * t * self.scale
 
 
-@pytest.mark.xfail(strict=True, raises=NameError, reason=(
-    "minimal: a numpy.float64 forward argument or attribute in `x * t` -> the generated "
-    "code reads `np.float64(0.5)` -> NameError: name 'np' is not defined"))
 def test_numpy_scalar_argument_minimal():
     model = _NumpyScale()
     x = torch.randn(3)
@@ -271,8 +261,10 @@ def test_proxyless_search_with_mixed_edges_as_leaves_gives_eager_alphas(float64)
     """The way out the error names: ``leaf_modules=[MixedEdge]``.  ProxylessNAS's own loop
     (weight step on the active path with the unused candidates set to None, then the
     ``full_v2`` architecture step through ``ArchGradientFunction`` and
-    ``set_arch_param_grad``) gives eager's sampled paths, losses, alphas and statistics, with
-    no re-trace."""
+    ``set_arch_param_grad``) gives eager's sampled paths, losses, alphas and statistics.  It
+    re-traces only when a block's ``self.mobile_inverted_conv.is_zero_layer()`` answer
+    changes (the block then returns ``x`` without calling its MixedEdge), never for a
+    sampled ``active_index`` the answer does not depend on."""
     data = _batches(8)
     eager = _build('proxyless')
     torch.manual_seed(7)
@@ -286,7 +278,9 @@ def test_proxyless_search_with_mixed_edges_as_leaves_gives_eager_alphas(float64)
     assert not torch.allclose(want[-1][-1][0], _build('proxyless').blocks[0]
                               .mobile_inverted_conv.AP_path_alpha)
     assert len({p for r in want for p in r[1]}) > 2  # several paths were sampled
-    assert len(compiled.report.variants) == 1, compiled.report.variants
+    assert all(".mobile_inverted_conv.is_zero_layer()` " in v
+               for v in compiled.report.variants[1:]), compiled.report.variants
+    assert len(compiled.report.variants) < 8, compiled.report.variants
 
 
 @pytest.mark.xfail(strict=True, raises=TraceError, reason=(
@@ -522,11 +516,6 @@ class _GumbelEdge(nn.Module):
         return sum(w * op(x) for w, op in zip(weights, self.ops))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BakedValueWarning false positive: the traced F.gumbel_softmax node carries the "
-    "function's default eps=1e-10, which guards._find_baked_constants (guards.py:692-698) "
-    "takes for a number of the user's line; every SNAS/GDAS/GumbelDARTS-style compile "
-    "warns that the supernet 'goes stale if they change' about a value nobody can change"))
 def test_gumbel_softmax_default_eps_is_not_a_baked_value():
     model = _GumbelEdge()
     _compile(model, torch.randn(1, 2, 4, 4))

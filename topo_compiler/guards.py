@@ -73,6 +73,7 @@ class BakedValueWarning(UserWarning):
 #   ("attr", path, name)             attribute `name` of the model's module at `path`
 #   ("global", module_name, chain)   a module-level global, then attributes along `chain`
 #   ("tensor", path, name, keys)     a non-parameter tensor attribute (keys index lists/dicts)
+#   ("call", path, name)             the answer of method `name()` of the module at `path`
 
 def describe_access(access: tuple, arg_names: Sequence[str] = ()) -> str:
     kind = access[0]
@@ -93,6 +94,9 @@ def describe_access(access: tuple, arg_names: Sequence[str] = ()) -> str:
     if kind == "ident":
         _, path, name, _where = access
         return f"the object at `{path + '.' if path else ''}{name}` (replaced on the model)"
+    if kind == "call":
+        _, path, name = access
+        return f"`{path + '.' if path else ''}{name}()`"
     if kind == "cond":
         return f"the condition `{access[1]}` on " + ", ".join(
             describe_access(a, arg_names) for a in access[3])
@@ -129,9 +133,24 @@ class BakedValue:
         return f"{self.what} = {self.value} ({self.source})"
 
 
+def _numpy_number(value: Any) -> bool:
+    """A numpy integer or floating scalar (SNAS's ``initial_temp * np.exp(-rate * epoch)``):
+    guarded and made a run-time input like the Python number it stands for."""
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, (np.integer, np.floating))
+
+
+def _is_float(value: Any) -> bool:
+    """A float that may become a run-time input (a Python float or a numpy floating)."""
+    if type(value) is float:
+        return True
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, np.floating)
+
+
 def _guardable(value: Any, depth: int = 0) -> bool:
     kind = type(value)
-    if kind in _PRIMITIVES:
+    if kind in _PRIMITIVES or _numpy_number(value):
         return True
     if depth > 2:
         return False
@@ -163,7 +182,7 @@ def _same(value: Any, expected: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return type(value) in (float, int)
+    return type(value) in (float, int) or _numpy_number(value)
 
 
 def _frame_source(frame: types.FrameType | None) -> str | None:
@@ -198,9 +217,12 @@ def recording_type(cls: type) -> type:
         value = base_get(self, name)
         if name in _MODULE_INTERNALS or name[:2] == "__" or not _ACTIVE:
             return value
-        if type(value) in _PRIMITIVES or type(value) in (tuple, list, dict):
+        if type(value) in _PRIMITIVES or type(value) in (tuple, list, dict) or \
+                _numpy_number(value):
             if name in base_get(self, "__dict__"):
                 _ACTIVE[-1].on_attribute(self, name, value)
+        elif type(value) is types.MethodType and value.__self__ is self:
+            return _ACTIVE[-1].on_method(self, name, value)
         return value
 
     def __getattr__(self, name: str):
@@ -339,6 +361,35 @@ class GuardRecorder:
             return child
         path = entry[0]
         return self.tracer.child_shadow(child, f"{path}.{name}" if path else name)
+
+    def on_method(self, shadow: nn.Module, name: str, method: types.MethodType) -> Any:
+        """``self.op.is_zero_layer()`` in a parent's forward: a question asked of a child.
+
+        When it takes no argument, adds no op to the graph and answers a plain value, the
+        trace depends on that answer only: guard the answer (the method is asked again on
+        the model's module at each call) instead of every attribute it read, so a leaf's
+        sampled ``active_index`` re-traces only when the answer changes.
+        """
+        entry = self._shadows.get(id(shadow))
+        stack = self.tracer._module_stack
+        if entry is None or not stack or stack[-1][1] is entry[1] or \
+                method.__func__.__module__.startswith("torch."):
+            return method
+        path = entry[0]
+        graph = self.tracer.graph
+
+        def asked(*args: Any, **kwargs: Any) -> Any:
+            if args or kwargs or ("call", path, name) in self.guards:
+                return method(*args, **kwargs)
+            before, nodes = set(self.guards), len(graph.nodes)
+            answer = method()
+            if type(answer) in _PRIMITIVES and len(graph.nodes) == nodes:
+                for access in set(self.guards) - before:
+                    del self.guards[access]
+                self._add(("call", path, name), answer, _frame_source(_user_frame()))
+            return answer
+
+        return asked
 
     def on_assign(self, shadow: nn.Module, name: str, value: Any) -> None:
         """``self.<name> = value`` in a traced forward: state the graph cannot carry over.
@@ -695,7 +746,7 @@ class GuardRecorder:
         known = set()
         for g in self.guards.values():
             for v in pytree.tree_leaves(g.expected):
-                if type(v) in (int, float):
+                if type(v) in (int, float) or _numpy_number(v):
                     known.add(v)
         for b in self.baked:
             known.add(_maybe_number(b.value))
@@ -709,7 +760,10 @@ class GuardRecorder:
             consts = _code_constants(source)
             if consts is None:
                 continue
-            for v in pytree.tree_leaves((node.args, node.kwargs)):
+            defaults = _defaults(node.target) if node.op == "call_function" else {}
+            kwargs = {k: v for k, v in node.kwargs.items()  # F.gumbel_softmax's eps=1e-10
+                      if not (k in defaults and _same(v, defaults[k]))}
+            for v in pytree.tree_leaves((node.args, kwargs)):
                 if type(v) is not float or v in known or v in consts:
                     continue
                 fname, line, func = source
@@ -717,6 +771,27 @@ class GuardRecorder:
                     f"a number in `{node.name}`", repr(v),
                     f"{fname}:{line}: `{linecache.getline(fname, line).strip()}`"))
                 known.add(v)
+
+
+_DEFAULTS: dict[Any, dict[str, Any]] = {}
+
+
+def _defaults(fn: Any) -> dict[str, Any]:
+    """The default arguments of a library function: a traced call passes them all as
+    keywords (``__torch_function__`` does for ``F.gumbel_softmax``), none is the user's."""
+    try:
+        return _DEFAULTS[fn]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable
+        return {}
+    try:
+        params = inspect.signature(fn).parameters.values()
+        found = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    except (TypeError, ValueError):  # builtins without a signature
+        found = {}
+    _DEFAULTS[fn] = found
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -979,7 +1054,8 @@ class GuardSet:
                 terms.append(f"{expr} is e{k}")
                 continue
             if g.dynamic:
-                terms.append(f"type({expr}) in (float, int)")
+                terms.append(f"(type(v{k} := {expr}) in (float, int) or _np_number(v{k}))")
+                namespace["_np_number"] = _numpy_number
                 holder = holders.get(g.access)
                 if holder is not None and g.access[0] != "arg":
                     self.slots.append(_DynamicSlot(_closure(read), holder))
@@ -1078,6 +1154,14 @@ def _closure(read: Callable[[tuple], Any]) -> Callable[[], Any]:
     return lambda: read(())
 
 
+def _ask(module: nn.Module, name: str) -> Any:
+    """A ``("call", path, name)`` guard's value: the method's answer now."""
+    try:
+        return getattr(module, name)()
+    except Exception:  # noqa: BLE001 - a failing question is a changed answer
+        return _MISSING
+
+
 def _reader(access: tuple, modules: dict[str, nn.Module], ns: dict, k: int,
             expected: Any = None) -> tuple[str, Callable[[tuple], Any]]:
     """A Python expression reading ``access`` (objects it needs go into ``ns``) and the same
@@ -1105,6 +1189,12 @@ def _reader(access: tuple, modules: dict[str, nn.Module], ns: dict, k: int,
         for name in chain[1:]:
             expr = f"getattr({expr}, {name!r}, _M)"
         return expr, lambda a: _read_chain(namespace, chain)
+    if kind == "call":
+        _, path, name = access
+        module = modules[path]
+        ns[f"m{k}"] = module
+        ns["_ask"] = _ask
+        return f"_ask(m{k}, {name!r})", lambda a: _ask(module, name)
     if kind == "ident":
         _, path, name, where = access
         table = modules[path].__dict__ if where == "__dict__" else \
@@ -1257,7 +1347,7 @@ class Dispatch:
         guard, found = named[0] if named else (None, None)
         newly_dynamic = list(dict.fromkeys(
             g.access for g, value in itertools.chain.from_iterable(failures)
-            if not g.dynamic and type(g.expected) is float and _is_number(value)
+            if not g.dynamic and _is_float(g.expected) and _is_number(value)
             and g.access[0] in ("attr", "arg", "global")
             and g.access not in self.static_only and g.access not in self.dynamic))
         self.dynamic.update(newly_dynamic)
@@ -1318,7 +1408,7 @@ class Dispatch:
         seen = [f"{_short(old)} -> {_short(new)}" for g, old, new in self.history
                 if guard is not None and g.access == guard.access]
         where = f"\n  read at {guard.source}" if guard is not None and guard.source else ""
-        if guard is not None and type(guard.expected) is float:
+        if guard is not None and _is_float(guard.expected):
             way_out = ("keep Python from needing the number itself (arithmetic on it stays "
                        "in the graph and is read at run time), or hold it in a tensor")
         elif guard is not None and guard.access[0] in ("shape", "tensor"):

@@ -411,6 +411,8 @@ class SupernetTracer(fx.Tracer):
     def create_arg(self, a: Any) -> Any:
         if isinstance(a, fx.Proxy):  # before fx's own torch.Tensor checks (see ShapedProxy)
             return a.node
+        if _guards._numpy_number(a):  # fx writes np.float64(0.5), a name the code lacks
+            return a.item()
         return super().create_arg(a)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
