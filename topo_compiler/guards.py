@@ -221,6 +221,8 @@ def recording_type(cls: type) -> type:
                 _numpy_number(value):
             if name in base_get(self, "__dict__"):
                 _ACTIVE[-1].on_attribute(self, name, value)
+            else:
+                _ACTIVE[-1].on_class_attribute(self, name, value)
         elif type(value) is types.MethodType and value.__self__ is self:
             return _ACTIVE[-1].on_method(self, name, value)
         return value
@@ -362,6 +364,19 @@ class GuardRecorder:
         path = entry[0]
         return self.tracer.child_shadow(child, f"{path}.{name}" if path else name)
 
+    def on_class_attribute(self, shadow: nn.Module, name: str, value: Any) -> None:
+        """``self.MODE`` read off the module's class: guard the class attribute, and that
+        the module still has no attribute of its own by that name."""
+        entry = self._shadows.get(id(shadow))
+        if entry is None or not _guardable(value):
+            return
+        path, module, _ = entry
+        access = _class_attribute_access(type(module), name)
+        if access is None or access in self.guards:
+            return
+        self._add(access, value, _frame_source(_user_frame()))
+        self._add(("attr", path, name), _MISSING)
+
     def on_method(self, shadow: nn.Module, name: str, method: types.MethodType) -> Any:
         """``self.op.is_zero_layer()`` in a parent's forward: a question asked of a child.
 
@@ -472,6 +487,8 @@ class GuardRecorder:
             if module is None:
                 continue
             namespace = module.__dict__
+            if isinstance(namespace.get(chain[0]), type):
+                continue  # `MixedEdge.MODE`: the class stays (isinstance, constructors)
             current = _read_chain(namespace, chain)
             if not _is_number(current):
                 continue
@@ -725,14 +742,16 @@ class GuardRecorder:
                 value = namespace[name]
                 j = k + 1
                 while not _guardable(value) and j < len(instructions) and \
-                        instructions[j].opname == "LOAD_ATTR" and _plain_object(value):
+                        instructions[j].opname == "LOAD_ATTR" and \
+                        (_plain_object(value) or _user_class(value)):
                     chain += (instructions[j].argval,)
                     value = getattr(value, instructions[j].argval, _MISSING)
                     j += 1
                 if value is not _MISSING and _guardable(value):
                     access = ("global", module_name, chain)
-                    self._add(access, value, where,
-                              dynamic=access in self.options.dynamic)
+                    self._add(access, value, where,  # a class is never replaced by a view
+                              dynamic=access in self.options.dynamic and
+                              not isinstance(namespace[name], type))
             elif ins.opname in ("LOAD_DEREF", "LOAD_CLASSDEREF") and ins.argval in free \
                     and not code.co_name.startswith("<"):  # not a comprehension's loop var
                 value = free[ins.argval]
@@ -877,6 +896,26 @@ def _plain_object(value: Any) -> bool:
     return not isinstance(value, (types.ModuleType, type, types.FunctionType,
                                   types.BuiltinFunctionType, nn.Module, torch.Tensor)) \
         and hasattr(value, "__dict__")
+
+
+def _user_class(value: Any) -> bool:
+    """A class of the user's (``MixedEdge``), whose attributes (``MixedEdge.MODE``, a
+    class-level switch) a forward may read through the global name."""
+    return isinstance(value, type) and \
+        not (value.__module__ or "").split(".")[0] in ("torch", "builtins", "numpy", "typing")
+
+
+def _class_attribute_access(cls: type, name: str) -> tuple | None:
+    """``self.MODE`` found on a class: the ``("global", module, (Class, name))`` access
+    reading it, when the class is a global of its module."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            module = sys.modules.get(klass.__module__)
+            if _user_class(klass) and module is not None and \
+                    module.__dict__.get(klass.__qualname__) is klass:
+                return ("global", klass.__module__, (klass.__qualname__, name))
+            return None
+    return None
 
 
 def _read_chain(namespace: dict, chain: tuple[str, ...]) -> Any:

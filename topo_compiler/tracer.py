@@ -330,6 +330,9 @@ class SupernetTracer(fx.Tracer):
             path = self.path_of_module(m)
         except NameError:  # built inside forward
             return capture.call_unregistered_module(self, m, forward, args, kwargs)
+        caller = _user_frame()
+        if caller is not None:  # guards: the globals it reads (`if MixedEdge.MODE == ...`)
+            self.guards.on_frame(caller)
         self._module_stack.append((path, m))
         try:
             if self.is_leaf_module(m, path):
