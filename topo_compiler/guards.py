@@ -907,13 +907,14 @@ def _user_class(value: Any) -> bool:
 
 def _class_attribute_access(cls: type, name: str) -> tuple | None:
     """``self.MODE`` found on a class: the ``("global", module, (Class, name))`` access
-    reading it, when the class is a global of its module."""
+    reading it through the first class of ``cls``'s MRO that is a global of its module
+    (``getattr`` then finds it wherever a loop sets it: on the subclass or the base)."""
     for klass in cls.__mro__:
+        module = sys.modules.get(klass.__module__)
+        if _user_class(klass) and module is not None and \
+                module.__dict__.get(klass.__qualname__) is klass:
+            return ("global", klass.__module__, (klass.__qualname__, name))
         if name in klass.__dict__:
-            module = sys.modules.get(klass.__module__)
-            if _user_class(klass) and module is not None and \
-                    module.__dict__.get(klass.__qualname__) is klass:
-                return ("global", klass.__module__, (klass.__qualname__, name))
             return None
     return None
 
