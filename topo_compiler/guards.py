@@ -906,15 +906,18 @@ def _user_class(value: Any) -> bool:
 
 
 def _class_attribute_access(cls: type, name: str) -> tuple | None:
-    """``self.MODE`` found on a class: the ``("global", module, (Class, name))`` access
-    reading it through the first class of ``cls``'s MRO that is a global of its module
-    (``getattr`` then finds it wherever a loop sets it: on the subclass or the base)."""
+    """``self.MODE`` found on a user's class (not torch's ``_compiled_call_impl``): the
+    ``("global", module, (Class, name))`` access reading it through the first class of
+    ``cls``'s MRO that is a global of its module (``getattr`` then finds it wherever a loop
+    sets it: on the subclass or the base)."""
+    owner = next((k for k in cls.__mro__ if name in k.__dict__), None)
+    if owner is None or not _user_class(owner):
+        return None
     for klass in cls.__mro__:
         module = sys.modules.get(klass.__module__)
-        if _user_class(klass) and module is not None and \
-                module.__dict__.get(klass.__qualname__) is klass:
+        if module is not None and module.__dict__.get(klass.__qualname__) is klass:
             return ("global", klass.__module__, (klass.__qualname__, name))
-        if name in klass.__dict__:
+        if klass is owner:
             return None
     return None
 
