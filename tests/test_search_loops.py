@@ -195,12 +195,6 @@ class _TensorOfList(nn.Module):
         return x * F.softmax(self.alpha / torch.tensor([t], dtype=x.dtype), dim=-1).sum()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "descriptors._schema_template calls torch.fx's normalize_function(torch.tensor, "
-    "arg_types=(list,)) without silencing it; fx warns 'Does not support nested parametric "
-    "types, got typing.List[~t]. Please file a bug.' (operator_schemas.py:333) on every "
-    "compile of a forward with torch.tensor([t], dtype=...) (SNAS's RelaxedOneHotCategorical "
-    "temperature)"))
 def test_torch_tensor_of_a_list_compiles_without_warnings():
     from topo_compiler import descriptors
     descriptors._schema_template.cache_clear()  # it warns once per process (lru_cache)
@@ -396,14 +390,6 @@ def test_child_attribute_read_by_the_parent_is_followed(through_method):
 
 
 # -- NASLib -----------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "NASLib's cell is an nn.Module and an nx.DiGraph; its alphas live in the edge data "
-    "(self._adj[u][v]['alpha']): the tracer proxies tensors only one container deep with "
-    "str keys (tracer.py SupernetTracer._proxy_tensors, l.358-372), so each edge's "
-    "softmax(alpha) runs at trace time and is baked as fx's `_tensor_constant` -- with its "
-    "autograd history: no mixed op is found, no baked value is reported, the alphas' updates "
-    "never reach the forward, and the second backward raises 'Trying to backward through "
-    "the graph a second time'"))
 def test_naslib_search_gives_eager_alphas(float64):
     """NASLib's ``DARTSOptimizer`` step (arch step on the validation batch, weight step on
     the training batch) through the compiled networkx cells: eager's losses and alphas."""
@@ -416,9 +402,6 @@ def test_naslib_search_gives_eager_alphas(float64):
     _assert_same_records(want, got)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the same cause: with every softmax(alpha) baked, the compiler sees no mixed op in the "
-    "NASLib cells and warns NoMixedOpWarning"))
 def test_naslib_cells_mixed_ops_are_found():
     model = _build('naslib')
     compiled = _compile(model, STYLES['naslib'].example_inputs(), exact=True)
@@ -439,10 +422,6 @@ class _EdgeDataAlpha(nn.Module):
         return sum(w * op(x) for w, op in zip(weights, self.ops))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "minimal: a Parameter two dict levels deep (self.edges[1]['alpha']) is read as the real "
-    "tensor while tracing; softmax(alpha) is baked as a constant (tracer.py "
-    "_proxy_tensors, l.358-372), silently: the changed alpha is not followed"))
 def test_parameter_two_dicts_deep_is_followed():
     torch.manual_seed(0)
     model = _EdgeDataAlpha()
@@ -475,12 +454,6 @@ def test_nni3_gumbel_darts_walking_the_model_gives_eager_alphas(float64):
     assert "now read at run time" in compiled.report.variants[2]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "compiled.modules() yields the compiled module's mirrors of the model's containers: "
-    "plain nn.Module()s holding the same parameters (lower.py _mirror_into, l.213-239), "
-    "without the model's classes or Python attributes; NNI 3's on_train_epoch_start walks "
-    "self.model.modules() for `_softmax` and sets `.tau` on the mirrors' empty placeholder "
-    "modules: the model's tau never changes, silently"))
 def test_nni3_gumbel_darts_as_upstream_walks_the_compiled_module(float64):
     data = _batches(6)
     eager = _build('nni3')
@@ -493,9 +466,6 @@ def test_nni3_gumbel_darts_as_upstream_walks_the_compiled_module(float64):
     _assert_same_records(want, got)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "minimal: `for m in compiled.modules(): if isinstance(m, GumbelSoftmax): m.tau = 0.5` "
-    "finds no GumbelSoftmax (a non-leaf module is mirrored by a plain nn.Module)"))
 def test_compiled_modules_are_the_models_modules(float64):
     model = _build('nni3')
     x = torch.randn(2, 3, 8, 8)

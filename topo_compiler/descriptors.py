@@ -14,6 +14,7 @@ import enum
 import functools
 import inspect
 import operator
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -460,13 +461,19 @@ def _schema_template(fn: Any, positional: int, keywords: tuple[str, ...],
 
     why: normalizing looks at the number and names of the arguments and at ``arg_types``,
     never at the values, and it is slow (schema matching per call, thousands of calls).
+    torch.fx's schema matching warns 'Does not support nested parametric types ... Please
+    file a bug.' about its own ``List[t]`` annotation (``torch.tensor([t], dtype=...)``):
+    silenced here, where we call it; the call is still matched or left unbound as before.
     """
     from torch.fx.operator_schemas import normalize_function
 
     try:
-        pair = normalize_function(fn, tuple(_Slot(i) for i in range(positional)),
-                                  {k: _Slot(k) for k in keywords}, arg_types=arg_types,
-                                  normalize_to_only_use_kwargs=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Does not support nested parametric",
+                                    category=UserWarning)
+            pair = normalize_function(fn, tuple(_Slot(i) for i in range(positional)),
+                                      {k: _Slot(k) for k in keywords}, arg_types=arg_types,
+                                      normalize_to_only_use_kwargs=True)
     except Exception:  # noqa: BLE001 - ambiguous or unknown schema: fall back
         return None
     return None if pair is None else tuple(pair.kwargs.items())

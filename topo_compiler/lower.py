@@ -1,8 +1,9 @@
 """``lower``: the supernet IR -> a :class:`CompiledSupernet` (an fx ``GraphModule``).
 
-The graph is regenerated in the IR's stable topological order; the module around it mirrors
-the user's model (same parameter and buffer objects, so ``state_dict`` keys and optimizers
-carry over) plus the modules and tensors passes added.
+The graph is regenerated in the IR's stable topological order; the module around it holds
+the user's model's own modules, parameters and buffers (same objects, so ``state_dict`` keys,
+optimizers and ``compiled.modules()`` are the model's), plus, on its root only, the modules
+and tensors passes and the tracer added.
 """
 
 from __future__ import annotations
@@ -210,49 +211,52 @@ def _guarded_entry(generated: Any) -> Any:
     return forward
 
 
-def _mirror_into(target: nn.Module, source: nn.Module, path: str, shared: set[str],
-                 memo: dict[int, nn.Module]) -> None:
-    """Give ``target`` the parameters, buffers and children of ``source``.
+def _share_model_tree(target: nn.Module, source: nn.Module) -> None:
+    """Give ``target`` the root parameters, buffers and children of ``source``: the same
+    objects, in fresh dicts (the model's own dicts are never written).
 
-    Modules called as leaves are shared as they are; the containers above them are mirrored
-    by plain ``nn.Module``s holding the very same parameters and buffers (same objects, same
-    persistence), so ``state_dict`` keys and optimizers carry over unchanged.
+    ``compiled.modules()``, ``named_modules()``, ``compiled.layers[0]`` are then the model's
+    own modules (same identity and class): a search loop walking the compiled module to set
+    ``m.tau`` or to find ``isinstance(m, GumbelSoftmax)`` reaches the model, whose attributes
+    the guards read.  ``state_dict`` keys and persistence are the model's.
     """
     target.training = source.training
-    for name, p in source._parameters.items():
-        target.register_parameter(name, p)
-    for name, b in source._buffers.items():
-        target.register_buffer(name, b, persistent=name not in
-                               source._non_persistent_buffers_set)
-    for name, child in source._modules.items():
-        child_path = f"{path}.{name}" if path else name
-        if child is None:
-            target._modules[name] = None
-        elif child_path in shared:
-            target._modules[name] = child
-        elif id(child) in memo:
-            target._modules[name] = memo[id(child)]
-        else:
-            mirror = nn.Module()
-            memo[id(child)] = mirror
-            _mirror_into(mirror, child, child_path, shared, memo)
-            target._modules[name] = mirror
+    target._parameters.update(source._parameters)
+    target._buffers.update(source._buffers)
+    target._non_persistent_buffers_set.update(source._non_persistent_buffers_set)
+    target._modules.update(source._modules)
 
 
-def _set_path(root: nn.Module, target: str, value: Any) -> None:
-    *parents, leaf = target.split(".")
-    owner = root
-    for atom in parents:
-        nxt = owner._modules.get(atom) if isinstance(owner, nn.Module) else None
-        if nxt is None:
-            nxt = nn.Module()
-            owner.add_module(atom, nxt)
-        owner = nxt
-    if isinstance(value, nn.Module):
-        owner.add_module(leaf, value)
-    else:
-        owner._buffers.pop(leaf, None)
-        object.__setattr__(owner, leaf, value)
+def _free_alias(root: nn.Module, taken: set[str]) -> str:
+    """A root attribute name the model does not use (for a target kept off the model)."""
+    i = len(taken)
+    while True:
+        name = f"_private_target_{i}"
+        if name not in taken and name not in root.__dict__ and \
+                name not in root._parameters and name not in root._buffers and \
+                name not in root._modules:
+            taken.add(name)
+            return name
+        i += 1
+
+
+def _off_the_model(opcode: str, target: Any, ir: SupernetIR,
+                   original_targets: set[str]) -> bool:
+    """Whether a nested ``call_module`` / ``get_attr`` target names something the model's
+    modules do not hold: a module a pass added, or a plain tensor attribute the tracer
+    proxied (a tensor in a list or dict attribute, ``cells.0.alphas_1``)."""
+    if not isinstance(target, str) or "." not in target:
+        return False
+    if opcode == "call_module":
+        return target not in original_targets
+    return opcode == "get_attr" and target in ir.tensor_attrs
+
+
+def _set_attr(gm: nn.Module, name: str, value: torch.Tensor) -> None:
+    """A plain tensor attribute of the compiled root (a buffer of that name stays off)."""
+    gm._buffers.pop(name, None)
+    gm._non_persistent_buffers_set.discard(name)
+    object.__setattr__(gm, name, value)
 
 
 def lower(ir: SupernetIR, class_name: str | None = None) -> CompiledSupernet:
@@ -262,12 +266,21 @@ def lower(ir: SupernetIR, class_name: str | None = None) -> CompiledSupernet:
         graph._codegen = ir.codegen
     env: dict[str, fx.Node] = {}
     aliases: dict[str, str] = {}
+    original_targets = {n for n, _ in ir.root.named_modules()}
+    taken: set[str] = set()
     for node in ir.nodes():
         args = map_refs(node.args, lambda r: env[r.name])
         kwargs = map_refs(node.kwargs, lambda r: env[r.name])
         target = node.target
         if node.opcode in ("call_module", "get_attr") and _unsafe_for_codegen(target):
             target = aliases.setdefault(target, f"_quoted_target_{len(aliases)}")
+        elif _off_the_model(node.opcode, target, ir, original_targets):
+            # why: the model's modules are the compiled module's own (_share_model_tree);
+            # a plain tensor attribute or a pass's module below them would be written into
+            # the model: it is reached through a root attribute of the compiled module
+            if target not in aliases:
+                aliases[target] = _free_alias(ir.root, taken)
+            target = aliases[target]
         fx_node = graph.create_node(node.opcode, target, args, kwargs, name=node.name)
         if node.opcode != "output":
             fx_node.meta["val"] = node.val
@@ -277,20 +290,23 @@ def lower(ir: SupernetIR, class_name: str | None = None) -> CompiledSupernet:
 
     name = class_name or f"Compiled{type(ir.root).__name__}"
     gm = CompiledSupernet(nn.Module(), fx.Graph(), name)
-    original_targets = {n for n, _ in ir.root.named_modules()}
-    shared = {t for t, m in ir.modules.items() if t in original_targets}
-    _mirror_into(gm, ir.root, "", shared, {})
+    _share_model_tree(gm, ir.root)
     for target, module in ir.modules.items():
-        if target not in original_targets:
-            _set_path(gm, target, module)
+        if target not in original_targets and "." not in target:
+            gm.add_module(target, module)
     for target, tensor in ir.tensor_attrs.items():
-        _set_path(gm, target, tensor)
+        if "." not in target:
+            _set_attr(gm, target, tensor)
     for target, alias in aliases.items():
         # fx writes getattr(self, "<atom>") without escaping: a name with a quote or a
         # backslash (a ModuleDict key) is reached through a plain attribute instead, which
-        # stays out of state_dict; the module itself still sits at its real path
-        gm.__dict__[alias] = gm.get_submodule(target) if target in ir.modules else \
-            ir.attr(target)
+        # stays out of state_dict; the module itself still sits at its real path.  So is a
+        # target below the model's modules that the model lacks (see _off_the_model).
+        if target in ir.modules:
+            gm.__dict__[alias] = ir.modules[target] if target not in original_targets \
+                else gm.get_submodule(target)
+        else:
+            gm.__dict__[alias] = ir.attr(target)
     gm.__dict__["_source_model"] = ir.root
     _shorten_attribute_chains(gm, graph)
     gm.graph = graph

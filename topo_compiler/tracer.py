@@ -360,38 +360,75 @@ class SupernetTracer(fx.Tracer):
         shadow.__dict__.update(self.guards.dynamic_attributes(path, m))
         for field in ("_parameters", "_buffers", "_modules"):
             object.__setattr__(shadow, field, dict(getattr(m, field)))
+        copies: dict[int, Any] = {}  # networkx: `_succ is _adj` stays one object
+        memo: dict[int, Any] = {}
         for name, value in m.__dict__.items():
             if name.startswith("_") and name in ("_parameters", "_buffers", "_modules"):
                 continue
             if type(value) in (list, dict, set):  # self.history.append(...) stays here
-                value = shadow.__dict__[name] = copy.copy(value)
-            replaced = self._proxy_tensors(value, f"{path}.{name}" if path else name)
+                if id(value) not in copies:
+                    copies[id(value)] = copy.copy(value)
+                value = shadow.__dict__[name] = copies[id(value)]
+            replaced = self._proxy_tensors(value, f"{path}.{name}" if path else name, memo)
             if replaced is not value:
                 shadow.__dict__[name] = replaced
         return shadow
 
-    def _proxy_tensors(self, value: Any, target: str) -> Any:
-        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+    def _proxy_tensors(self, value: Any, target: str, memo: dict[int, Any],
+                       depth: int = 0) -> Any:
+        """``value`` with the tensors it holds, through nested dicts (any hashable keys),
+        lists and tuples, replaced by ``get_attr`` proxies: a registered parameter or buffer
+        reads its own path (NASLib's ``self._adj[u][v]['alpha']``, networkx edge data), a
+        plain tensor ``target`` followed by its keys.  A container holding no tensor is
+        returned as it is; one that holds some is copied, the copy shared through ``memo``
+        wherever the original is (networkx's ``_pred`` and ``_succ`` hold the same edge-data
+        dicts).
+
+        why: a tensor left real is computed on at trace time and the result (with its
+        autograd history) baked into the graph: the parameter's updates never reach it.
+        """
+        if isinstance(value, torch.Tensor):  # a Parameter held outside _parameters too
             return self._tensor_attr_proxy(value, target)
-        if isinstance(value, torch.Tensor):  # a Parameter held outside _parameters
-            return self._tensor_attr_proxy(value, target)
-        if isinstance(value, (list, tuple)) and not hasattr(value, "_fields") and value and \
-                any(isinstance(v, torch.Tensor) for v in value):
-            items = [self._proxy_tensors(v, f"{target}_{i}") for i, v in enumerate(value)]
-            return type(value)(items)
-        if isinstance(value, dict) and value and \
-                any(isinstance(v, torch.Tensor) for v in value.values()) and \
-                all(isinstance(k, str) for k in value):
-            return {k: self._proxy_tensors(v, f"{target}_{_sanitize(k)}")
-                    for k, v in value.items()}
-        return value
+        is_sequence = isinstance(value, (list, tuple)) and not hasattr(value, "_fields")
+        if not value or not (is_sequence or isinstance(value, dict)) or \
+                depth >= _CONTAINER_DEPTH:
+            return value
+        if id(value) in memo:
+            return memo[id(value)]
+        memo[id(value)] = value  # a container holding itself: its inner reference stays
+        if is_sequence:
+            items = [self._proxy_tensors(v, f"{target}_{i}", memo, depth + 1)
+                     for i, v in enumerate(value)]
+            if all(a is b for a, b in zip(items, value)):
+                return value
+            result: Any = type(value)(items)
+        else:
+            changed = {}
+            for k, v in value.items():
+                new = self._proxy_tensors(v, f"{target}_{_sanitize(str(k))}", memo, depth + 1)
+                if new is not v:
+                    changed[k] = new
+            if not changed:
+                return value
+            result = copy.copy(value)  # the dict's own type (OrderedDict, defaultdict...)
+            result.update(changed)
+        memo[id(value)] = result
+        return result
 
     def _tensor_attr_proxy(self, tensor: torch.Tensor, target: str) -> fx.Proxy:
         registered = self._registered_names.get(id(tensor))
         if registered is not None:
             target = registered
+        elif id(tensor) in self._tensor_attr_targets:
+            target = self._tensor_attr_targets[id(tensor)]
         else:
-            target = self._tensor_attr_targets.setdefault(id(tensor), target)
+            base, i = target, 0
+            while (target in self.plain_tensor_attrs and
+                   self.plain_tensor_attrs[target] is not tensor) or \
+                    target in self._registered_tensors:  # keys 1 and '1' name one target
+                i += 1
+                target = f"{base}_{i}"
+            self._tensor_attr_targets[id(tensor)] = target
             self.plain_tensor_attrs[target] = tensor
         if target not in self._attr_proxies:
             self._attr_proxies[target] = self.create_proxy("get_attr", target, (), {})
@@ -416,7 +453,28 @@ class SupernetTracer(fx.Tracer):
             return a.node
         if _guards._numpy_number(a):  # fx writes np.float64(0.5), a name the code lacks
             return a.item()
+        if isinstance(a, torch.Tensor) and a.grad_fn is not None:
+            raise self._baked_history_error(a)
         return super().create_arg(a)
+
+    def _baked_history_error(self, tensor: torch.Tensor) -> TraceError:
+        """A tensor computed at trace time from tensors that require grad, about to become a
+        graph constant: refused, never baked.
+
+        why: the constant would keep the trace-time value and its autograd history (the
+        parameters' updates never reach the forward; a second backward raises)."""
+        path, module_type = self.current_module()
+        return TraceError(
+            f"a tensor of shape {tuple(tensor.shape)} computed while tracing "
+            f"({type(tensor.grad_fn).__name__}) from tensors that require grad would be "
+            f"baked into the graph as a constant, with its autograd history: the tracer "
+            f"could not reach the parameter it was computed from",
+            module_path=path, module_type=module_type,
+            source=_describe_frame(_user_frame()),
+            way_out="keep the parameter where the tracer follows it: registered on a "
+                    "module (an nn.Parameter attribute, nn.ParameterList / ParameterDict), "
+                    "or in a dict, list or tuple attribute of a module; or pass it to "
+                    "forward as an argument")
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         if isinstance(attr_val, torch.Tensor):
@@ -668,6 +726,11 @@ def _run_leaf_on_random_data(module: nn.Module, args: tuple, kwargs: dict) -> An
         return to_meta(out)
     except Exception:  # noqa: BLE001 - the shape stays unknown; asking for it raises later
         return UNKNOWN
+
+
+_CONTAINER_DEPTH = 6
+"""How deep ``_proxy_tensors`` looks into a module attribute's nested containers (networkx
+keeps edge data three dicts down, a multigraph four)."""
 
 
 def _sanitize(key: str) -> str:
