@@ -73,6 +73,7 @@ class BakedValueWarning(UserWarning):
 #   ("attr", path, name)             attribute `name` of the model's module at `path`
 #   ("global", module_name, chain)   a module-level global, then attributes along `chain`
 #   ("tensor", path, name, keys)     a non-parameter tensor attribute (keys index lists/dicts)
+#   ("call", path, name)             the answer of method `name()` of the module at `path`
 
 def describe_access(access: tuple, arg_names: Sequence[str] = ()) -> str:
     kind = access[0]
@@ -93,6 +94,9 @@ def describe_access(access: tuple, arg_names: Sequence[str] = ()) -> str:
     if kind == "ident":
         _, path, name, _where = access
         return f"the object at `{path + '.' if path else ''}{name}` (replaced on the model)"
+    if kind == "call":
+        _, path, name = access
+        return f"`{path + '.' if path else ''}{name}()`"
     if kind == "cond":
         return f"the condition `{access[1]}` on " + ", ".join(
             describe_access(a, arg_names) for a in access[3])
@@ -129,9 +133,24 @@ class BakedValue:
         return f"{self.what} = {self.value} ({self.source})"
 
 
+def _numpy_number(value: Any) -> bool:
+    """A numpy integer or floating scalar (SNAS's ``initial_temp * np.exp(-rate * epoch)``):
+    guarded and made a run-time input like the Python number it stands for."""
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, (np.integer, np.floating))
+
+
+def _is_float(value: Any) -> bool:
+    """A float that may become a run-time input (a Python float or a numpy floating)."""
+    if type(value) is float:
+        return True
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, np.floating)
+
+
 def _guardable(value: Any, depth: int = 0) -> bool:
     kind = type(value)
-    if kind in _PRIMITIVES:
+    if kind in _PRIMITIVES or _numpy_number(value):
         return True
     if depth > 2:
         return False
@@ -163,7 +182,7 @@ def _same(value: Any, expected: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return type(value) in (float, int)
+    return type(value) in (float, int) or _numpy_number(value)
 
 
 def _frame_source(frame: types.FrameType | None) -> str | None:
@@ -198,9 +217,23 @@ def recording_type(cls: type) -> type:
         value = base_get(self, name)
         if name in _MODULE_INTERNALS or name[:2] == "__" or not _ACTIVE:
             return value
-        if type(value) in _PRIMITIVES or type(value) in (tuple, list, dict):
+        if type(value) in _PRIMITIVES or type(value) in (tuple, list, dict) or \
+                _numpy_number(value):
             if name in base_get(self, "__dict__"):
                 _ACTIVE[-1].on_attribute(self, name, value)
+            else:
+                _ACTIVE[-1].on_class_attribute(self, name, value)
+        elif type(value) is types.MethodType and value.__self__ is self:
+            return _ACTIVE[-1].on_method(self, name, value)
+        return value
+
+    def __getattr__(self, name: str):
+        # nn.Module.__getattr__ (fx patches it while tracing), looked up at each call
+        value = cls.__getattr__(self, name)
+        if _ACTIVE and isinstance(value, nn.Module) and \
+                base_get(self, "__dict__").get("_modules", {}).get(name) is value:
+            # a child read from this forward (``self.gate.on``): its reads are guarded too
+            return _ACTIVE[-1].on_child(self, name, value)
         return value
 
     base_set = cls.__setattr__
@@ -212,6 +245,7 @@ def recording_type(cls: type) -> type:
 
     try:
         made = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__,
+                                           "__getattr__": __getattr__,
                                            "__setattr__": __setattr__,
                                            "__module__": cls.__module__,
                                            "__qualname__": cls.__qualname__})
@@ -320,6 +354,58 @@ class GuardRecorder:
             return
         self._add(access, real, _frame_source(_user_frame()))
 
+    def on_child(self, shadow: nn.Module, name: str, child: nn.Module) -> nn.Module:
+        """``self.<name>`` of a shadow is a submodule: the tracer's shadow of it, so the
+        parent's reads of its attributes (``self.gate.on``, ``self.op.is_zero()``) are
+        guarded like the child's own."""
+        entry = self._shadows.get(id(shadow))
+        if entry is None:
+            return child
+        path = entry[0]
+        return self.tracer.child_shadow(child, f"{path}.{name}" if path else name)
+
+    def on_class_attribute(self, shadow: nn.Module, name: str, value: Any) -> None:
+        """``self.MODE`` read off the module's class: guard the class attribute, and that
+        the module still has no attribute of its own by that name."""
+        entry = self._shadows.get(id(shadow))
+        if entry is None or not _guardable(value):
+            return
+        path, module, _ = entry
+        access = _class_attribute_access(type(module), name)
+        if access is None or access in self.guards:
+            return
+        self._add(access, value, _frame_source(_user_frame()))
+        self._add(("attr", path, name), _MISSING)
+
+    def on_method(self, shadow: nn.Module, name: str, method: types.MethodType) -> Any:
+        """``self.op.is_zero_layer()`` in a parent's forward: a question asked of a child.
+
+        When it takes no argument, adds no op to the graph and answers a plain value, the
+        trace depends on that answer only: guard the answer (the method is asked again on
+        the model's module at each call) instead of every attribute it read, so a leaf's
+        sampled ``active_index`` re-traces only when the answer changes.
+        """
+        entry = self._shadows.get(id(shadow))
+        stack = self.tracer._module_stack
+        if entry is None or not stack or stack[-1][1] is entry[1] or \
+                method.__func__.__module__.startswith("torch."):
+            return method
+        path = entry[0]
+        graph = self.tracer.graph
+
+        def asked(*args: Any, **kwargs: Any) -> Any:
+            if args or kwargs or ("call", path, name) in self.guards:
+                return method(*args, **kwargs)
+            before, nodes = set(self.guards), len(graph.nodes)
+            answer = method()
+            if type(answer) in _PRIMITIVES and len(graph.nodes) == nodes:
+                for access in set(self.guards) - before:
+                    del self.guards[access]
+                self._add(("call", path, name), answer, _frame_source(_user_frame()))
+            return answer
+
+        return asked
+
     def on_assign(self, shadow: nn.Module, name: str, value: Any) -> None:
         """``self.<name> = value`` in a traced forward: state the graph cannot carry over.
 
@@ -401,6 +487,8 @@ class GuardRecorder:
             if module is None:
                 continue
             namespace = module.__dict__
+            if isinstance(namespace.get(chain[0]), type):
+                continue  # `MixedEdge.MODE`: the class stays (isinstance, constructors)
             current = _read_chain(namespace, chain)
             if not _is_number(current):
                 continue
@@ -654,14 +742,16 @@ class GuardRecorder:
                 value = namespace[name]
                 j = k + 1
                 while not _guardable(value) and j < len(instructions) and \
-                        instructions[j].opname == "LOAD_ATTR" and _plain_object(value):
+                        instructions[j].opname == "LOAD_ATTR" and \
+                        (_plain_object(value) or _user_class(value)):
                     chain += (instructions[j].argval,)
                     value = getattr(value, instructions[j].argval, _MISSING)
                     j += 1
                 if value is not _MISSING and _guardable(value):
                     access = ("global", module_name, chain)
-                    self._add(access, value, where,
-                              dynamic=access in self.options.dynamic)
+                    self._add(access, value, where,  # a class is never replaced by a view
+                              dynamic=access in self.options.dynamic and
+                              not isinstance(namespace[name], type))
             elif ins.opname in ("LOAD_DEREF", "LOAD_CLASSDEREF") and ins.argval in free \
                     and not code.co_name.startswith("<"):  # not a comprehension's loop var
                 value = free[ins.argval]
@@ -675,7 +765,7 @@ class GuardRecorder:
         known = set()
         for g in self.guards.values():
             for v in pytree.tree_leaves(g.expected):
-                if type(v) in (int, float):
+                if type(v) in (int, float) or _numpy_number(v):
                     known.add(v)
         for b in self.baked:
             known.add(_maybe_number(b.value))
@@ -689,7 +779,10 @@ class GuardRecorder:
             consts = _code_constants(source)
             if consts is None:
                 continue
-            for v in pytree.tree_leaves((node.args, node.kwargs)):
+            defaults = _defaults(node.target) if node.op == "call_function" else {}
+            kwargs = {k: v for k, v in node.kwargs.items()  # F.gumbel_softmax's eps=1e-10
+                      if not (k in defaults and _same(v, defaults[k]))}
+            for v in pytree.tree_leaves((node.args, kwargs)):
                 if type(v) is not float or v in known or v in consts:
                     continue
                 fname, line, func = source
@@ -697,6 +790,27 @@ class GuardRecorder:
                     f"a number in `{node.name}`", repr(v),
                     f"{fname}:{line}: `{linecache.getline(fname, line).strip()}`"))
                 known.add(v)
+
+
+_DEFAULTS: dict[Any, dict[str, Any]] = {}
+
+
+def _defaults(fn: Any) -> dict[str, Any]:
+    """The default arguments of a library function: a traced call passes them all as
+    keywords (``__torch_function__`` does for ``F.gumbel_softmax``), none is the user's."""
+    try:
+        return _DEFAULTS[fn]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable
+        return {}
+    try:
+        params = inspect.signature(fn).parameters.values()
+        found = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    except (TypeError, ValueError):  # builtins without a signature
+        found = {}
+    _DEFAULTS[fn] = found
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -782,6 +896,30 @@ def _plain_object(value: Any) -> bool:
     return not isinstance(value, (types.ModuleType, type, types.FunctionType,
                                   types.BuiltinFunctionType, nn.Module, torch.Tensor)) \
         and hasattr(value, "__dict__")
+
+
+def _user_class(value: Any) -> bool:
+    """A class of the user's (``MixedEdge``), whose attributes (``MixedEdge.MODE``, a
+    class-level switch) a forward may read through the global name."""
+    return isinstance(value, type) and \
+        not (value.__module__ or "").split(".")[0] in ("torch", "builtins", "numpy", "typing")
+
+
+def _class_attribute_access(cls: type, name: str) -> tuple | None:
+    """``self.MODE`` found on a user's class (not torch's ``_compiled_call_impl``): the
+    ``("global", module, (Class, name))`` access reading it through the first class of
+    ``cls``'s MRO that is a global of its module (``getattr`` then finds it wherever a loop
+    sets it: on the subclass or the base)."""
+    owner = next((k for k in cls.__mro__ if name in k.__dict__), None)
+    if owner is None or not _user_class(owner):
+        return None
+    for klass in cls.__mro__:
+        module = sys.modules.get(klass.__module__)
+        if module is not None and module.__dict__.get(klass.__qualname__) is klass:
+            return ("global", klass.__module__, (klass.__qualname__, name))
+        if klass is owner:
+            return None
+    return None
 
 
 def _read_chain(namespace: dict, chain: tuple[str, ...]) -> Any:
@@ -959,7 +1097,8 @@ class GuardSet:
                 terms.append(f"{expr} is e{k}")
                 continue
             if g.dynamic:
-                terms.append(f"type({expr}) in (float, int)")
+                terms.append(f"(type(v{k} := {expr}) in (float, int) or _np_number(v{k}))")
+                namespace["_np_number"] = _numpy_number
                 holder = holders.get(g.access)
                 if holder is not None and g.access[0] != "arg":
                     self.slots.append(_DynamicSlot(_closure(read), holder))
@@ -1058,6 +1197,14 @@ def _closure(read: Callable[[tuple], Any]) -> Callable[[], Any]:
     return lambda: read(())
 
 
+def _ask(module: nn.Module, name: str) -> Any:
+    """A ``("call", path, name)`` guard's value: the method's answer now."""
+    try:
+        return getattr(module, name)()
+    except Exception:  # noqa: BLE001 - a failing question is a changed answer
+        return _MISSING
+
+
 def _reader(access: tuple, modules: dict[str, nn.Module], ns: dict, k: int,
             expected: Any = None) -> tuple[str, Callable[[tuple], Any]]:
     """A Python expression reading ``access`` (objects it needs go into ``ns``) and the same
@@ -1085,6 +1232,12 @@ def _reader(access: tuple, modules: dict[str, nn.Module], ns: dict, k: int,
         for name in chain[1:]:
             expr = f"getattr({expr}, {name!r}, _M)"
         return expr, lambda a: _read_chain(namespace, chain)
+    if kind == "call":
+        _, path, name = access
+        module = modules[path]
+        ns[f"m{k}"] = module
+        ns["_ask"] = _ask
+        return f"_ask(m{k}, {name!r})", lambda a: _ask(module, name)
     if kind == "ident":
         _, path, name, where = access
         table = modules[path].__dict__ if where == "__dict__" else \
@@ -1247,7 +1400,7 @@ class Dispatch:
         guard, found = named[0] if named else (None, None)
         newly_dynamic = list(dict.fromkeys(
             g.access for g, value in itertools.chain.from_iterable(failures)
-            if not g.dynamic and type(g.expected) is float and _is_number(value)
+            if not g.dynamic and _is_float(g.expected) and _is_number(value)
             and g.access[0] in ("attr", "arg", "global")
             and g.access not in self.static_only and g.access not in self.dynamic))
         self.dynamic.update(newly_dynamic)
@@ -1327,7 +1480,7 @@ class Dispatch:
         seen = [f"{_short(old)} -> {_short(new)}" for g, old, new in self.history
                 if guard is not None and g.access == guard.access]
         where = f"\n  read at {guard.source}" if guard is not None and guard.source else ""
-        if guard is not None and type(guard.expected) is float:
+        if guard is not None and _is_float(guard.expected):
             way_out = ("keep Python from needing the number itself (arithmetic on it stays "
                        "in the graph and is read at run time), or hold it in a tensor")
         elif guard is not None and guard.access[0] in ("shape", "tensor"):

@@ -279,6 +279,7 @@ class SupernetTracer(fx.Tracer):
         self._random_calls: list[tuple[str, str | None, str | None, str | None]] = []
         self.specializations: list[str] = []
         self._shadow_sources: dict[int, nn.Module] = {}  # id(shadow) -> the user's module
+        self._child_shadows: dict[int, nn.Module] = {}  # id(module) -> its shadow (above)
         self._computing_meta = 0  # > 0 while running ops for meta values (capture.py)
         self.capture_notes: list[capture.CaptureNote] = []
         self.guards = _guards.GuardRecorder(self, options)
@@ -323,18 +324,32 @@ class SupernetTracer(fx.Tracer):
     # -- module calls: shadows for non-leaves, meta values for leaves ----------------
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
+        shadow = m if id(m) in self._shadow_sources else None  # a child its parent read
+        m = self._shadow_sources.get(id(m), m)
         try:
             path = self.path_of_module(m)
         except NameError:  # built inside forward
             return capture.call_unregistered_module(self, m, forward, args, kwargs)
+        caller = _user_frame()
+        if caller is not None:  # guards: the globals it reads (`if MixedEdge.MODE == ...`)
+            self.guards.on_frame(caller)
         self._module_stack.append((path, m))
         try:
             if self.is_leaf_module(m, path):
                 self.leaf_paths.add(path)
                 return self.create_proxy("call_module", path, args, kwargs)
-            return _orig_module_call(self._shadow(m, path), *args, **kwargs)
+            return _orig_module_call(shadow if shadow is not None else self._shadow(m, path),
+                                     *args, **kwargs)
         finally:
             self._module_stack.pop()
+
+    def child_shadow(self, m: nn.Module, path: str) -> nn.Module:
+        """The shadow of submodule ``m`` a parent's forward reads (``self.gate``): one per
+        module and trace, so reading and then calling it sees one object."""
+        shadow = self._child_shadows.get(id(m))
+        if shadow is None:
+            shadow = self._child_shadows[id(m)] = self._shadow(m, path)
+        return shadow
 
     def _shadow(self, m: nn.Module, path: str) -> nn.Module:
         """A shallow copy of ``m`` whose plain tensor attributes are ``get_attr`` proxies."""
@@ -436,6 +451,8 @@ class SupernetTracer(fx.Tracer):
     def create_arg(self, a: Any) -> Any:
         if isinstance(a, fx.Proxy):  # before fx's own torch.Tensor checks (see ShapedProxy)
             return a.node
+        if _guards._numpy_number(a):  # fx writes np.float64(0.5), a name the code lacks
+            return a.item()
         if isinstance(a, torch.Tensor) and a.grad_fn is not None:
             raise self._baked_history_error(a)
         return super().create_arg(a)
