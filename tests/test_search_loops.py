@@ -6,7 +6,9 @@ Exact mode is compared with eager in float64 (the default dtype while those test
 run).  Random forwards (SNAS's relaxed one-hot sample, DrNAS's Dirichlet sample,
 ProxylessNAS's ``torch.multinomial`` paths) are compared from the same RNG state.
 
-The strict xfails are compiler bugs these styles exposed, each minimized:
+These styles exposed nine compiler bugs, each minimized into a test here; all are fixed
+(tests/test_guards_reads.py, test_partial_state.py and test_model_modules.py test the
+fixes directly). What they were:
 
 * a numpy scalar (SNAS's ``initial_temp * np.exp(-anneal_rate * epoch)`` temperature) in the
   graph is written into the generated code as ``np.float64(0.5)`` (numpy 2's repr), and the
@@ -43,17 +45,9 @@ from supernets.search_loops import (NUM_CLASSES, STYLES, GumbelSoftmax, MixedEdg
                                     naslib_search, nni3_search, proxyless_search, snas_search)
 from topo_compiler import compile_supernet
 from topo_compiler.guards import RecompileLimitError
-from topo_compiler.tracer import TraceError
 
 TIGHT = dict(rtol=1e-9, atol=1e-11)
 LOOSE = dict(rtol=1e-8, atol=1e-10)
-# torch.fx's normalize_function warns about torch.tensor's List[t] schema while the IR binds
-# SNAS's ``torch.tensor([temperature], dtype=...)`` (see the xfail below)
-FX_LIST_WARNING = "Does not support nested parametric types"
-# torch.fx's concrete_args warning for a numpy scalar argument (part of the numpy xfail)
-FX_CONCRETE_WARNING = "Was not able to add assertion"
-# F.gumbel_softmax's default eps=1e-10 reported as a baked value (see the xfail below)
-GUMBEL_EPS_WARNING = "a number in `gumbel_softmax"
 
 
 @pytest.fixture
@@ -123,7 +117,7 @@ def test_exact_mode_step_equals_eager(name, float64):
     size needs no re-trace where Python does not read it (SNAS)."""
     model = _build(name)
     args = STYLES[name].example_inputs()
-    compiled = _compile(model, args, expect=(FX_LIST_WARNING,), exact=True)
+    compiled = _compile(model, args, exact=True)
     assert len(compiled.report.mixed_ops) == STYLES[name].num_mixed_ops
     assert compiled.report.final.counts.total < compiled.report.input.counts.total
     eager, twin = _Reseeding(model), _Reseeding(compiled)
@@ -148,7 +142,7 @@ def test_snas_search_with_annealed_temperature_gives_eager_alphas(float64):
     torch.manual_seed(7)
     want = snas_search(eager, eager, data, **temps)
     model = _build('snas')
-    compiled = _compile(model, (data[0][0][:2], 1.0), expect=(FX_LIST_WARNING,), exact=True)
+    compiled = _compile(model, (data[0][0][:2], 1.0), exact=True)
     torch.manual_seed(7)
     got = snas_search(compiled, model, data, **temps)
     _assert_same_records(want, got)
@@ -161,8 +155,7 @@ def test_snas_numpy_temperature_as_upstream_writes_it(float64):
     """The temperature exactly as SNAS's loop computes it, a ``numpy.float64``."""
     model = _build('snas')
     (x, _) = STYLES['snas'].example_inputs()
-    compiled = _compile(model, (x, np.float64(1.0)), expect=(FX_LIST_WARNING, FX_CONCRETE_WARNING),
-                        exact=True)
+    compiled = _compile(model, (x, np.float64(1.0)), exact=True)
     for epoch in range(3):
         t = 1.0 * np.exp(-0.3 * epoch)
         torch.testing.assert_close(_Reseeding(compiled)(x, t)[0], _Reseeding(model)(x, t)[0],
@@ -182,7 +175,7 @@ def test_numpy_scalar_argument_minimal():
     model = _NumpyScale()
     x = torch.randn(3)
     compiled = _compile(model, (x, np.float64(2.0)),
-                        expect=("has no mixed op", FX_CONCRETE_WARNING), exact=True)
+                        expect=("has no mixed op",), exact=True)
     torch.testing.assert_close(compiled(x, np.float64(2.0)), model(x, np.float64(2.0)))
 
 
@@ -331,17 +324,21 @@ def test_proxyless_partial_compile_follows_the_models_state(float64):
     _assert_same_records(want, got)
 
 
-@pytest.mark.xfail(strict=True, raises=TraceError, reason=(
-    "`MixedEdge.MODE` is guarded now (tests/test_guards_reads.py): switching to 'full_v2' "
-    "re-traces, and the re-trace meets ArchGradientFunction closing over binary_gates -> "
-    "a clear TraceError; it passes once a re-trace falls back to partial compile (the "
-    "cause of test_proxyless_search_compiled_unchanged's xfail)"))
 def test_proxyless_class_attribute_mode_is_followed(float64):
+    """``MixedEdge.MODE = 'full_v2'`` (a class attribute) is guarded: the switch re-traces,
+    the re-trace meets ArchGradientFunction's closure and falls back to partial compile, and
+    the binary gates get their gradients as in eager."""
+    from topo_compiler.partial import PartialCompileWarning
+
     model = _build('proxyless')
     x = torch.randn(2, 3, 8, 8)
     compiled = _compile(model, x, expect=("has no mixed op",), exact=True)
     MixedEdge.MODE = 'full_v2'
-    compiled(x).sum().backward()
+    try:
+        with pytest.warns(PartialCompileWarning, match="`MixedEdge.MODE`"):
+            compiled(x).sum().backward()
+    finally:
+        MixedEdge.MODE = None
     assert all(g.grad is not None for g in model.binary_gates())
 
 
@@ -437,7 +434,7 @@ def test_nni3_gumbel_darts_walking_the_model_gives_eager_alphas(float64):
     torch.manual_seed(7)
     want = nni3_search(eager, eager, data)
     model = _build('nni3')
-    compiled = _compile(model, data[0][0][:2], expect=(GUMBEL_EPS_WARNING,), exact=True)
+    compiled = _compile(model, data[0][0][:2], exact=True)
     assert len(compiled.report.mixed_ops) == STYLES['nni3'].num_mixed_ops
     torch.manual_seed(7)
     got = nni3_search(compiled, model, data, walk=model)
@@ -453,7 +450,7 @@ def test_nni3_gumbel_darts_as_upstream_walks_the_compiled_module(float64):
     torch.manual_seed(7)
     want = nni3_search(eager, eager, data)
     model = _build('nni3')
-    compiled = _compile(model, data[0][0][:2], expect=(GUMBEL_EPS_WARNING,), exact=True)
+    compiled = _compile(model, data[0][0][:2], exact=True)
     torch.manual_seed(7)
     got = nni3_search(compiled, model, data)
     _assert_same_records(want, got)
@@ -462,7 +459,7 @@ def test_nni3_gumbel_darts_as_upstream_walks_the_compiled_module(float64):
 def test_compiled_modules_are_the_models_modules(float64):
     model = _build('nni3')
     x = torch.randn(2, 3, 8, 8)
-    compiled = _compile(model, x, expect=(GUMBEL_EPS_WARNING,), exact=True)
+    compiled = _compile(model, x, exact=True)
     found = [m for m in compiled.modules() if isinstance(m, GumbelSoftmax)]
     assert found and all(m is model.layers[0]._softmax for m in found)
 

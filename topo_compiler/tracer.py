@@ -31,6 +31,7 @@ import os
 import random
 import sys
 import types
+import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -632,7 +633,11 @@ class SupernetTracer(fx.Tracer):
 
         attrs_before = set(root.__dict__)
         try:
-            with _guard_random(self), capture.capturing(self, root), self.guards.active():
+            with _guard_random(self), capture.capturing(self, root), self.guards.active(), \
+                    warnings.catch_warnings():
+                # why: fx warns that it cannot assert a specialized argument (a numpy scalar);
+                # the guards check every non-tensor argument on each call instead
+                warnings.filterwarnings("ignore", message="Was not able to add assertion")
                 graph = self.trace(root, concrete_args=concrete or None)
         except Exception as exc:
             if type(exc).__module__.startswith(__package__):  # a refusal, or guards.NotDynamic
