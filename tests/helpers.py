@@ -131,3 +131,17 @@ def assert_gradients_close(expected: Sequence, actual: Sequence, rtol: float,
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(b, a, rtol=rtol, atol=atol)
+
+
+class Reseeding(nn.Module):
+    """Calls ``module`` from one RNG state every time, so forwards that sample (Dropout,
+    Gumbel noise, Dirichlet draws, sampled paths) compare between eager and compiled."""
+
+    def __init__(self, module: nn.Module, seed: int = 99):
+        super().__init__()
+        self.module = module
+        self.seed = seed
+
+    def forward(self, *args):
+        torch.manual_seed(self.seed)
+        return self.module(*args)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import assert_same_step
+from helpers import Reseeding, assert_same_step
 from supernets import darts_original
 from supernets.more_styles import AuxMixedOp, Architect, NUM_CLASSES, STYLES, random_alpha
 from topo_compiler import compile_supernet
@@ -49,18 +49,6 @@ def _build(name: str, seed: int = 0) -> nn.Module:
     return STYLES[name].build().to(torch.get_default_dtype())
 
 
-class _Reseeding(nn.Module):
-    """Calls ``module`` from one RNG state every time (P-DARTS's Dropout draws in forward)."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args):
-        torch.manual_seed(99)
-        return self.module(*args)
-
-
 def _compile(model, args, **kw):
     """Compile, asserting the compiler says nothing (the styles need no way out)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -85,7 +73,7 @@ def test_exact_mode_step_equals_eager(name, float64):
     compiled = _compile(model, (x,), exact=True)
     assert len(compiled.report.mixed_ops) == STYLES[name].num_mixed_ops
     assert compiled.report.final.counts.total < compiled.report.input.counts.total
-    eager, twin, alphas = _Reseeding(model), _Reseeding(compiled), model.arch_parameters()
+    eager, twin, alphas = Reseeding(model), Reseeding(compiled), model.arch_parameters()
     assert_same_step(eager, twin, (x,), extra=alphas, **TIGHT)
     if name == 'sdarts_rs':
         assert_same_step(eager, twin, (x, 'weight'), extra=alphas, **TIGHT)
@@ -140,7 +128,7 @@ def test_default_sharing_at_one_hot_weights_is_the_chosen_subnetwork(name, float
         choice = torch.randint(0, model.alphas_normal.shape[1],
                                (2, model.alphas_normal.shape[0]), generator=gen)
         _set_vertex(name, model, choice)
-        torch.testing.assert_close(_Reseeding(compiled)(*args), _Reseeding(model)(*args),
+        torch.testing.assert_close(Reseeding(compiled)(*args), Reseeding(model)(*args),
                                    rtol=1e-9, atol=1e-11)
 
 
@@ -376,8 +364,8 @@ def test_pdarts_dropout_rate_is_followed_without_re_tracing(float64):
         compiled.p = p
         compiled.update_p()
         assert model.p == p and all(d.p == p for d in dropouts)
-        outs.append(_Reseeding(compiled)(x))
-        torch.testing.assert_close(outs[-1], _Reseeding(model)(x), **TIGHT)
+        outs.append(Reseeding(compiled)(x))
+        torch.testing.assert_close(outs[-1], Reseeding(model)(x), **TIGHT)
     assert not torch.allclose(outs[0], outs[1])
     assert len(compiled.report.variants) == 1, compiled.report.variants
 

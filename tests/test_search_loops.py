@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import assert_same_step
+from helpers import Reseeding, assert_same_step
 from supernets.search_loops import (NUM_CLASSES, STYLES, GumbelSoftmax, MixedEdge, drnas_search,
                                     naslib_search, nni3_search, proxyless_search, snas_search)
 from topo_compiler import compile_supernet
@@ -81,18 +81,6 @@ def _compile(model, args, expect=(), **kw):
     return compiled
 
 
-class _Reseeding(nn.Module):
-    """Calls ``module`` from one RNG state every time (the forwards sample)."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args):
-        torch.manual_seed(99)
-        return self.module(*args)
-
-
 def _batches(n: int, batch: int = 4) -> list:
     gen = torch.Generator().manual_seed(1)
     return [(torch.randn(batch, 3, 8, 8, generator=gen),
@@ -120,7 +108,7 @@ def test_exact_mode_step_equals_eager(name, float64):
     compiled = _compile(model, args, exact=True)
     assert len(compiled.report.mixed_ops) == STYLES[name].num_mixed_ops
     assert compiled.report.final.counts.total < compiled.report.input.counts.total
-    eager, twin = _Reseeding(model), _Reseeding(compiled)
+    eager, twin = Reseeding(model), Reseeding(compiled)
     assert_same_step(eager, twin, args, extra=model.arch_parameters(), **TIGHT)
     first, second = model(*args), model(*args)
     assert not torch.allclose(first[0] if name == 'snas' else first,
@@ -158,7 +146,7 @@ def test_snas_numpy_temperature_as_upstream_writes_it(float64):
     compiled = _compile(model, (x, np.float64(1.0)), exact=True)
     for epoch in range(3):
         t = 1.0 * np.exp(-0.3 * epoch)
-        torch.testing.assert_close(_Reseeding(compiled)(x, t)[0], _Reseeding(model)(x, t)[0],
+        torch.testing.assert_close(Reseeding(compiled)(x, t)[0], Reseeding(model)(x, t)[0],
                                    **TIGHT)
 
 
@@ -219,7 +207,7 @@ def test_drnas_progressive_search_gives_eager_alphas(float64):
     assert "._ops.0.k`" in compiled.report.variants[1]
     assert "changed from 4 to 2" in compiled.report.variants[1]
     x = data[0][0]
-    torch.testing.assert_close(_Reseeding(compiled)(x), _Reseeding(model)(x), **TIGHT)
+    torch.testing.assert_close(Reseeding(compiled)(x), Reseeding(model)(x), **TIGHT)
 
 
 # -- ProxylessNAS -----------------------------------------------------------------------------
