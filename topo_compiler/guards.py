@@ -1368,18 +1368,17 @@ class Dispatch:
     # -- calls ---------------------------------------------------------------------------
     def __call__(self, args: tuple, kwargs: dict) -> Any:
         a = self.signature.bind(args, kwargs)
-        for v in self.variants:
-            if v.guards.check(a):
-                if v.guards.slots:
-                    v.guards.refresh()
-                return v.run(a)
-        if self.fallback is not None:
-            return self.fallback.run(a)
-        return self._retrace(a).run(a)
+        v = self._variant_for(a)
+        if v.guards.slots:
+            v.guards.refresh()
+        return v.run(a)
 
     def select(self, args: tuple, kwargs: dict | None = None) -> Variant:
         """The variant a call with these arguments runs (re-tracing if needed)."""
-        a = self.signature.bind(args, kwargs or {})
+        return self._variant_for(self.signature.bind(args, kwargs or {}))
+
+    def _variant_for(self, a: tuple) -> Variant:
+        """The first variant whose guards hold, else the partial fallback, else a re-trace."""
         for v in self.variants:
             if v.guards.check(a):
                 return v
